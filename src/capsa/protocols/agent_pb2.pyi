@@ -34,18 +34,22 @@ class GuestDetailsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GuestDetailsResponse(_message.Message):
-    __slots__ = ("kernel_release", "agent_version", "crun_version", "online_cpus", "mem_total_bytes")
+    __slots__ = ("kernel_release", "agent_version", "crun_version", "online_cpus", "mem_total_bytes", "kernel_boot_seconds", "agent_start_seconds")
     KERNEL_RELEASE_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     CRUN_VERSION_FIELD_NUMBER: _ClassVar[int]
     ONLINE_CPUS_FIELD_NUMBER: _ClassVar[int]
     MEM_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_BOOT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_START_SECONDS_FIELD_NUMBER: _ClassVar[int]
     kernel_release: str
     agent_version: str
     crun_version: str
     online_cpus: int
     mem_total_bytes: int
-    def __init__(self, kernel_release: _Optional[str] = ..., agent_version: _Optional[str] = ..., crun_version: _Optional[str] = ..., online_cpus: _Optional[int] = ..., mem_total_bytes: _Optional[int] = ...) -> None: ...
+    kernel_boot_seconds: float
+    agent_start_seconds: float
+    def __init__(self, kernel_release: _Optional[str] = ..., agent_version: _Optional[str] = ..., crun_version: _Optional[str] = ..., online_cpus: _Optional[int] = ..., mem_total_bytes: _Optional[int] = ..., kernel_boot_seconds: _Optional[float] = ..., agent_start_seconds: _Optional[float] = ...) -> None: ...
 
 class Storage(_message.Message):
     __slots__ = ("driver", "source", "fstype", "options", "mount_point")
