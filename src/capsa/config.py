@@ -1,0 +1,271 @@
+"""The capsa configuration: one TOML file, validated when it is loaded.
+
+Where it comes from, first match wins: the ``--config`` flag, the
+``CAPSA_CONFIG`` environment variable, ``/etc/capsa/configuration.toml``.
+A missing default file is not an error (the shipped defaults work out of the
+box); a file named by flag or variable must exist.  Every problem names the
+file and the key, e.g. ``/etc/capsa/configuration.toml: hypervisor.default_vcpus:
+expected an integer from 1 to 240, got "two"``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from capsa.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/capsa/configuration.toml")
+CONFIG_ENV = "CAPSA_CONFIG"
+GUEST_DIR_ENV = "CAPSA_GUEST_DIR"
+DEFAULT_GUEST_DIR = Path("/var/lib/capsa/guest")
+CACHE_DIR_ENV = "CAPSA_CACHE_DIR"
+DEFAULT_CACHE_DIR = Path("/var/cache/capsa")
+
+ACCELERATORS = ("auto", "kvm", "tcg")
+MACHINE_TYPES = ("q35", "microvm")
+SHARED_FS_KINDS = ("virtio-fs", "virtio-9p")
+AGENT_CHANNELS = ("auto", "vsock", "serial")
+
+
+def guest_dir() -> Path:
+    """Where the image builders install the guest kernel and image."""
+    return Path(os.environ.get(GUEST_DIR_ENV) or DEFAULT_GUEST_DIR)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR)
+
+
+@dataclass(frozen=True)
+class HypervisorConfig:
+    path: Path = Path("/usr/bin/qemu-system-x86_64")
+    machine_type: str = "q35"
+    accelerator: str = "auto"
+    kernel: Path = field(default_factory=lambda: guest_dir() / "vmlinux")
+    initrd: Path | None = field(default_factory=lambda: guest_dir() / "initrd.img")
+    image: Path | None = None
+    kernel_params: tuple[str, ...] = ()
+    firmware: Path | None = None
+    default_vcpus: int = 1
+    default_memory_mib: int = 1024
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SharedFsConfig:
+    kind: str = "virtio-fs"
+    virtiofsd_path: Path = Path("/usr/lib/qemu/virtiofsd")
+    virtiofs_cache: str = "auto"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    channel: str = "auto"
+    # Generous: a cold boot under TCG takes about a second, but a loaded
+    # CI machine can stretch that many times over.
+    connect_timeout: float = 60.0
+    request_timeout: float = 60.0
+    vsock_port: int = 1024
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    debug: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
+    shared_fs: SharedFsConfig = field(default_factory=SharedFsConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    source: Path | None = None  # the file it came from; None for built-in defaults
+
+
+def resolve_config_path(flag: str | None) -> tuple[Path, bool]:
+    """The file to read and whether it must exist (named explicitly)."""
+    if flag:
+        return Path(flag), True
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env), True
+    return DEFAULT_CONFIG_PATH, False
+
+
+def load_config(flag: str | None = None) -> Config:
+    path, required = resolve_config_path(flag)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"{path}: configuration file does not exist") from None
+        return Config()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_config(data, path)
+
+
+def parse_config(data: Mapping[str, Any], path: Path | None = None) -> Config:
+    """Build a :class:`Config` from parsed TOML, checking every key."""
+    where = str(path) if path else "configuration"
+    sections: dict[str, Any] = {}
+    parsers: dict[str, Callable[[Mapping[str, Any], str], Any]] = {
+        "hypervisor": _parse_hypervisor,
+        "shared_fs": _parse_shared_fs,
+        "agent": _parse_agent,
+        "runtime": _parse_runtime,
+    }
+    for name, value in data.items():
+        if name not in parsers:
+            raise ConfigError(f"{where}: {name}: unknown section (known: {', '.join(parsers)})")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {name}: expected a table")
+        sections[name] = parsers[name](value, f"{where}: {name}")
+    config = Config(**sections, source=path)
+    if config.hypervisor.initrd is None and config.hypervisor.image is None:
+        raise ConfigError(f"{where}: hypervisor: set one of initrd or image")
+    return config
+
+
+T = TypeVar("T")
+
+
+class _Table:
+    """Reads typed keys out of one TOML table, naming the key in every error."""
+
+    def __init__(self, table: Mapping[str, Any], where: str, known: type) -> None:
+        self.table = table
+        self.where = where
+        allowed = {f.name for f in fields(known)}
+        for key in table:
+            if key not in allowed:
+                raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(allowed))})")
+
+    def _fail(self, key: str, expected: str) -> ConfigError:
+        return ConfigError(f"{self.where}.{key}: expected {expected}, got {self.table[key]!r}")
+
+    def get(self, key: str, default: T, convert: Callable[[str, Any], T]) -> T:
+        if key not in self.table:
+            return default
+        return convert(key, self.table[key])
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        def convert(k: str, v: Any) -> str:
+            if v not in choices:
+                raise self._fail(k, "one of " + ", ".join(repr(c) for c in choices))
+            return str(v)
+
+        return self.get(key, default, convert)
+
+    def integer(self, key: str, default: int, lo: int, hi: int) -> int:
+        def convert(k: str, v: Any) -> int:
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise self._fail(k, f"an integer from {lo} to {hi}")
+            return v
+
+        return self.get(key, default, convert)
+
+    def seconds(self, key: str, default: float) -> float:
+        def convert(k: str, v: Any) -> float:
+            if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+                raise self._fail(k, "a positive number of seconds")
+            return float(v)
+
+        return self.get(key, default, convert)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        def convert(k: str, v: Any) -> bool:
+            if not isinstance(v, bool):
+                raise self._fail(k, "true or false")
+            return v
+
+        return self.get(key, default, convert)
+
+    def path(self, key: str, default: Path) -> Path:
+        def convert(k: str, v: Any) -> Path:
+            if not isinstance(v, str) or not v.startswith("/"):
+                raise self._fail(k, "an absolute path")
+            return Path(v)
+
+        return self.get(key, default, convert)
+
+    def optional_path(self, key: str, default: Path | None) -> Path | None:
+        """An absolute path, or "" for none."""
+
+        def convert(k: str, v: Any) -> Path | None:
+            if v == "":
+                return None
+            if not isinstance(v, str) or not v.startswith("/"):
+                raise self._fail(k, 'an absolute path or ""')
+            return Path(v)
+
+        return self.get(key, default, convert)
+
+    def strings(self, key: str) -> tuple[str, ...]:
+        def convert(k: str, v: Any) -> tuple[str, ...]:
+            if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+                raise self._fail(k, "a list of strings")
+            return tuple(v)
+
+        return self.get(key, (), convert)
+
+    def string(self, key: str, default: str) -> str:
+        def convert(k: str, v: Any) -> str:
+            if not isinstance(v, str):
+                raise self._fail(k, "a string")
+            return v
+
+        return self.get(key, default, convert)
+
+
+def _parse_hypervisor(table: Mapping[str, Any], where: str) -> HypervisorConfig:
+    t = _Table(table, where, HypervisorConfig)
+    d = HypervisorConfig()
+    return HypervisorConfig(
+        path=t.path("path", d.path),
+        machine_type=t.choice("machine_type", d.machine_type, MACHINE_TYPES),
+        accelerator=t.choice("accelerator", d.accelerator, ACCELERATORS),
+        kernel=t.path("kernel", d.kernel),
+        initrd=t.optional_path("initrd", d.initrd),
+        image=t.optional_path("image", d.image),
+        kernel_params=t.strings("kernel_params"),
+        firmware=t.optional_path("firmware", d.firmware),
+        default_vcpus=t.integer("default_vcpus", d.default_vcpus, 1, 240),
+        default_memory_mib=t.integer("default_memory_mib", d.default_memory_mib, 128, 1 << 20),
+        extra_args=t.strings("extra_args"),
+    )
+
+
+def _parse_shared_fs(table: Mapping[str, Any], where: str) -> SharedFsConfig:
+    t = _Table(table, where, SharedFsConfig)
+    d = SharedFsConfig()
+    return SharedFsConfig(
+        kind=t.choice("kind", d.kind, SHARED_FS_KINDS),
+        virtiofsd_path=t.path("virtiofsd_path", d.virtiofsd_path),
+        virtiofs_cache=t.choice("virtiofs_cache", d.virtiofs_cache, ("auto", "always", "none")),
+    )
+
+
+def _parse_agent(table: Mapping[str, Any], where: str) -> AgentConfig:
+    t = _Table(table, where, AgentConfig)
+    d = AgentConfig()
+    return AgentConfig(
+        channel=t.choice("channel", d.channel, AGENT_CHANNELS),
+        connect_timeout=t.seconds("connect_timeout", d.connect_timeout),
+        request_timeout=t.seconds("request_timeout", d.request_timeout),
+        vsock_port=t.integer("vsock_port", d.vsock_port, 1, 0xFFFFFFFE),
+    )
+
+
+def _parse_runtime(table: Mapping[str, Any], where: str) -> RuntimeConfig:
+    t = _Table(table, where, RuntimeConfig)
+    return RuntimeConfig(debug=t.boolean("debug", RuntimeConfig.debug))

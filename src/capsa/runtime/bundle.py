@@ -1,0 +1,157 @@
+"""Reading an OCI bundle: config.json and the rootfs it names.
+
+Everything here is checked on the host before a VM is started, so that bad
+input fails in milliseconds and leaves nothing behind.  The checks follow the
+OCI runtime spec (config.md): ``root.path`` is relative to the bundle unless
+absolute; ``process`` is required for ``create``/``run``; ``process.args``
+is a non-empty array of strings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from capsa.errors import BundleError
+
+# What runc and crun assume when process.env has no PATH.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_MAX_SYMLINKS = 40
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A bundle whose config.json parsed and whose rootfs exists."""
+
+    path: Path
+    spec: dict[str, Any]
+    rootfs: Path
+
+    @property
+    def process(self) -> dict[str, Any]:
+        process: dict[str, Any] = self.spec["process"]
+        return process
+
+    @property
+    def annotations(self) -> dict[str, str]:
+        annotations = self.spec.get("annotations") or {}
+        return {str(k): str(v) for k, v in annotations.items()}
+
+    @property
+    def terminal(self) -> bool:
+        return bool(self.process.get("terminal", False))
+
+
+def load_bundle(path: str | os.PathLike[str]) -> Bundle:
+    """Load and check ``path/config.json``; raise :class:`BundleError` naming the problem."""
+    bundle = Path(path).absolute()
+    if not bundle.is_dir():
+        raise BundleError(f"bundle {bundle}: no such directory")
+    config_path = bundle / "config.json"
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BundleError(f"{config_path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{config_path}: cannot read: {exc}") from exc
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BundleError(
+            f"{config_path}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from exc
+    if not isinstance(spec, dict):
+        raise BundleError(f"{config_path}: expected a JSON object")
+    _check_process(spec, config_path)
+    rootfs = _rootfs_path(spec, bundle, config_path)
+    _check_executable(spec["process"], rootfs)
+    return Bundle(path=bundle, spec=spec, rootfs=rootfs)
+
+
+def _check_process(spec: dict[str, Any], where: Path) -> None:
+    process = spec.get("process")
+    if process is None:
+        raise BundleError(f"{where}: process: missing (the container needs a process to run)")
+    if not isinstance(process, dict):
+        raise BundleError(f"{where}: process: expected an object")
+    args = process.get("args")
+    if not isinstance(args, list) or not args or not all(isinstance(a, str) for a in args):
+        raise BundleError(f"{where}: process.args: expected a non-empty array of strings")
+    if not args[0]:
+        raise BundleError(f"{where}: process.args[0]: empty")
+    env = process.get("env", [])
+    if not isinstance(env, list) or not all(isinstance(e, str) for e in env):
+        raise BundleError(f"{where}: process.env: expected an array of strings")
+    cwd = process.get("cwd", "/")
+    if not isinstance(cwd, str) or not cwd.startswith("/"):
+        raise BundleError(f"{where}: process.cwd: expected an absolute path")
+
+
+def _rootfs_path(spec: dict[str, Any], bundle: Path, where: Path) -> Path:
+    root = spec.get("root")
+    if not isinstance(root, dict) or not isinstance(root.get("path"), str) or not root["path"]:
+        raise BundleError(f"{where}: root.path: missing")
+    rootfs = Path(root["path"])
+    if not rootfs.is_absolute():
+        rootfs = bundle / rootfs
+    if not rootfs.is_dir():
+        raise BundleError(f"{where}: root.path: {rootfs}: no such directory")
+    return rootfs
+
+
+def resolve_in_rootfs(rootfs: Path, path: str) -> Path | None:
+    """Resolve an absolute container path on the host, symlinks confined to rootfs.
+
+    Absolute symlink targets are taken relative to the rootfs, as they would
+    be inside the container.  Returns None when the path does not exist.
+    """
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    resolved: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = rootfs.joinpath(*resolved, part)
+        if candidate.is_symlink():
+            hops += 1
+            if hops > _MAX_SYMLINKS:
+                return None
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = []
+            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+            continue
+        if not candidate.exists() and not candidate.is_symlink():
+            return None
+        resolved.append(part)
+    return rootfs.joinpath(*resolved)
+
+
+def _check_executable(process: dict[str, Any], rootfs: Path) -> None:
+    """Fail early, as runc's ``exec: "x": executable file not found in $PATH``."""
+    arg0: str = process["args"][0]
+    if "/" in arg0:
+        cwd = process.get("cwd", "/")
+        full = posixpath.join(cwd, arg0)
+        target = resolve_in_rootfs(rootfs, full)
+        if target is None or not target.is_file():
+            raise BundleError(f"exec: {arg0!r}: no such file or directory in the container's rootfs")
+        return
+    path_value = DEFAULT_PATH
+    for entry in process.get("env", []):
+        if entry.startswith("PATH="):
+            path_value = entry[len("PATH=") :]
+    for directory in path_value.split(":"):
+        if not directory.startswith("/"):
+            continue
+        target = resolve_in_rootfs(rootfs, posixpath.join(directory, arg0))
+        if target is not None and target.is_file():
+            return
+    raise BundleError(f"exec: {arg0!r}: executable file not found in $PATH")

@@ -1,0 +1,120 @@
+"""The state store: one directory per container under the state root.
+
+``<root>/<id>/`` holds ``state.json`` (written atomically: a temporary file
+renamed over the old one) and the sockets and logs of the container's VM.
+Creating the directory is the claim on the ID: ``mkdir`` either makes it or
+fails because another container already holds that ID.  An flock on
+``<root>/<id>/lock`` serialises the invocations that change one container.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from capsa.errors import CapsaError, ContainerExists, ContainerNotFound
+from capsa.runtime.ids import validate_id
+
+DEFAULT_ROOT = Path("/run/capsa")
+STATE_FILE = "state.json"
+
+
+class Status:
+    """OCI runtime-spec states (runtime.md, "State")."""
+
+    CREATING = "creating"
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    PAUSED = "paused"
+
+
+@dataclass
+class ContainerState:
+    id: str
+    bundle: str
+    rootfs: str
+    status: str = Status.CREATING
+    pid: int = 0  # the host process standing for the container
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    owner: str = ""
+    annotations: dict[str, str] = field(default_factory=dict)
+    hypervisor_pid: int = 0
+    virtiofsd_pid: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ContainerState:
+        data: dict[str, Any] = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class StateStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def dir(self, container_id: str) -> Path:
+        return self.root / validate_id(container_id)
+
+    def claim(self, container_id: str) -> Path:
+        """Make the container's directory; fail if the ID is taken."""
+        path = self.dir(container_id)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            raise ContainerExists(f"container with id {container_id!r} already exists") from None
+        except OSError as exc:
+            raise CapsaError(f"cannot create state directory {path}: {exc.strerror}") from exc
+        return path
+
+    def save(self, state: ContainerState) -> None:
+        path = self.dir(state.id)
+        fd, tmp = tempfile.mkstemp(dir=path, prefix=".state.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(state.to_json())
+            os.replace(tmp, path / STATE_FILE)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def load(self, container_id: str) -> ContainerState:
+        path = self.dir(container_id) / STATE_FILE
+        try:
+            return ContainerState.from_json(path.read_text())
+        except FileNotFoundError:
+            raise ContainerNotFound(f"container {container_id!r} does not exist") from None
+        except (OSError, ValueError, TypeError) as exc:
+            raise CapsaError(f"{path}: unreadable state: {exc}") from exc
+
+    def remove(self, container_id: str) -> None:
+        shutil.rmtree(self.dir(container_id), ignore_errors=True)
+
+    @contextlib.contextmanager
+    def locked(self, container_id: str) -> Iterator[None]:
+        """Hold the container's lock for the duration of one operation."""
+        path = self.dir(container_id)
+        try:
+            fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            raise ContainerNotFound(f"container {container_id!r} does not exist") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
