@@ -1,0 +1,176 @@
+"""crun command lines and crun's answers, as pure functions.
+
+The agent drives crun through the OCI runtime command line (runtime-spec
+"runtime.md": create, start, kill, delete, plus the runc extensions exec,
+pause, resume that crun implements).  Every command gets
+``--log=file:PATH --log-format=json`` because crun's stdio during ``create``
+and ``exec`` is the container's own stdio: crun's error would otherwise land
+in the container's stderr stream instead of in the RPC error the host shows
+the user.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from capsa.errors import BundleError
+
+
+@dataclass(frozen=True)
+class Crun:
+    """Where crun is and where it keeps its state."""
+
+    binary: str = "/usr/bin/crun"
+    root: str = "/run/crun"
+
+    def base(self, log_file: str) -> list[str]:
+        return [self.binary, "--root", self.root, f"--log=file:{log_file}", "--log-format=json"]
+
+
+def create_argv(
+    crun: Crun,
+    log_file: str,
+    container_id: str,
+    bundle: str,
+    pid_file: str,
+    console_socket: str | None = None,
+    no_pivot: bool = False,
+) -> list[str]:
+    """``crun create``: returns once the container init waits on crun's exec fifo."""
+    argv = [*crun.base(log_file), "create", "--bundle", bundle, "--pid-file", pid_file]
+    if console_socket is not None:
+        argv += ["--console-socket", console_socket]
+    if no_pivot:
+        # pivot_root(2) fails with EINVAL when the current root is the
+        # initramfs (rootfs cannot be unmounted); crun then moves the rootfs
+        # over / and chroots instead.  The VM is the isolation boundary.
+        argv.append("--no-pivot")
+    argv.append(container_id)
+    return argv
+
+
+def start_argv(crun: Crun, log_file: str, container_id: str) -> list[str]:
+    return [*crun.base(log_file), "start", container_id]
+
+
+def exec_argv(
+    crun: Crun,
+    log_file: str,
+    container_id: str,
+    process_file: str,
+    pid_file: str,
+    console_socket: str | None = None,
+) -> list[str]:
+    """``crun exec --detach``: crun exits once the process runs; the agent reaps it."""
+    argv = [*crun.base(log_file), "exec", "--process", process_file, "--detach", "--pid-file", pid_file]
+    if console_socket is not None:
+        argv += ["--console-socket", console_socket]
+    argv.append(container_id)
+    return argv
+
+
+def kill_argv(crun: Crun, log_file: str, container_id: str, signal: int, all_processes: bool = False) -> list[str]:
+    argv = [*crun.base(log_file), "kill"]
+    if all_processes:
+        argv.append("--all")
+    return [*argv, container_id, str(signal)]
+
+
+def delete_argv(crun: Crun, log_file: str, container_id: str, force: bool = True) -> list[str]:
+    argv = [*crun.base(log_file), "delete"]
+    if force:
+        argv.append("--force")
+    return [*argv, container_id]
+
+
+def pause_argv(crun: Crun, log_file: str, container_id: str) -> list[str]:
+    return [*crun.base(log_file), "pause", container_id]
+
+
+def resume_argv(crun: Crun, log_file: str, container_id: str) -> list[str]:
+    return [*crun.base(log_file), "resume", container_id]
+
+
+def version_argv(crun: Crun) -> list[str]:
+    return [crun.binary, "--version"]
+
+
+def parse_version(output: str) -> str:
+    """``crun version 1.8.1`` (first line of ``crun --version``) -> ``1.8.1``."""
+    first = output.strip().splitlines()[0] if output.strip() else ""
+    prefix = "crun version "
+    return first[len(prefix) :].strip() if first.startswith(prefix) else first.strip()
+
+
+def error_message(log_text: str, stderr_text: str, command: str, wait_status: str) -> str:
+    """The line to show the user for a failed crun command.
+
+    crun's own words are the best explanation ("executable file `nosuch`
+    not found in $PATH: No such file or directory"), so the last error
+    record of its JSON log wins, then its last stderr line, and only then a
+    generic message naming the command and how it ended.
+    """
+    last_error = ""
+    for line in log_text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            last_error = line
+            continue
+        if isinstance(record, dict) and record.get("level", "error") == "error":
+            msg = record.get("msg")
+            if isinstance(msg, str) and msg:
+                last_error = msg
+    if last_error:
+        return last_error
+    stderr_lines = [line.strip() for line in stderr_text.splitlines() if line.strip()]
+    if stderr_lines:
+        return stderr_lines[-1]
+    return f"crun {command} failed ({wait_status})"
+
+
+def load_spec(spec_json: bytes) -> dict[str, Any]:
+    """Parse an OCI runtime spec (config.json) the host sent."""
+    try:
+        spec = json.loads(spec_json)
+    except ValueError as exc:
+        raise BundleError(f"the OCI spec is not valid JSON: {exc}") from exc
+    if not isinstance(spec, dict):
+        raise BundleError("the OCI spec must be a JSON object")
+    process = spec.get("process")
+    if process is not None and not isinstance(process, dict):
+        raise BundleError("the OCI spec's process must be an object")
+    return spec
+
+
+def bundle_config(spec: dict[str, Any], rootfs: str) -> bytes:
+    """The config.json for the guest bundle: the spec with ``root.path`` = ``rootfs``.
+
+    runtime-spec config.md "Root": ``path`` may be absolute; an absolute
+    path keeps the bundle directory free of the rootfs mount.
+    """
+    root = spec.get("root")
+    root = dict(root) if isinstance(root, dict) else {}
+    root["path"] = rootfs
+    return json.dumps({**spec, "root": root}).encode()
+
+
+def load_process(process_json: bytes) -> dict[str, Any]:
+    """Parse an OCI "process" object (runtime-spec config.md "Process") for exec."""
+    try:
+        process = json.loads(process_json)
+    except ValueError as exc:
+        raise BundleError(f"the process is not valid JSON: {exc}") from exc
+    if not isinstance(process, dict):
+        raise BundleError("the process must be a JSON object")
+    return process
+
+
+def wants_terminal(process: dict[str, Any] | None) -> bool:
+    """runtime-spec config.md "Process": ``terminal`` defaults to false."""
+    return bool(process and process.get("terminal") is True)

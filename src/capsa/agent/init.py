@@ -1,0 +1,121 @@
+"""Bringing up the guest userspace: what an init does before anything else.
+
+The guest has no systemd, no udev, no mount binary: the agent as PID 1 mounts
+the API filesystems crun and the containers expect (runtime-spec
+config-linux.md assumes /proc, /sys, /dev, cgroup2), creates the /dev
+symlinks a udev would, enables the cgroup v2 controllers, and at the end
+powers the VM off.  ``INIT_MOUNTS`` is data; ``bring_up`` is the shell.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+
+from capsa.agent import libc
+from capsa.agent.storage import MountRequest
+
+log = logging.getLogger("capsa.agent")
+
+_NO_EXEC_DEV = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
+
+# Order matters: /dev before /dev/pts and /dev/shm, /sys before its cgroup2.
+INIT_MOUNTS: tuple[MountRequest, ...] = (
+    MountRequest("proc", "/proc", "proc", _NO_EXEC_DEV),
+    MountRequest("sysfs", "/sys", "sysfs", _NO_EXEC_DEV),
+    MountRequest("devtmpfs", "/dev", "devtmpfs", libc.MS_NOSUID, "mode=0755"),
+    # newinstance: a devpts of our own, so container ptys (crun mounts a
+    # fresh devpts in each container) never share numbering with the agent's;
+    # ptmxmode=0666 makes /dev/pts/ptmx usable through the /dev/ptmx symlink.
+    MountRequest(
+        "devpts", "/dev/pts", "devpts", libc.MS_NOSUID | libc.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"
+    ),
+    MountRequest("shm", "/dev/shm", "tmpfs", _NO_EXEC_DEV, "mode=1777"),
+    MountRequest("tmpfs", "/run", "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, "mode=0755"),
+    MountRequest("tmpfs", "/tmp", "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, "mode=1777"),
+    MountRequest("cgroup2", "/sys/fs/cgroup", "cgroup2", _NO_EXEC_DEV, "nsdelegate"),
+)
+
+# What udev (or systemd-tmpfiles) would create in /dev; kernel
+# Documentation/admin-guide/devices.rst "Compulsory links".
+DEV_SYMLINKS: tuple[tuple[str, str], ...] = (
+    ("/proc/self/fd", "/dev/fd"),
+    ("/proc/self/fd/0", "/dev/stdin"),
+    ("/proc/self/fd/1", "/dev/stdout"),
+    ("/proc/self/fd/2", "/dev/stderr"),
+    ("pts/ptmx", "/dev/ptmx"),
+)
+
+DEFAULT_HOSTNAME = "capsa"
+
+
+def mount_api_filesystems(mounts: tuple[MountRequest, ...] = INIT_MOUNTS) -> None:
+    """Mount each entry; one that is already there (EBUSY) is left alone."""
+    for request in mounts:
+        try:
+            os.makedirs(request.target, exist_ok=True)
+            libc.mount(request.source, request.target, request.fstype, request.flags, request.data)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+
+
+def make_dev_symlinks(links: tuple[tuple[str, str], ...] = DEV_SYMLINKS) -> None:
+    for source, name in links:
+        if not os.path.lexists(name):
+            os.symlink(source, name)
+
+
+def subtree_control_line(controllers: str) -> str:
+    """``cgroup.controllers`` content -> what to write to ``cgroup.subtree_control``.
+
+    Documentation/admin-guide/cgroup-v2.rst "Enabling and Disabling": a
+    space-separated list of ``+controller``.  The root cgroup is exempt from
+    the no-internal-process rule, so enabling everything there is allowed
+    even though the agent itself lives in it.
+    """
+    return " ".join(f"+{name}" for name in controllers.split())
+
+
+def enable_cgroup_controllers(root: str = "/sys/fs/cgroup") -> None:
+    with open(os.path.join(root, "cgroup.controllers"), encoding="ascii") as file:
+        line = subtree_control_line(file.read())
+    if line:
+        with open(os.path.join(root, "cgroup.subtree_control"), "w", encoding="ascii") as file:
+            file.write(line)
+
+
+def bring_up(hostname: str = DEFAULT_HOSTNAME) -> None:
+    """The rest of PID 1's setup once the API filesystems are mounted."""
+    make_dev_symlinks()
+    try:
+        enable_cgroup_controllers()
+    except OSError as exc:
+        # Containers still run without controllers, only without limits.
+        log.warning("cannot enable cgroup controllers: %s", exc)
+    socket.sethostname(hostname)
+
+
+def power_off() -> None:
+    """Flush filesystems and power the VM off (QEMU exits: ACPI S5)."""
+    os.sync()
+    libc.power_off()
+
+
+def root_is_initramfs(mountinfo: str) -> bool:
+    """Whether ``/`` is the initramfs (fstype rootfs) per /proc/self/mountinfo.
+
+    proc(5) mountinfo: field 5 is the mount point; after the ``-`` separator
+    comes the filesystem type.  The last entry for ``/`` is the visible one.
+    """
+    fstype = ""
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) < 7 or fields[4] != "/" or "-" not in fields[6:]:
+            continue
+        separator = fields.index("-", 6)
+        if separator + 1 < len(fields):
+            fstype = fields[separator + 1]
+    return fstype == "rootfs"

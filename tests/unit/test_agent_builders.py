@@ -1,0 +1,240 @@
+"""The agent's pure parts: crun argv, crun's errors, bundle config, options, mounts, cgroups."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from capsa.agent import cgroup, crun, init, libc, options, storage
+from capsa.errors import BundleError, InvalidArgument
+from capsa.protocols import agent_pb2 as pb
+
+CRUN = crun.Crun(binary="/usr/bin/crun", root="/run/crun")
+BASE = ["/usr/bin/crun", "--root", "/run/crun", "--log=file:/l", "--log-format=json"]
+
+
+def test_create_argv_plain_and_with_terminal() -> None:
+    assert crun.create_argv(CRUN, "/l", "c1", "/b", "/b/pid") == [
+        *BASE,
+        "create",
+        "--bundle",
+        "/b",
+        "--pid-file",
+        "/b/pid",
+        "c1",
+    ]
+    argv = crun.create_argv(CRUN, "/l", "c1", "/b", "/b/pid", console_socket="/s.sock", no_pivot=True)
+    assert argv[len(BASE) :] == [
+        "create",
+        "--bundle",
+        "/b",
+        "--pid-file",
+        "/b/pid",
+        "--console-socket",
+        "/s.sock",
+        "--no-pivot",
+        "c1",
+    ]
+
+
+def test_other_commands_put_the_id_last() -> None:
+    assert crun.start_argv(CRUN, "/l", "c1") == [*BASE, "start", "c1"]
+    assert crun.kill_argv(CRUN, "/l", "c1", 9) == [*BASE, "kill", "c1", "9"]
+    assert crun.kill_argv(CRUN, "/l", "c1", 15, all_processes=True) == [*BASE, "kill", "--all", "c1", "15"]
+    assert crun.delete_argv(CRUN, "/l", "c1") == [*BASE, "delete", "--force", "c1"]
+    assert crun.pause_argv(CRUN, "/l", "c1") == [*BASE, "pause", "c1"]
+    assert crun.resume_argv(CRUN, "/l", "c1") == [*BASE, "resume", "c1"]
+    assert crun.exec_argv(CRUN, "/l", "c1", "/p.json", "/p.pid", "/s") == [
+        *BASE,
+        "exec",
+        "--process",
+        "/p.json",
+        "--detach",
+        "--pid-file",
+        "/p.pid",
+        "--console-socket",
+        "/s",
+        "c1",
+    ]
+    assert crun.version_argv(CRUN) == ["/usr/bin/crun", "--version"]
+
+
+def test_parse_version() -> None:
+    out = "crun version 1.8.1\ncommit: f8a096be\nrundir: /run/crun\nspec: 1.0.0\n+SYSTEMD +SECCOMP\n"
+    assert crun.parse_version(out) == "1.8.1"
+    assert crun.parse_version("") == ""
+
+
+def test_error_message_prefers_the_last_error_record_of_the_log() -> None:
+    log = "\n".join(
+        [
+            json.dumps({"msg": "some warning", "level": "warning", "time": "t"}),
+            json.dumps({"msg": "first", "level": "error", "time": "t"}),
+            json.dumps(
+                {
+                    "msg": "executable file `nosuch` not found in $PATH: No such file or directory",
+                    "level": "error",
+                    "time": "t",
+                }
+            ),
+        ]
+    )
+    message = crun.error_message(log, "ignored stderr", "create", "exit status 1")
+    assert message == "executable file `nosuch` not found in $PATH: No such file or directory"
+
+
+def test_error_message_falls_back_to_stderr_then_to_the_status() -> None:
+    assert crun.error_message("", "noise\ncrun: boom\n", "start", "exit status 1") == "crun: boom"
+    assert crun.error_message("", "", "start", "killed by signal 9") == "crun start failed (killed by signal 9)"
+    assert crun.error_message("not json at all\n", "", "kill", "exit status 1") == "not json at all"
+
+
+def test_bundle_config_replaces_only_root_path() -> None:
+    spec = crun.load_spec(b'{"ociVersion": "1.0.2", "root": {"path": "rootfs", "readonly": true}, "process": {}}')
+    out = json.loads(crun.bundle_config(spec, "/run/capsa/containers/c1/rootfs"))
+    assert out == {
+        "ociVersion": "1.0.2",
+        "root": {"path": "/run/capsa/containers/c1/rootfs", "readonly": True},
+        "process": {},
+    }
+    assert spec["root"]["path"] == "rootfs"  # the input is not modified
+    assert json.loads(crun.bundle_config({}, "/r"))["root"] == {"path": "/r"}
+
+
+@pytest.mark.parametrize("raw", [b"{", b"[1]", b'{"process": 3}'])
+def test_load_spec_rejects_what_crun_could_not_use(raw: bytes) -> None:
+    with pytest.raises(BundleError):
+        crun.load_spec(raw)
+
+
+def test_wants_terminal() -> None:
+    assert crun.wants_terminal({"terminal": True})
+    assert not crun.wants_terminal({"terminal": False})
+    assert not crun.wants_terminal({})
+    assert not crun.wants_terminal(None)
+
+
+def test_kernel_cmdline_defaults_and_overrides() -> None:
+    default = options.from_kernel_cmdline("console=ttyS0 panic=-1 random.trust_cpu=on\n")
+    assert (default.channel, default.vsock_port, default.debug, default.guest) == ("serial", 1024, False, True)
+    chosen = options.from_kernel_cmdline("capsa.channel=vsock capsa.vsock_port=2048 capsa.debug=1 quiet")
+    assert (chosen.channel, chosen.vsock_port, chosen.debug) == ("vsock", 2048, True)
+
+
+def test_kernel_cmdline_quotes_and_bare_words() -> None:
+    params = options.split_kernel_cmdline('a=1 quiet b="x y" a=2')
+    assert params == {"a": "2", "quiet": "", "b": "x y"}
+
+
+@pytest.mark.parametrize("cmdline", ["capsa.channel=pigeon", "capsa.vsock_port=x", "capsa.vsock_port=0"])
+def test_kernel_cmdline_rejects_bad_values(cmdline: str) -> None:
+    with pytest.raises(InvalidArgument):
+        options.from_kernel_cmdline(cmdline)
+
+
+@given(st.text())
+def test_split_kernel_cmdline_never_fails(text: str) -> None:
+    assert isinstance(options.split_kernel_cmdline(text), dict)
+
+
+def test_host_argv() -> None:
+    opts = options.from_argv(["--listen", "unix:/tmp/a.sock", "--crun", "/x/crun", "--state-dir", "/s"])
+    assert (opts.channel, opts.listen_path, opts.crun, opts.state_dir, opts.guest) == (
+        "unix",
+        "/tmp/a.sock",
+        "/x/crun",
+        "/s",
+        False,
+    )
+    with pytest.raises(SystemExit):
+        options.from_argv(["--listen", "tcp:1"])
+
+
+def test_split_mount_options() -> None:
+    flags, data = storage.split_options(["ro,nosuid", "dax", "cache=mmap", "rw", "ro"])
+    assert flags == libc.MS_RDONLY | libc.MS_NOSUID
+    assert data == "dax,cache=mmap"
+
+
+def test_virtiofs_and_9p_mount_requests() -> None:
+    rootfs = pb.Storage(driver="virtiofs", source="rootfs0")
+    assert storage.mount_request(rootfs, "/run/capsa/containers/c1/rootfs") == storage.MountRequest(
+        "rootfs0", "/run/capsa/containers/c1/rootfs", "virtiofs", 0, ""
+    )
+    nine = pb.Storage(driver="9p", source="rootfs", mount_point="/mnt/r", options=["ro", "msize=65536"])
+    assert storage.mount_request(nine) == storage.MountRequest(
+        "rootfs", "/mnt/r", "9p", libc.MS_RDONLY, "trans=virtio,version=9p2000.L,msize=65536"
+    )
+    default_9p = storage.mount_request(pb.Storage(driver="9p", source="t", mount_point="/m"))
+    assert default_9p.data == "trans=virtio,version=9p2000.L,msize=512000"
+
+
+def test_blk_and_local_mount_requests() -> None:
+    blk = pb.Storage(driver="blk", source="/dev/vda", fstype="ext4", mount_point="/v")
+    assert storage.mount_request(blk) == storage.MountRequest("/dev/vda", "/v", "ext4")
+    local = storage.mount_request(pb.Storage(driver="local", mount_point="/scratch", options=["size=64m"]))
+    assert local == storage.MountRequest("tmpfs", "/scratch", "tmpfs", 0, "size=64m")
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        pb.Storage(driver="nfs", source="x", mount_point="/m"),
+        pb.Storage(driver="virtiofs", source="x"),
+        pb.Storage(driver="virtiofs", source="x", mount_point="relative"),
+        pb.Storage(driver="virtiofs", mount_point="/m"),
+        pb.Storage(driver="blk", source="/dev/vda", mount_point="/m"),
+    ],
+)
+def test_bad_storages_are_invalid_arguments(item: pb.Storage) -> None:
+    with pytest.raises(InvalidArgument):
+        storage.mount_request(item)
+
+
+def test_cgroup_parsing() -> None:
+    assert cgroup.unified_path("12:cpu:/x\n0::/machine/c1\n") == "/machine/c1"
+    assert cgroup.unified_path("1:name=systemd:/\n") == ""
+    assert cgroup.parse_flat_keyed("usage_usec 1500\nuser_usec 1000\nbad\n") == {"usage_usec": 1500, "user_usec": 1000}
+    assert cgroup.parse_single_value("max\n") == 0
+    assert cgroup.parse_single_value("4096\n") == 4096
+    assert cgroup.directory("/a/b", "/sys/fs/cgroup") == "/sys/fs/cgroup/a/b"
+
+
+def test_cgroup_stats_from_files(tmp_path: Path) -> None:
+    directory = str(tmp_path)
+    for name, text in {
+        "cpu.stat": "usage_usec 2500\nuser_usec 2000\n",
+        "memory.current": "1048576\n",
+        "memory.max": "max\n",
+        "cgroup.procs": "17\n23\n",
+    }.items():
+        with open(f"{directory}/{name}", "w") as file:
+            file.write(text)
+    assert cgroup.read_stats(directory) == cgroup.CgroupStats(2500, 1048576, 0, 0)
+    assert cgroup.read_pids(directory) == [17, 23]
+
+
+def test_subtree_control_line() -> None:
+    assert init.subtree_control_line("cpuset cpu io memory hugetlb pids rdma misc\n") == (
+        "+cpuset +cpu +io +memory +hugetlb +pids +rdma +misc"
+    )
+    assert init.subtree_control_line("\n") == ""
+
+
+def test_root_is_initramfs() -> None:
+    initramfs = "1 1 0:2 / / rw - rootfs rootfs rw,size=241584k\n22 1 0:20 / /proc rw,nosuid - proc proc rw\n"
+    assert init.root_is_initramfs(initramfs)
+    disk = "29 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
+    assert not init.root_is_initramfs(disk)
+    assert not init.root_is_initramfs("")
+
+
+def test_init_mounts_come_in_dependency_order() -> None:
+    targets = [request.target for request in init.INIT_MOUNTS]
+    for index, target in enumerate(targets):
+        parents = [t for t in targets if target != t and target.startswith(t.rstrip("/") + "/")]
+        assert all(targets.index(parent) < index for parent in parents), target
