@@ -1,0 +1,198 @@
+"""The hypervisor driver interface and the VM description it takes.
+
+A driver turns one :class:`VMConfig` into one running VMM process and back
+into nothing.  The interface is deliberately narrow (start, stop, wait,
+pause, resume, and where the console goes) so that another VMM (Firecracker,
+Cloud Hypervisor) can stand behind it: everything the runtime knows about a
+VM is in the config, everything VMM-specific is in the driver.
+
+The config is already *resolved*: the accelerator is ``kvm`` or ``tcg``
+(never ``auto``, see :mod:`capsa.hypervisor.accel`), the paths are final and
+the kernel parameters are the caller's.  A driver adds only the parameters its
+virtual hardware needs (e.g. ``console=hvc0`` for a virtio console).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+
+from capsa.errors import HypervisorError
+
+ACCELERATORS = ("kvm", "tcg")
+MACHINE_TYPES = ("q35", "microvm")
+
+#: Name of the virtio-serial port the agent listens on (common brief); the
+#: guest finds it through ``/sys/class/virtio-ports/*/name``.
+AGENT_PORT_NAME = "capsa.agent"
+
+#: Default AF_VSOCK port of the agent (kernel parameter ``capsa.vsock_port``).
+DEFAULT_VSOCK_PORT = 1024
+
+# AF_VSOCK reserves CIDs 0 (hypervisor), 1 (loopback) and 2 (host), and
+# VMADDR_CID_ANY is 0xFFFFFFFF (linux/vm_sockets.h).
+_MIN_GUEST_CID = 3
+_MAX_GUEST_CID = 0xFFFFFFFE
+
+
+@dataclass(frozen=True)
+class SerialChannel:
+    """The agent behind a virtio-serial port, bridged to a host unix socket.
+
+    The VMM listens on ``socket_path``; the host connects to it.  Used where
+    ``/dev/vhost-vsock`` is missing.
+    """
+
+    socket_path: Path
+
+
+@dataclass(frozen=True)
+class VsockChannel:
+    """The agent on AF_VSOCK ``guest_cid:port`` through vhost-vsock."""
+
+    guest_cid: int
+    port: int = DEFAULT_VSOCK_PORT
+
+    def __post_init__(self) -> None:
+        if not _MIN_GUEST_CID <= self.guest_cid <= _MAX_GUEST_CID:
+            raise HypervisorError(f"vsock guest CID {self.guest_cid} is out of range 3..{_MAX_GUEST_CID}")
+
+
+AgentChannel = SerialChannel | VsockChannel
+
+
+@dataclass(frozen=True)
+class VirtioFsShare:
+    """A directory served by a virtiofsd listening on ``socket_path``.
+
+    The guest mounts it with ``mount -t virtiofs <tag> <dir>``.  The daemon is
+    started by :mod:`capsa.storage.virtiofsd`, not by the driver.
+    """
+
+    tag: str
+    socket_path: Path
+
+
+@dataclass(frozen=True)
+class NinePShare:
+    """A host directory exported by the VMM itself over virtio-9p.
+
+    The guest mounts it with ``mount -t 9p -o trans=virtio,version=9p2000.L
+    <tag> <dir>``.
+    """
+
+    tag: str
+    host_path: Path
+    readonly: bool = False
+
+
+Share = VirtioFsShare | NinePShare
+
+
+@dataclass(frozen=True, kw_only=True)
+class VMConfig:
+    """Everything a driver needs to start one VM; checked when built."""
+
+    #: Sandbox ID: names the VM in ``ps`` and logs.
+    name: str
+    #: Where the VM's sockets and logs live.  Unix socket paths are limited to
+    #: 107 bytes, so this must be short.
+    run_dir: Path
+    hypervisor_path: Path
+    kernel: Path
+    agent_channel: AgentChannel
+    #: ``kvm`` or ``tcg``, already chosen (:func:`capsa.hypervisor.accel.resolve_accelerator`).
+    accelerator: str
+    machine_type: str = "q35"
+    vcpus: int = 1
+    max_vcpus: int = 1
+    memory_mib: int = 512
+    #: At most one of ``initrd`` and ``rootfs_image``; neither boots the
+    #: kernel alone (the accelerator probe does that).
+    initrd: Path | None = None
+    rootfs_image: Path | None = None
+    kernel_params: tuple[str, ...] = ()
+    shares: tuple[Share, ...] = ()
+    #: Firmware instead of the VMM's default (e.g. qboot.rom for a faster q35).
+    firmware: Path | None = None
+    #: Appended verbatim to the VMM's command line; the escape hatch.
+    extra_args: tuple[str, ...] = ()
+    #: Debug: the console captures the guest's boot from its first line.
+    debug: bool = False
+
+    def __post_init__(self) -> None:
+        if self.accelerator not in ACCELERATORS:
+            raise HypervisorError(f"accelerator must be one of {', '.join(ACCELERATORS)}, not {self.accelerator!r}")
+        if self.machine_type not in MACHINE_TYPES:
+            raise HypervisorError(f"machine type must be one of {', '.join(MACHINE_TYPES)}, not {self.machine_type!r}")
+        if self.vcpus < 1 or self.max_vcpus < self.vcpus:
+            raise HypervisorError(f"vcpus {self.vcpus} and max_vcpus {self.max_vcpus}: need 1 <= vcpus <= max_vcpus")
+        if self.memory_mib < 64:
+            raise HypervisorError(f"memory {self.memory_mib} MiB is too small for a guest kernel (at least 64)")
+        if self.initrd is not None and self.rootfs_image is not None:
+            raise HypervisorError("a VM boots from an initrd or a rootfs image, not both")
+        tags = [share.tag for share in self.shares]
+        for tag in tags:
+            # virtio-fs tags are at most 36 bytes (virtio spec 1.2, 5.11.4,
+            # "tag"); 9p mount tags are limited the same way in practice.
+            if not tag or len(tag.encode()) > 36:
+                raise HypervisorError(f"share tag {tag!r} must be 1 to 36 bytes")
+        if len(set(tags)) != len(tags):
+            raise HypervisorError(f"share tags must be unique: {', '.join(tags)}")
+
+    @property
+    def console_log(self) -> Path:
+        """Where the guest console is written."""
+        return self.run_dir / "console.log"
+
+    @property
+    def vmm_log(self) -> Path:
+        """Where the VMM's own stderr goes; its last line explains a failed start."""
+        return self.run_dir / "vmm.log"
+
+
+class Hypervisor(abc.ABC):
+    """One VM's VMM process, from start to reaped.
+
+    Every method raises :class:`~capsa.errors.HypervisorError` (never the
+    VMM library's or the OS's exceptions) and is safe to call from one asyncio
+    task at a time.
+    """
+
+    @property
+    @abc.abstractmethod
+    def pid(self) -> int | None:
+        """PID of the VMM once started, until it is reaped."""
+
+    @property
+    @abc.abstractmethod
+    def console_log(self) -> Path | None:
+        """The file holding the guest console, if the driver writes one."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Start the VMM; return once it runs the guest and is controllable.
+
+        On failure nothing is left running and the error carries the VMM's
+        own explanation.
+        """
+
+    @abc.abstractmethod
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop the VMM and reap it: politely, then by SIGKILL after ``timeout``.
+
+        Idempotent, and safe before :meth:`start` or after the VM exited.
+        """
+
+    @abc.abstractmethod
+    async def wait(self) -> int:
+        """Wait until the VMM exits; return its exit status."""
+
+    @abc.abstractmethod
+    async def pause(self) -> None:
+        """Freeze every vCPU."""
+
+    @abc.abstractmethod
+    async def resume(self) -> None:
+        """Run the vCPUs again after :meth:`pause`."""

@@ -1,0 +1,410 @@
+"""The QEMU driver: a pure argv builder and a thin process shell around it.
+
+:func:`qemu_argv` turns a :class:`~capsa.hypervisor.base.VMConfig` into
+QEMU's command line and does no I/O, so the whole virtual machine is tested
+as data.  :class:`QemuHypervisor` runs that command line and drives QEMU over
+QMP with the ``qemu.qmp`` library, handing QEMU one end of a socketpair for
+its monitor (``-chardev socket,fd=N``): there is no socket path to create,
+race for or clean up, and the greeting arrives as soon as QEMU listens.
+
+Virtual hardware, and why:
+
+* ``-nodefaults -no-user-config``: no NIC, VGA, floppy, CD-ROM or monitor
+  we did not ask for; no host ``qemu.conf`` changing the machine under us.
+* ``-display none`` instead of ``-nographic``: the latter multiplexes a
+  serial console and monitor on stdio when defaults are on; we want nothing
+  on stdio at all.
+* ``-no-reboot``: a guest reboot, and a guest panic with ``panic=-1``,
+  ends QEMU, so :meth:`QemuHypervisor.wait` sees the VM die.
+* q35 drops the SATA controller, SMBus and VMware port (nothing uses them);
+  microvm uses virtio-mmio devices and no option ROMs.
+* a virtio-rng device so the guest's entropy pool is full at boot.
+* one virtio-serial controller carries both the guest console (``hvc0``,
+  written to ``console.log``) and, on hosts without vhost-vsock, the agent
+  port ``capsa.agent``.  With ``debug`` the console is the serial port
+  (``ttyS0``) instead: slower, but it shows the boot before virtio is up.
+* virtio-fs needs the guest RAM in a shared memory backend, because
+  virtiofsd maps it (vhost-user protocol, "Memory regions").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from pathlib import Path
+
+from qemu.qmp import ExecInterruptedError, QMPClient, QMPError, Runstate
+
+from capsa.errors import HypervisorError
+from capsa.hypervisor.base import (
+    AGENT_PORT_NAME,
+    Hypervisor,
+    SerialChannel,
+    VirtioFsShare,
+    VMConfig,
+)
+from capsa.hypervisor.process import last_line, spawn, terminate
+
+log = logging.getLogger("capsa.hypervisor.qemu")
+
+# qemu.qmp logs every failed session at ERROR ("Negotiation failed:
+# EOFError") before raising; this driver turns the same failure into one
+# HypervisorError line, so the library's records would only be a second,
+# noisier report on the user's stderr.  Left alone if someone set a level.
+if logging.getLogger("qemu.qmp").level == logging.NOTSET:
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+#: How long QEMU may take from exec to answering QMP before it is killed.
+#: Machine setup is fast; this only catches a VMM that hangs.
+DEFAULT_START_TIMEOUT = 30.0
+
+# NVDIMM regions are mapped in 2 MiB-aligned chunks (the "label-less" NFIT
+# region a guest's pmem driver expects); QEMU refuses unaligned sizes.
+_NVDIMM_ALIGN = 2 << 20
+
+
+def escape_option(value: str | Path) -> str:
+    """Quote a value for QEMU's ``key=value,...`` option syntax: commas double."""
+    return str(value).replace(",", ",,")
+
+
+def _device_suffix(machine_type: str) -> str:
+    """virtio over PCI on q35, over MMIO on microvm (no PCI bus there)."""
+    return "pci" if machine_type == "q35" else "device"
+
+
+def _machine(config: VMConfig, memory_backend: bool, nvdimm: bool) -> list[str]:
+    if config.machine_type == "q35":
+        props = ["q35", "sata=off", "smbus=off", "vmport=off"]
+        if nvdimm:
+            props.append("nvdimm=on")
+    else:
+        # microvm: the serial port only when it is the debug console; no
+        # option ROMs to run (the kernel is loaded directly).
+        props = ["microvm", "x-option-roms=off", f"isa-serial={'on' if config.debug else 'off'}"]
+    if memory_backend:
+        props.append("memory-backend=mem")
+    return ["-machine", ",".join(props)]
+
+
+def _accelerator(config: VMConfig) -> list[str]:
+    if config.accelerator == "kvm":
+        return ["-accel", "kvm", "-cpu", "host"]
+    # TCG: "max" enables every feature TCG emulates.  Multi-threaded TCG
+    # only helps with more than one vCPU; with one it is pure overhead.
+    accel = "tcg,thread=multi" if config.max_vcpus > 1 else "tcg,thread=single"
+    return ["-accel", accel, "-cpu", "max"]
+
+
+def _memory(config: VMConfig, nvdimm_bytes: int | None) -> list[str]:
+    size = f"{config.memory_mib}M"
+    args = ["-m", size]
+    if nvdimm_bytes is not None:
+        # An NVDIMM is hot-pluggable memory: it needs a slot and room above RAM.
+        extra_mib = nvdimm_bytes >> 20
+        args = ["-m", f"{size},slots=1,maxmem={config.memory_mib + extra_mib}M"]
+    return args
+
+
+def _boot(config: VMConfig, console_params: tuple[str, ...]) -> list[str]:
+    args: list[str] = []
+    if config.firmware is not None:
+        args += ["-bios", str(config.firmware)]
+    args += ["-kernel", str(config.kernel)]
+    if config.initrd is not None:
+        args += ["-initrd", str(config.initrd)]
+    params = [*console_params, *config.kernel_params]
+    if params:
+        args += ["-append", " ".join(params)]
+    return args
+
+
+def _console_and_agent(config: VMConfig) -> tuple[list[str], tuple[str, ...]]:
+    """The virtio-serial controller, guest console and agent port.
+
+    Returns the arguments and the kernel parameters the console needs.
+    """
+    suffix = _device_suffix(config.machine_type)
+    console_path = escape_option(config.console_log)
+    args = [
+        "-device",
+        f"virtio-serial-{suffix},id=vserial0,max_ports=2",
+        "-chardev",
+        f"file,id=console,path={console_path}",
+    ]
+    if config.debug:
+        args += ["-serial", "chardev:console"]
+        params: tuple[str, ...] = ("console=ttyS0",)
+    else:
+        # The first console port of a virtio-serial device is hvc0.
+        args += ["-device", "virtconsole,bus=vserial0.0,chardev=console"]
+        params = ("console=hvc0",)
+    channel = config.agent_channel
+    if isinstance(channel, SerialChannel):
+        args += [
+            "-chardev",
+            f"socket,id=agent,path={escape_option(channel.socket_path)},server=on,wait=off",
+            "-device",
+            f"virtserialport,bus=vserial0.0,chardev=agent,name={AGENT_PORT_NAME}",
+        ]
+    else:
+        args += ["-device", f"vhost-vsock-{suffix},id=vsock0,guest-cid={channel.guest_cid}"]
+    return args, params
+
+
+def _shares(config: VMConfig) -> list[str]:
+    suffix = _device_suffix(config.machine_type)
+    args: list[str] = []
+    for index, share in enumerate(config.shares):
+        tag = escape_option(share.tag)
+        if isinstance(share, VirtioFsShare):
+            chardev = f"vfs{index}"
+            args += [
+                "-chardev",
+                f"socket,id={chardev},path={escape_option(share.socket_path)}",
+                "-device",
+                # 1024 descriptors: the queue size virtiofsd is tuned for.
+                f"vhost-user-fs-{suffix},chardev={chardev},tag={tag},queue-size=1024",
+            ]
+        else:
+            fsdev = f"fs{index}"
+            # security_model=none: files keep their host owners and modes as
+            # they are (QEMU runs as root); multidevs=remap keeps inode
+            # numbers unique when the shared tree spans several host devices.
+            opts = f"local,id={fsdev},path={escape_option(share.host_path)},security_model=none,multidevs=remap"
+            if share.readonly:
+                opts += ",readonly=on"
+            args += ["-fsdev", opts, "-device", f"virtio-9p-{suffix},fsdev={fsdev},mount_tag={tag}"]
+    return args
+
+
+def _rootfs_image(config: VMConfig, image_bytes: int | None) -> list[str]:
+    if config.rootfs_image is None:
+        return []
+    if image_bytes is None:
+        raise HypervisorError("the size of the rootfs image is needed to map it as an NVDIMM")
+    # Mapped read-only and private: the image file is shared by every VM on
+    # the host and no guest may change it.  The guest sees /dev/pmem0 and can
+    # mount it with DAX (no page cache copy).
+    return [
+        "-object",
+        f"memory-backend-file,id=rootimg,mem-path={escape_option(config.rootfs_image)},"
+        f"size={image_bytes},share=off,readonly=on",
+        "-device",
+        "nvdimm,id=nv0,memdev=rootimg,unarmed=on",
+    ]
+
+
+def nvdimm_size(image_bytes: int) -> int:
+    """The image size rounded up to the NVDIMM alignment."""
+    return -(-image_bytes // _NVDIMM_ALIGN) * _NVDIMM_ALIGN
+
+
+def qemu_argv(config: VMConfig, *, qmp_fd: int, rootfs_image_bytes: int | None = None) -> list[str]:
+    """QEMU's command line for ``config``.
+
+    ``qmp_fd`` is the child's end of the QMP socketpair (inherited by QEMU);
+    ``rootfs_image_bytes`` the size of ``config.rootfs_image``, which must
+    be a multiple of 2 MiB (see :func:`nvdimm_size`).  Pure: no I/O.
+    """
+    if config.rootfs_image is not None and config.machine_type != "q35":
+        raise HypervisorError("a rootfs image is mapped as an NVDIMM, which microvm lacks: use q35 or an initrd")
+    if rootfs_image_bytes is not None and rootfs_image_bytes % _NVDIMM_ALIGN:
+        raise HypervisorError(f"rootfs image size {rootfs_image_bytes} is not a multiple of 2 MiB")
+    suffix = _device_suffix(config.machine_type)
+    memory_backend = any(isinstance(share, VirtioFsShare) for share in config.shares)
+    nvdimm_bytes = rootfs_image_bytes if config.rootfs_image is not None else None
+    console_args, console_params = _console_and_agent(config)
+
+    argv = [
+        str(config.hypervisor_path),
+        "-name",
+        f"{escape_option('capsa-' + config.name)},debug-threads=on",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        *_machine(config, memory_backend, nvdimm_bytes is not None),
+        *_accelerator(config),
+        "-smp",
+        f"{config.vcpus},maxcpus={config.max_vcpus}",
+        *_memory(config, nvdimm_bytes),
+    ]
+    if memory_backend:
+        argv += ["-object", f"memory-backend-memfd,id=mem,size={config.memory_mib}M,share=on"]
+    argv += _boot(config, console_params)
+    argv += [
+        "-object",
+        "rng-random,id=rng0,filename=/dev/urandom",
+        "-device",
+        f"virtio-rng-{suffix},rng=rng0",
+    ]
+    argv += console_args
+    argv += _shares(config)
+    argv += _rootfs_image(config, nvdimm_bytes)
+    argv += ["-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control"]
+    argv += config.extra_args
+    return argv
+
+
+class QemuHypervisor(Hypervisor):
+    """One QEMU process running one VM, controlled over QMP.
+
+    ``die_with_parent`` ties QEMU's life to this process (PR_SET_PDEATHSIG),
+    for a foreground ``capsa run``; a VM that must outlive its starter (the
+    proxy owns it) leaves it off.
+    """
+
+    def __init__(
+        self,
+        config: VMConfig,
+        *,
+        die_with_parent: bool = False,
+        start_timeout: float = DEFAULT_START_TIMEOUT,
+    ) -> None:
+        self.config = config
+        self._die_with_parent = die_with_parent
+        self._start_timeout = start_timeout
+        self._proc: asyncio.subprocess.Process | None = None
+        self._qmp: QMPClient | None = None
+
+    @property
+    def pid(self) -> int | None:
+        if self._proc is None or self._proc.returncode is not None:
+            return None
+        return self._proc.pid
+
+    @property
+    def console_log(self) -> Path | None:
+        return self.config.console_log
+
+    async def start(self) -> None:
+        if self._proc is not None:
+            raise HypervisorError(f"VM {self.config.name} was already started")
+        config = self.config
+        try:
+            config.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise HypervisorError(f"cannot create VM directory {config.run_dir}: {exc.strerror}") from exc
+        image_bytes = self._rootfs_image_bytes()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            argv = qemu_argv(config, qmp_fd=theirs.fileno(), rootfs_image_bytes=image_bytes)
+            log.debug("starting %s", " ".join(argv))
+            self._proc = await spawn(
+                argv,
+                log_path=config.vmm_log,
+                error=HypervisorError,
+                pass_fds=(theirs.fileno(),),
+                die_with_parent=self._die_with_parent,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._qmp = QMPClient(f"capsa-{config.name}")
+        try:
+            await asyncio.wait_for(self._qmp.connect(ours), self._start_timeout)
+        except (QMPError, OSError, TimeoutError) as exc:
+            ours.close()
+            message = await self._failed_start(exc)
+            raise HypervisorError(message) from exc
+        except BaseException:
+            # Cancelled (e.g. Ctrl-C during start): leave nothing running.
+            ours.close()
+            await self.stop(timeout=0)
+            raise
+
+    def _rootfs_image_bytes(self) -> int | None:
+        image = self.config.rootfs_image
+        if image is None:
+            return None
+        try:
+            size = image.stat().st_size
+        except OSError as exc:
+            raise HypervisorError(f"rootfs image {image}: {exc.strerror}") from exc
+        if size == 0 or size % _NVDIMM_ALIGN:
+            raise HypervisorError(
+                f"rootfs image {image} is {size} bytes; an NVDIMM needs a non-zero multiple of 2 MiB "
+                f"(pad it to {nvdimm_size(max(size, 1))})"
+            )
+        return size
+
+    async def _failed_start(self, exc: BaseException) -> str:
+        """Why QEMU did not come up, in QEMU's own words when it said any."""
+        proc = self._proc
+        assert proc is not None
+        # A QEMU that rejects its command line exits at once; give it a
+        # moment so its stderr is complete, then make sure it is gone.
+        try:
+            status = await asyncio.wait_for(proc.wait(), 2.0)
+        except TimeoutError:
+            status = None
+        await self.stop(timeout=0)
+        said = last_line(self.config.vmm_log)
+        if status is not None and said:
+            return f"QEMU exited with status {status} while starting: {said}"
+        if status is not None:
+            return f"QEMU exited with status {status} while starting (see {self.config.vmm_log})"
+        reason = "did not answer QMP in time" if isinstance(exc, TimeoutError) else f"failed on QMP: {exc}"
+        return f"QEMU {reason}; it was killed" + (f" (last said: {said})" if said else "")
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            asked = await self._ask_quit(timeout)
+            # After QMP "quit" only wait; without a QMP session, SIGTERM
+            # (QEMU treats it as a clean quit too).
+            await terminate(proc, timeout, (lambda: None) if asked else None)
+        await self._close_qmp()
+        if isinstance(self.config.agent_channel, SerialChannel):
+            # QEMU removes its listening socket on a clean exit, not on SIGKILL.
+            with contextlib.suppress(OSError):
+                self.config.agent_channel.socket_path.unlink(missing_ok=True)
+
+    async def _ask_quit(self, timeout: float) -> bool:
+        """Send QMP ``quit`` (QMP reference, "quit"): QEMU exits at once; the guest is not asked."""
+        qmp = self._qmp
+        if qmp is None or qmp.runstate != Runstate.RUNNING or timeout <= 0:
+            return False
+        try:
+            await asyncio.wait_for(qmp.execute("quit"), timeout)
+        except ExecInterruptedError:
+            # QEMU closed the session before answering: it is quitting.
+            return True
+        except (QMPError, OSError, EOFError, TimeoutError):
+            return False
+        return True
+
+    async def _close_qmp(self) -> None:
+        qmp, self._qmp = self._qmp, None
+        if qmp is not None:
+            # disconnect() re-raises what ended the session (EOF when QEMU
+            # exited): expected here.
+            with contextlib.suppress(QMPError, OSError, EOFError):
+                await qmp.disconnect()
+
+    async def wait(self) -> int:
+        if self._proc is None:
+            raise HypervisorError(f"VM {self.config.name} was not started")
+        return await self._proc.wait()
+
+    async def pause(self) -> None:
+        # QMP "stop": pauses every vCPU; "cont" resumes them.
+        await self._execute("stop")
+
+    async def resume(self) -> None:
+        await self._execute("cont")
+
+    async def _execute(self, command: str) -> object:
+        qmp = self._qmp
+        if qmp is None or self.pid is None:
+            raise HypervisorError(f"VM {self.config.name} is not running")
+        try:
+            return await qmp.execute(command)
+        except (QMPError, OSError, EOFError) as exc:
+            raise HypervisorError(f"QMP {command} failed for VM {self.config.name}: {exc}") from exc
