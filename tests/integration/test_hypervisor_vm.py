@@ -29,7 +29,7 @@ from capsa.hypervisor.base import NinePShare, SerialChannel, Share, VirtioFsShar
 from capsa.hypervisor.qemu import QemuHypervisor
 from capsa.storage.virtiofsd import DEFAULT_VIRTIOFSD, Virtiofsd
 
-pytestmark = pytest.mark.vm
+pytestmark: list[pytest.MarkDecorator] = [pytest.mark.vm]
 
 BUSYBOX = Path("/bin/busybox")
 QEMU = Path("/usr/bin/qemu-system-x86_64")
@@ -51,7 +51,7 @@ def _skip_reason() -> str | None:
 
 _reason = _skip_reason()
 if _reason is not None:
-    pytestmark = [pytest.mark.vm, pytest.mark.skip(reason=_reason)]
+    pytestmark.append(pytest.mark.skip(reason=_reason))
 
 
 def newc_archive(entries: list[tuple[str, int, bytes]]) -> bytes:
