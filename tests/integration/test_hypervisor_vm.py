@@ -86,7 +86,7 @@ def make_initrd(directory: Path, script: str) -> Path:
     return path
 
 
-def vm_config(run_dir: Path, initrd: Path, shares: tuple[Share, ...] = (), **overrides: object) -> VMConfig:
+def vm_config(run_dir: Path, initrd: Path | None, shares: tuple[Share, ...] = (), **overrides: object) -> VMConfig:
     fields: dict[str, object] = {
         "name": "hvtest",
         "run_dir": run_dir,
@@ -257,6 +257,36 @@ def test_guest_reads_a_9p_share(run_dir: Path) -> None:
             await vm.stop()
 
     assert "hello over 9p" in asyncio.run(scenario())
+
+
+@pytest.mark.skipif(shutil.which("mkfs.ext4") is None, reason="mkfs.ext4 (e2fsprogs) is missing")
+@pytest.mark.xfail(
+    reason="the guest kernel needs CONFIG_ACPI_NFIT to see QEMU's NVDIMM as /dev/pmem0",
+    raises=AssertionError,
+    strict=False,
+)
+def test_boots_from_a_rootfs_image_on_an_nvdimm(run_dir: Path) -> None:
+    tree = run_dir / "tree"
+    for sub in ("bin", "dev", "proc", "mnt"):
+        (tree / sub).mkdir(parents=True)
+    shutil.copy(BUSYBOX, tree / "bin" / "busybox")
+    (tree / "init").write_text("#!/bin/busybox sh\necho CAPSA-IMAGE-ROOT\n/bin/busybox poweroff -f\n")
+    (tree / "init").chmod(0o755)
+    image = run_dir / "rootfs.img"
+    # 4 KiB blocks: ext4 DAX needs the block size to equal the page size.
+    subprocess.run(["mkfs.ext4", "-q", "-b", "4096", "-d", str(tree), str(image), "8M"], check=True)
+    params = ("panic=-1", "random.trust_cpu=on", "root=/dev/pmem0", "rootflags=dax", "ro", "init=/init")
+
+    async def scenario() -> str:
+        vm = QemuHypervisor(vm_config(run_dir, None, rootfs_image=image, kernel_params=params))
+        try:
+            await vm.start()
+            await asyncio.wait_for(vm.wait(), BOOT_TIMEOUT)
+        finally:
+            await vm.stop()
+        return vm.config.console_log.read_text(errors="replace")
+
+    assert "CAPSA-IMAGE-ROOT" in asyncio.run(scenario())
 
 
 def test_bad_kernel_shows_qemus_own_message(run_dir: Path) -> None:
