@@ -61,9 +61,7 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
     try:
         spec = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise BundleError(
-            f"{config_path}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from exc
+        raise BundleError(f"{config_path}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
     if not isinstance(spec, dict):
         raise BundleError(f"{config_path}: expected a JSON object")
     _check_process(spec, config_path)

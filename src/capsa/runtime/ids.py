@@ -18,10 +18,6 @@ MAX_ID_LENGTH = 1024
 def validate_id(container_id: str) -> str:
     if not container_id:
         raise InvalidArgument("container id cannot be empty")
-    if (
-        container_id in (".", "..")
-        or len(container_id) > MAX_ID_LENGTH
-        or not _ID.fullmatch(container_id)
-    ):
+    if container_id in (".", "..") or len(container_id) > MAX_ID_LENGTH or not _ID.fullmatch(container_id):
         raise InvalidArgument(f"invalid container id {container_id!r}: use letters, digits, '_', '+', '-', '.'")
     return container_id

@@ -1,0 +1,37 @@
+"""What every verb gets: the parsed global flags and the configuration."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from capsa.config import Config, load_config
+from capsa.runtime.state import DEFAULT_ROOT, StateStore
+
+
+@dataclass
+class Context:
+    root: Path
+    config_flag: str | None
+    debug: bool
+    log_format: str
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Context:
+        return cls(
+            root=Path(args.root) if args.root else DEFAULT_ROOT,
+            config_flag=args.config,
+            debug=args.debug,
+            log_format=args.log_format,
+        )
+
+    @cached_property
+    def config(self) -> Config:
+        # Loaded on first use: `capsa spec` and `capsa version` need none.
+        return load_config(self.config_flag)
+
+    @cached_property
+    def store(self) -> StateStore:
+        return StateStore(self.root)

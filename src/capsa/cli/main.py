@@ -1,0 +1,82 @@
+"""The ``capsa`` command line: runc's global flags, one module per verb.
+
+Engines call an OCI runtime as ``RUNTIME [global flags] VERB [flags] ID``
+(runc's contract).  This module parses the global part, hands the rest to the
+verb's module, and turns every :class:`~capsa.errors.CapsaError` into one
+line on stderr and a non-zero exit status.  A traceback reaches the user only
+for a genuine bug, and even then ``--debug`` is needed to see it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from capsa import __version__
+from capsa.cli import check, env, run, spec, version
+from capsa.cli.context import Context
+from capsa.cli.report import report_error, setup_logging
+from capsa.errors import CapsaError
+
+VERBS: dict[str, ModuleType] = {
+    "run": run,
+    "spec": spec,
+    "env": env,
+    "check": check,
+    "version": version,
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is a CapsaError like any other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+class UsageError(CapsaError):
+    exit_code = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="capsa", description="Run OCI containers, each in its own lightweight VM.")
+    parser.add_argument("--root", default=None, help="state directory (default /run/capsa)")
+    parser.add_argument("--log", default=None, help="also write log messages to this file")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--debug", action="store_true", help="log debug messages")
+    parser.add_argument("--config", default=None, help="configuration file (default /etc/capsa/configuration.toml)")
+    parser.add_argument("--systemd-cgroup", action="store_true", help="accepted for runc compatibility")
+    parser.add_argument("--version", "-v", action="version", version=f"capsa version {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=_Parser)
+    verbs.required = True
+    for name, module in VERBS.items():
+        module.add_parser(verbs, name)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    log_format = "json" if _flag_value(argv, "--log-format") == "json" else "text"
+    try:
+        args = build_parser().parse_args(argv)
+        setup_logging(args.log, args.log_format, args.debug)
+        ctx = Context.from_args(args)
+        code: int = args.execute(args, ctx)
+        return code
+    except CapsaError as exc:
+        report_error(str(exc), log_format)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """A global flag's value, read before parsing so that parse errors use it."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None

@@ -1,0 +1,285 @@
+"""A sandbox: one VM, the helpers that serve it, and the agent inside.
+
+Starting one is: share the container's rootfs (virtiofsd, or 9p which needs
+no helper), boot QEMU, wait for the agent to answer ``Check``, then
+``CreateSandbox``.  Stopping is the reverse and is safe to call at any point
+of a half-finished start, which is what lets a failed ``capsa run`` leave
+nothing behind.
+
+The kernel command line and the VM description are built by pure functions
+(:func:`kernel_cmdline`, :func:`vm_config`) from the configuration, so they
+are tested as data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from capsa.config import Config
+from capsa.errors import CapsaError, GuestImageError, HypervisorError
+from capsa.hypervisor.accel import resolve_accelerator
+from capsa.hypervisor.base import (
+    AgentChannel,
+    NinePShare,
+    SerialChannel,
+    Share,
+    VirtioFsShare,
+    VMConfig,
+    VsockChannel,
+)
+from capsa.hypervisor.qemu import QemuHypervisor
+from capsa.protocols import agent_pb2 as pb
+from capsa.runtime.agent_client import AgentClient
+from capsa.storage.virtiofsd import Virtiofsd
+
+log = logging.getLogger("capsa.sandbox")
+
+ROOTFS_TAG = "rootfs"
+VHOST_VSOCK = Path("/dev/vhost-vsock")
+
+# Kernel parameters that shave boot time in a VM with no legacy hardware
+# worth probing (the same set Kata uses): trust the TSC, skip the i8042
+# and timer checks, expedite RCU, no crypto self-tests.
+FAST_BOOT_PARAMS = (
+    "tsc=reliable",
+    "no_timer_check",
+    "rcupdate.rcu_expedited=1",
+    "i8042.direct=1",
+    "i8042.dumbkbd=1",
+    "i8042.nopnp=1",
+    "i8042.noaux=1",
+    "noreplace-smp",
+    "reboot=k",
+    "cryptomgr.notests",
+    "pci=lastbus=0",
+)
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """What the runtime asks of a sandbox, before the configuration fills in the rest."""
+
+    id: str
+    run_dir: Path
+    rootfs: Path
+    hostname: str = ""
+    vcpus: int | None = None
+    memory_mib: int | None = None
+
+
+def choose_channel(config: Config, vhost_vsock_present: bool) -> str:
+    """vsock where the host has vhost-vsock, else virtio-serial (DESIGN.md, decision 2)."""
+    wanted = config.agent.channel
+    if wanted == "auto":
+        return "vsock" if vhost_vsock_present else "serial"
+    if wanted == "vsock" and not vhost_vsock_present:
+        raise HypervisorError(f"agent.channel is vsock but {VHOST_VSOCK} does not exist")
+    return wanted
+
+
+def kernel_cmdline(config: Config, channel: str, debug: bool) -> tuple[str, ...]:
+    params: list[str] = ["panic=-1", "random.trust_cpu=on", *FAST_BOOT_PARAMS]
+    params.append("loglevel=7" if debug else "quiet")
+    params.append(f"capsa.channel={channel}")
+    if channel == "vsock":
+        params.append(f"capsa.vsock_port={config.agent.vsock_port}")
+    if debug:
+        params.append("capsa.debug=1")
+    if config.hypervisor.image is not None:
+        params += ["root=/dev/pmem0", "rootflags=dax", "ro", "init=/init"]
+    else:
+        params.append("rdinit=/init")
+    params += config.hypervisor.kernel_params
+    return tuple(params)
+
+
+def vm_config(
+    config: Config,
+    spec: SandboxSpec,
+    accelerator: str,
+    channel: AgentChannel,
+    shares: tuple[Share, ...],
+    debug: bool,
+) -> VMConfig:
+    hv = config.hypervisor
+    vcpus = spec.vcpus or hv.default_vcpus
+    return VMConfig(
+        name=spec.id,
+        run_dir=spec.run_dir,
+        hypervisor_path=hv.path,
+        machine_type=hv.machine_type,
+        accelerator=accelerator,
+        vcpus=vcpus,
+        max_vcpus=vcpus,
+        memory_mib=spec.memory_mib or hv.default_memory_mib,
+        kernel=hv.kernel,
+        initrd=None if hv.image is not None else hv.initrd,
+        rootfs_image=hv.image,
+        kernel_params=kernel_cmdline(config, "vsock" if isinstance(channel, VsockChannel) else "serial", debug),
+        agent_channel=channel,
+        shares=shares,
+        firmware=hv.firmware,
+        extra_args=hv.extra_args,
+        debug=debug,
+    )
+
+
+def check_guest_files(config: Config) -> None:
+    """The kernel and image must exist before anything is started."""
+    hv = config.hypervisor
+    where = f" (set in {config.source})" if config.source else ""
+    if not hv.path.exists():
+        raise HypervisorError(f"hypervisor {hv.path} does not exist{where}")
+    if not hv.kernel.exists():
+        raise GuestImageError(f"guest kernel {hv.kernel} does not exist{where}: build it with guest/kernel/build.py")
+    image = hv.image or hv.initrd
+    if image is not None and not image.exists():
+        raise GuestImageError(f"guest image {image} does not exist{where}: build it with guest/image/build.py")
+
+
+@dataclass
+class Sandbox:
+    config: Config
+    spec: SandboxSpec
+    debug: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    agent: AgentClient | None = None
+    hypervisor: QemuHypervisor | None = None
+    virtiofsd: Virtiofsd | None = None
+
+    def _mark(self, phase: str) -> None:
+        self.timings[phase] = time.monotonic()
+
+    async def start(self) -> AgentClient:
+        """Boot the VM and return a connected agent; on failure, undo everything."""
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> AgentClient:
+        config = self.config
+        check_guest_files(config)
+        accel = resolve_accelerator(config)
+        self._mark("accelerator_chosen")
+        shares = await self._share_rootfs()
+        self._mark("rootfs_shared")
+        cid = random.randrange(3, 0xFFFFFFFF)
+        kind = choose_channel(config, VHOST_VSOCK.exists())
+        channel: AgentChannel
+        if kind == "vsock":
+            channel = VsockChannel(guest_cid=cid, port=config.agent.vsock_port)
+        else:
+            channel = SerialChannel(socket_path=self.spec.run_dir / "agent.sock")
+        self.hypervisor = QemuHypervisor(
+            vm_config(config, self.spec, accel.accelerator, channel, shares, self.debug),
+            die_with_parent=True,
+        )
+        await self.hypervisor.start()
+        self._mark("hypervisor_started")
+        self.agent = await self._connect_agent(channel)
+        self._mark("agent_ready")
+        await self.agent.create_sandbox(pb.CreateSandboxRequest(hostname=self.spec.hostname, sandbox_id=self.spec.id))
+        return self.agent
+
+    async def _share_rootfs(self) -> tuple[Share, ...]:
+        if self.config.shared_fs.kind == "virtio-9p":
+            return (NinePShare(tag=ROOTFS_TAG, host_path=self.spec.rootfs, readonly=False),)
+        socket_path = self.spec.run_dir / "vfs.sock"
+        self.virtiofsd = Virtiofsd(
+            self.config.shared_fs.virtiofsd_path,
+            shared_dir=self.spec.rootfs,
+            socket_path=socket_path,
+            cache=self.config.shared_fs.virtiofs_cache,
+            die_with_parent=True,
+        )
+        await self.virtiofsd.start()
+        return (VirtioFsShare(tag=ROOTFS_TAG, socket_path=socket_path),)
+
+    async def _connect_agent(self, channel: AgentChannel) -> AgentClient:
+        """Wait for the agent's first answer, or for the VM to die trying."""
+        assert self.hypervisor is not None
+        timeout = self.config.agent.connect_timeout
+        request_timeout = self.config.agent.request_timeout
+        deadline = time.monotonic() + timeout
+        if isinstance(channel, VsockChannel):
+            connect = AgentClient.connect_vsock(channel.guest_cid, channel.port, deadline, request_timeout)
+        else:
+            connect = AgentClient.connect_serial(channel.socket_path, request_timeout)
+
+        async def ready() -> AgentClient:
+            agent = await connect
+            try:
+                await agent.check(timeout=max(0.1, deadline - time.monotonic()))
+            except BaseException:
+                await agent.aclose()
+                raise
+            return agent
+
+        ready_task = asyncio.ensure_future(ready())
+        exited_task = asyncio.ensure_future(self.hypervisor.wait())
+        try:
+            done, _ = await asyncio.wait({ready_task, exited_task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited_task.cancel()
+            if not ready_task.done():
+                ready_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, CapsaError):
+                await exited_task
+        if ready_task in done and not ready_task.exception():
+            return ready_task.result()
+        # Either QEMU exited, or the channel broke, which is how a guest
+        # that panicked or powered off looks from here: give QEMU a moment
+        # to exit so the user hears about the VM, not about a socket.
+        with contextlib.suppress(asyncio.TimeoutError, CapsaError):
+            await asyncio.wait_for(self.hypervisor.wait(), 2)
+        if self.hypervisor.pid is not None:
+            ready_task.result()  # the VM lives: the channel's own error is the news
+        with contextlib.suppress(asyncio.CancelledError, CapsaError):
+            await ready_task
+        raise HypervisorError(f"the VM stopped before its agent answered{self._console_hint()}")
+
+    def _console_hint(self) -> str:
+        """The guest console's last words, for an error message (all of them in --debug)."""
+        log_path = self.hypervisor.console_log if self.hypervisor else None
+        if log_path is None or not log_path.exists():
+            return ""
+        lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+        if not lines:
+            return " (the guest printed nothing; run with --debug to see its boot)"
+        if self.debug:
+            log.debug("guest console:\n%s", "\n".join(lines[-40:]))
+        return f": {lines[-1].strip()}"
+
+    async def stop(self) -> None:
+        """Tear down whatever was started; safe to call at any point, and twice."""
+        agent, self.agent = self.agent, None
+        if agent is not None:
+            # A clean shutdown lets the guest flush what it wrote through
+            # virtio-fs; a VM that does not answer in time is killed anyway.
+            with contextlib.suppress(CapsaError, OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(agent.destroy_sandbox(), 5)
+            with contextlib.suppress(CapsaError, OSError):
+                await agent.aclose()
+        hypervisor, self.hypervisor = self.hypervisor, None
+        if hypervisor is not None:
+            await hypervisor.stop()
+        virtiofsd, self.virtiofsd = self.virtiofsd, None
+        if virtiofsd is not None:
+            await virtiofsd.stop()
+        self._mark("sandbox_stopped")
+
+
+def run_dir_ok(path: Path) -> None:
+    """Unix socket paths are limited to 107 bytes; fail early with a clear message."""
+    longest = path / "agent.sock"
+    if len(os.fsencode(longest)) > 107:
+        raise CapsaError(f"state directory {path} is too long for unix sockets: use a shorter --root")
