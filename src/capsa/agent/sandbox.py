@@ -1,0 +1,428 @@
+"""What the agent does for its sandbox: container lifecycle through crun.
+
+One :class:`Sandbox` per guest.  It owns the registry, the sandbox-wide
+mounts and every crun invocation; the ttrpc handlers in
+:mod:`capsa.agent.service` only translate messages to these calls and
+errors to status codes.  Errors are :class:`capsa.errors.CapsaError`
+subclasses: ContainerNotFound / ProcessNotFound (unknown IDs), WrongState
+(the lifecycle forbids it now), InvalidArgument / BundleError (bad input),
+StorageError (a mount failed), CrunFailed (crun said no, in its own words).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from capsa.agent import cgroup, crun, spawn, storage
+from capsa.agent.container import Container, ContainerState, Process, Registry
+from capsa.agent.options import AgentOptions
+from capsa.agent.reaper import Reaper, exit_status
+from capsa.agent.stdio import ConsoleSocket, Pipes, ProcessIO, terminal_io
+from capsa.errors import AgentError, ContainerExists, InvalidArgument, WrongState
+from capsa.protocols import agent_pb2 as pb
+from capsa.runtime.ids import validate_id
+
+log = logging.getLogger("capsa.agent")
+
+# How long crun may take to pass the pty master after it exited successfully.
+CONSOLE_TIMEOUT_SECONDS = 5.0
+# How long RemoveContainer waits for the init to die after SIGKILL.
+KILL_WAIT_SECONDS = 10.0
+
+
+class CrunFailed(AgentError):
+    """crun exited non-zero; the message is crun's own error line."""
+
+
+# (log_file, console_socket or None) -> argv
+ArgvBuilder = Callable[[str, "str | None"], list[str]]
+
+
+class Sandbox:
+    """The guest's containers and mounts; see the module docstring."""
+
+    def __init__(self, options: AgentOptions, reaper: Reaper) -> None:
+        self.options = options
+        self.crun = crun.Crun(binary=options.crun, root=options.crun_root)
+        self.registry = Registry()
+        self._reaper = reaper
+        self._created = False
+        self._mounts: list[str] = []
+        self._counter = itertools.count(1)
+        self._crun_version: str | None = None
+        self._no_pivot: bool | None = None
+        self._containers_dir = os.path.join(options.state_dir, "containers")
+        self._runtime_dir = os.path.join(options.state_dir, "run")
+
+    # --- sandbox -------------------------------------------------------
+
+    def create(self, hostname: str, storages: list[pb.Storage], dns: list[str]) -> None:
+        """CreateSandbox: hostname, sandbox-wide mounts, resolv.conf."""
+        if self._created:
+            raise WrongState("the sandbox already exists")
+        requests = [storage.mount_request(item) for item in storages]
+        mounted: list[str] = []
+        try:
+            for request in requests:
+                storage.mount(request)
+                mounted.append(request.target)
+        except BaseException:
+            self._unmount_all(mounted)
+            raise
+        self._mounts = mounted
+        if self.options.guest:
+            if hostname:
+                import socket
+
+                socket.sethostname(hostname)
+            if dns:
+                with open("/etc/resolv.conf", "w", encoding="utf-8") as file:
+                    file.writelines(f"nameserver {server}\n" for server in dns)
+        self._created = True
+
+    async def destroy(self) -> None:
+        """DestroySandbox: every container killed and deleted, mounts gone, disks synced."""
+        for container in self.registry.all():
+            try:
+                await self.remove_container(container.id, timeout_seconds=0)
+            except Exception:
+                log.exception("destroying the sandbox: removing container %s failed", container.id)
+        self._unmount_all(self._mounts)
+        self._mounts = []
+        os.sync()
+
+    # --- containers ------------------------------------------------------
+
+    async def create_container(
+        self, container_id: str, spec_json: bytes, rootfs: pb.Storage, storages: list[pb.Storage]
+    ) -> None:
+        """CreateContainer: mounts, bundle, ``crun create``; the init waits for start."""
+        validate_id(container_id)
+        self.registry.reserve(container_id)
+        bundle = os.path.join(self._containers_dir, container_id)
+        mounted: list[str] = []
+        try:
+            spec = crun.load_spec(spec_json)
+            os.makedirs(bundle, exist_ok=True)
+            rootfs_path = self._mount_rootfs(rootfs, spec, os.path.join(bundle, "rootfs"), mounted)
+            for item in storages:
+                request = storage.mount_request(item)
+                storage.mount(request)
+                mounted.append(request.target)
+            with open(os.path.join(bundle, "config.json"), "wb") as file:
+                file.write(crun.bundle_config(spec, rootfs_path))
+            pid_file = os.path.join(bundle, "pid")
+            no_pivot = self._root_is_initramfs()
+
+            def argv(log_file: str, console: str | None) -> list[str]:
+                return crun.create_argv(self.crun, log_file, container_id, bundle, pid_file, console, no_pivot)
+
+            container = Container(id=container_id, bundle=bundle, mounts=mounted)
+            container.init = await self._launch(container, "", crun.wants_terminal(spec.get("process")), argv, pid_file)
+            container.cgroup = cgroup.cgroup_of(container.init.pid)
+        except BaseException:
+            self.registry.release(container_id)
+            self._unmount_all(mounted)
+            _remove_bundle(bundle)
+            raise
+        self.registry.add(container)
+        log.debug("container %s created, init pid %d", container_id, container.init.pid)
+
+    def _mount_rootfs(self, rootfs: pb.Storage, spec: dict[str, Any], default: str, mounted: list[str]) -> str:
+        """Mount the rootfs Storage; without a driver it is already in the guest.
+
+        A driverless rootfs names a directory the guest already has (a
+        subdirectory of a sandbox-wide share, say): its mount_point, else the
+        spec's absolute root.path.
+        """
+        if rootfs.driver:
+            request = storage.mount_request(rootfs, default)
+            storage.mount(request)
+            mounted.append(request.target)
+            return request.target
+        root = spec.get("root")
+        path = rootfs.mount_point or (root.get("path", "") if isinstance(root, dict) else "")
+        if not isinstance(path, str) or not os.path.isabs(path):
+            raise InvalidArgument("the rootfs has no storage driver and the spec's root.path is not absolute")
+        return path
+
+    async def start_container(self, container_id: str) -> None:
+        """StartContainer: ``crun start`` lets the init exec the user's process."""
+        container = self.registry.get(container_id)
+        async with container.lock:
+            container.require(ContainerState.CREATED, action="start")
+            await self._crun("start", lambda log_file, _: crun.start_argv(self.crun, log_file, container_id))
+            if container.state is ContainerState.CREATED:
+                container.state = ContainerState.RUNNING
+
+    async def exec_process(self, container_id: str, exec_id: str, process_json: bytes) -> None:
+        """ExecProcess: ``crun exec --detach`` with the given OCI process."""
+        container = self.registry.get(container_id)
+        if not exec_id:
+            raise InvalidArgument("an exec needs a non-empty exec_id")
+        validate_id(exec_id)
+        container.require(ContainerState.RUNNING, action="exec in")
+        if exec_id in container.execs:
+            raise ContainerExists(f"exec {exec_id} already exists in container {container_id}")
+        process = crun.load_process(process_json)
+        process_file = os.path.join(container.bundle, f"exec-{exec_id}.json")
+        pid_file = os.path.join(container.bundle, f"exec-{exec_id}.pid")
+        with open(process_file, "wb") as file:
+            file.write(process_json)
+
+        def argv(log_file: str, console: str | None) -> list[str]:
+            return crun.exec_argv(self.crun, log_file, container_id, process_file, pid_file, console)
+
+        try:
+            launched = await self._launch(container, exec_id, crun.wants_terminal(process), argv, pid_file)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(process_file)
+        if exec_id in container.execs:  # a concurrent exec with the same ID won
+            launched.io.close()
+            raise ContainerExists(f"exec {exec_id} already exists in container {container_id}")
+        container.execs[exec_id] = launched
+
+    async def signal_process(self, container_id: str, exec_id: str, signum: int, all_processes: bool) -> None:
+        """SignalProcess: kill(2) the process, or ``crun kill --all`` for the whole container."""
+        container = self.registry.get(container_id)
+        if all_processes and not exec_id:
+            await self._crun(
+                "kill", lambda log_file, _: crun.kill_argv(self.crun, log_file, container_id, signum, True)
+            )
+            return
+        process = container.process(exec_id)
+        if not process.running:
+            raise WrongState(f"{process.describe()} is not running")
+        try:
+            os.kill(process.pid, signum)
+        except ProcessLookupError:
+            raise WrongState(f"{process.describe()} is not running") from None
+
+    async def wait_process(self, container_id: str, exec_id: str) -> tuple[int, int]:
+        """WaitProcess: (status, signal) once the process exited."""
+        return await self.registry.get(container_id).process(exec_id).wait()
+
+    def process(self, container_id: str, exec_id: str) -> Process:
+        return self.registry.get(container_id).process(exec_id)
+
+    async def remove_container(self, container_id: str, timeout_seconds: int) -> None:
+        """RemoveContainer: stop it (SIGTERM, SIGKILL after the timeout), delete, unmount."""
+        container = self.registry.get(container_id)
+        async with container.lock:
+            init = container.init
+            if init is not None and init.running:
+                if timeout_seconds > 0:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(init.pid, signal.SIGTERM)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(init.wait(), timeout_seconds)
+                if container.state is ContainerState.PAUSED:
+                    # A frozen cgroup would keep SIGKILL pending forever.
+                    with contextlib.suppress(CrunFailed):
+                        await self._crun(
+                            "resume", lambda log_file, _: crun.resume_argv(self.crun, log_file, container_id)
+                        )
+            await self._crun("delete", lambda log_file, _: crun.delete_argv(self.crun, log_file, container_id))
+            if init is not None and init.running:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(init.pid, signal.SIGKILL)
+                try:
+                    await asyncio.wait_for(init.wait(), KILL_WAIT_SECONDS)
+                except TimeoutError:
+                    log.warning("container %s: init %d did not die after SIGKILL", container_id, init.pid)
+            for process in container.processes():
+                process.io.close()
+            self._unmount_all(container.mounts)
+            _remove_bundle(container.bundle)
+            self.registry.remove(container_id)
+            container.state = ContainerState.STOPPED
+
+    async def pause_container(self, container_id: str) -> None:
+        container = self.registry.get(container_id)
+        async with container.lock:
+            container.require(ContainerState.RUNNING, action="pause")
+            await self._crun("pause", lambda log_file, _: crun.pause_argv(self.crun, log_file, container_id))
+            if container.state is ContainerState.RUNNING:
+                container.state = ContainerState.PAUSED
+
+    async def resume_container(self, container_id: str) -> None:
+        container = self.registry.get(container_id)
+        async with container.lock:
+            container.require(ContainerState.PAUSED, action="resume")
+            await self._crun("resume", lambda log_file, _: crun.resume_argv(self.crun, log_file, container_id))
+            if container.state is ContainerState.PAUSED:
+                container.state = ContainerState.RUNNING
+
+    def stats(self, container_id: str) -> cgroup.CgroupStats:
+        container = self.registry.get(container_id)
+        return cgroup.read_stats(self._cgroup_dir(container))
+
+    def pids(self, container_id: str) -> list[int]:
+        container = self.registry.get(container_id)
+        return cgroup.read_pids(self._cgroup_dir(container))
+
+    def _cgroup_dir(self, container: Container) -> str:
+        if not container.cgroup:
+            raise WrongState(f"container {container.id} has no cgroup")
+        return cgroup.directory(container.cgroup)
+
+    async def crun_version(self) -> str:
+        if self._crun_version is None:
+            result = await spawn.run(crun.version_argv(self.crun), self._reaper)
+            self._crun_version = crun.parse_version(result.stdout.decode(errors="replace")) if result.ok else ""
+        return self._crun_version
+
+    # --- crun ------------------------------------------------------------------
+
+    def _log_file(self) -> str:
+        os.makedirs(self._runtime_dir, exist_ok=True)
+        return os.path.join(self._runtime_dir, f"crun-{next(self._counter)}.log")
+
+    async def _crun(self, command: str, argv: ArgvBuilder) -> spawn.Completed:
+        """Run a crun command that leaves no process behind; CrunFailed if it fails."""
+        log_file = self._log_file()
+        try:
+            result = await spawn.run(argv(log_file, None), self._reaper)
+            if not result.ok:
+                raise CrunFailed(self._crun_error(command, log_file, result))
+            return result
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(log_file)
+
+    @staticmethod
+    def _crun_error(command: str, log_file: str, result: spawn.Completed) -> str:
+        message = crun.error_message(
+            spawn.read_text(log_file), result.stderr.decode(errors="replace"), command, result.describe()
+        )
+        log.debug("crun %s failed: %s", command, message)
+        return message
+
+    async def _launch(
+        self, container: Container, exec_id: str, terminal: bool, argv: ArgvBuilder, pid_file: str
+    ) -> Process:
+        """Run crun create/exec with fresh stdio and return the process it started.
+
+        Without a terminal the process gets three pipes; with one, crun
+        passes the pty master over a console socket and crun's own stdio is
+        /dev/null (its errors go to the log file either way).
+        """
+        loop = asyncio.get_running_loop()
+        log_file = self._log_file()
+        console: ConsoleSocket | None = None
+        received: asyncio.Future[int] | None = None
+        pipes: Pipes | None = None
+        null: int | None = None
+        io: ProcessIO | None = None
+        try:
+            if terminal:
+                console = ConsoleSocket(os.path.join(self._runtime_dir, f"console-{next(self._counter)}.sock"))
+                received = asyncio.ensure_future(console.receive())
+                null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                stdio = (null, null, null)
+            else:
+                pipes = Pipes.open()
+                stdio = (pipes.child_stdin, pipes.child_stdout, pipes.child_stderr)
+            command = "create" if not exec_id else "exec"
+            result = await spawn.run(
+                argv(log_file, console.path if console else None),
+                self._reaper,
+                stdin=stdio[0],
+                stdout=stdio[1],
+                stderr=stdio[2],
+            )
+            if not result.ok:
+                raise CrunFailed(self._crun_error(command, log_file, result))
+            pid = _read_pid(pid_file)
+            if received is not None:
+                io = terminal_io(loop, await asyncio.wait_for(received, CONSOLE_TIMEOUT_SECONDS))
+            else:
+                assert pipes is not None
+                io = pipes.into_io(loop)
+                pipes = None
+            return Process(container.id, exec_id, pid, io, self._track(container, exec_id, pid))
+        except BaseException:
+            if io is not None:
+                io.close()
+            raise
+        finally:
+            if received is not None and not received.done():
+                received.cancel()
+            if console is not None:
+                console.close()
+            if pipes is not None:
+                pipes.close_all()
+            if null is not None:
+                os.close(null)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(log_file)
+
+    def _track(self, container: Container, exec_id: str, pid: int) -> asyncio.Future[tuple[int, int]]:
+        """The (status, signal) future of a process crun started, fed by the reaper."""
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[tuple[int, int]] = loop.create_future()
+
+        def on_reaped(raw: asyncio.Future[int]) -> None:
+            if raw.cancelled() or exited.done():
+                return
+            status = exit_status(raw.result())
+            exited.set_result(status)
+            log.debug("container %s exec %r (pid %d) exited: %s", container.id, exec_id, pid, status)
+            if not exec_id:
+                container.state = ContainerState.STOPPED
+
+        self._reaper.claim(pid).add_done_callback(on_reaped)
+        return exited
+
+    def _root_is_initramfs(self) -> bool:
+        if self._no_pivot is None:
+            from capsa.agent.init import root_is_initramfs
+
+            self._no_pivot = self.options.guest and root_is_initramfs(spawn.read_text("/proc/self/mountinfo"))
+        return self._no_pivot
+
+    @staticmethod
+    def _unmount_all(targets: list[str]) -> None:
+        for target in reversed(targets):
+            try:
+                storage.unmount(target)
+            except Exception as exc:
+                log.warning("%s", exc)
+
+
+def _read_pid(pid_file: str) -> int:
+    text = spawn.read_text(pid_file).strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise CrunFailed(f"crun did not write a PID to {pid_file}") from None
+
+
+def _remove_bundle(bundle: str) -> None:
+    """Remove what the agent wrote to a bundle directory, and the directory.
+
+    Never recursive: if unmounting the rootfs failed, the rootfs directory is
+    still the host's shared image and must not be emptied.  Files are
+    unlinked and directories only rmdir'ed, which fails on anything mounted
+    or non-empty.
+    """
+    try:
+        entries = list(os.scandir(bundle))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                os.rmdir(entry.path)
+            else:
+                os.unlink(entry.path)
+    with contextlib.suppress(OSError):
+        os.rmdir(bundle)

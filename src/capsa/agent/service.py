@@ -1,0 +1,263 @@
+"""The ttrpc handlers of ``capsa.agent.v1.AgentService`` (agent.proto).
+
+Each handler is thin: take the fields out of the request, call
+:class:`capsa.agent.sandbox.Sandbox`, build the response.  Errors are mapped
+to ttrpc status codes (google.rpc.Code numbering) in one place,
+:func:`status_code`, so the host reads the same code for the same failure
+from every method: unknown container or exec -> NOT_FOUND, wrong lifecycle
+state -> FAILED_PRECONDITION, bad input -> INVALID_ARGUMENT, crun's refusal
+-> UNKNOWN with crun's own message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from google.protobuf.message import Message
+
+import capsa
+from capsa.agent.container import ProcessNotFound
+from capsa.agent.sandbox import CrunFailed, Sandbox
+from capsa.errors import BundleError, CapsaError, ContainerExists, ContainerNotFound, InvalidArgument, WrongState
+from capsa.protocols import agent_pb2 as pb
+from capsa.ttrpc.errors import Code, StatusError
+from capsa.ttrpc.server import Context, Server, unary_method
+
+SERVICE_NAME = "capsa.agent.v1.AgentService"
+
+log = logging.getLogger("capsa.agent")
+
+Req = TypeVar("Req", bound=Message)
+Resp = TypeVar("Resp", bound=Message)
+
+
+@dataclass
+class Timing:
+    """Where the guest's boot went (GuestDetailsResponse fields 6 and 7)."""
+
+    kernel_boot_seconds: float = 0.0  # guest uptime when /init was exec'd
+    agent_start_seconds: float = 0.0  # from /init exec until the channel was served
+
+
+def status_code(exc: CapsaError) -> Code:
+    """The ttrpc status code for an agent error (see the module docstring)."""
+    if isinstance(exc, ContainerNotFound | ProcessNotFound):
+        return Code.NOT_FOUND
+    if isinstance(exc, ContainerExists):
+        return Code.ALREADY_EXISTS
+    if isinstance(exc, WrongState):
+        return Code.FAILED_PRECONDITION
+    if isinstance(exc, InvalidArgument | BundleError):
+        return Code.INVALID_ARGUMENT
+    if isinstance(exc, CrunFailed):
+        return Code.UNKNOWN
+    return Code.INTERNAL
+
+
+def _translated(handler: Callable[[Req], Awaitable[Resp]], method: str) -> Callable[[Req, Context], Awaitable[Resp]]:
+    """Wrap a handler so that every failure leaves as a StatusError."""
+
+    async def run(request: Req, context: Context) -> Resp:
+        try:
+            return await handler(request)
+        except StatusError:
+            raise
+        except CapsaError as exc:
+            log.debug("%s: %s", method, exc)
+            raise StatusError(status_code(exc), str(exc)) from exc
+        except OSError as exc:
+            log.warning("%s failed: %s", method, exc)
+            raise StatusError(Code.INTERNAL, f"{method}: {exc}") from exc
+
+    return run
+
+
+T = TypeVar("T")
+
+
+async def _uninterrupted(operation: Awaitable[T]) -> T:
+    """Finish ``operation`` even if the caller is cancelled.
+
+    The ttrpc server cancels a handler when its connection drops or its
+    deadline passes; a half-done create (crun's container made, not yet
+    registered) or remove would leak mounts and crun state.  The host sees
+    the cancellation; the guest completes the operation.
+    """
+    task = asyncio.ensure_future(operation)
+    task.add_done_callback(_retrieve)
+    return await asyncio.shield(task)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    # Marks the outcome as seen when nobody awaits it any more (the caller
+    # was cancelled), so asyncio does not report it as never retrieved.
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("operation finished after its caller left: %s", task.exception())
+
+
+def _mem_total_bytes() -> int:
+    """MemTotal from /proc/meminfo (proc(5): in kB)."""
+    with open("/proc/meminfo", encoding="ascii") as file:
+        for line in file:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class AgentService:
+    """The agent API over one :class:`Sandbox`."""
+
+    def __init__(self, sandbox: Sandbox, timing: Timing, on_destroyed: Callable[[], None]) -> None:
+        self.sandbox = sandbox
+        self.timing = timing
+        self._on_destroyed = on_destroyed
+
+    def register(self, server: Server) -> None:
+        table: dict[str, tuple[type[Message], Callable[[Any], Awaitable[Message]]]] = {
+            "Check": (pb.CheckRequest, self.check),
+            "GetGuestDetails": (pb.GuestDetailsRequest, self.get_guest_details),
+            "CreateSandbox": (pb.CreateSandboxRequest, self.create_sandbox),
+            "DestroySandbox": (pb.DestroySandboxRequest, self.destroy_sandbox),
+            "CreateContainer": (pb.CreateContainerRequest, self.create_container),
+            "StartContainer": (pb.StartContainerRequest, self.start_container),
+            "RemoveContainer": (pb.RemoveContainerRequest, self.remove_container),
+            "PauseContainer": (pb.PauseContainerRequest, self.pause_container),
+            "ResumeContainer": (pb.ResumeContainerRequest, self.resume_container),
+            "StatsContainer": (pb.StatsContainerRequest, self.stats_container),
+            "ExecProcess": (pb.ExecProcessRequest, self.exec_process),
+            "SignalProcess": (pb.SignalProcessRequest, self.signal_process),
+            "WaitProcess": (pb.WaitProcessRequest, self.wait_process),
+            "ListProcesses": (pb.ListProcessesRequest, self.list_processes),
+            "WriteStdin": (pb.WriteStreamRequest, self.write_stdin),
+            "ReadStdout": (pb.ReadStreamRequest, self.read_stdout),
+            "ReadStderr": (pb.ReadStreamRequest, self.read_stderr),
+            "CloseStdin": (pb.CloseStdinRequest, self.close_stdin),
+            "TtyWinResize": (pb.TtyWinResizeRequest, self.tty_win_resize),
+            "UpdateInterface": (pb.UpdateInterfaceRequest, self.update_interface),
+            "UpdateRoutes": (pb.UpdateRoutesRequest, self.update_routes),
+            "GetOOMEvent": (pb.GetOOMEventRequest, self.get_oom_event),
+        }
+        server.register_service(
+            SERVICE_NAME,
+            {name: unary_method(kind, _translated(handler, name)) for name, (kind, handler) in table.items()},
+        )
+
+    # --- health and guest ------------------------------------------------
+
+    async def check(self, request: pb.CheckRequest) -> pb.CheckResponse:
+        return pb.CheckResponse(status=pb.CheckResponse.SERVING)
+
+    async def get_guest_details(self, request: pb.GuestDetailsRequest) -> pb.GuestDetailsResponse:
+        return pb.GuestDetailsResponse(
+            kernel_release=os.uname().release,
+            agent_version=capsa.__version__,
+            crun_version=await self.sandbox.crun_version(),
+            online_cpus=os.cpu_count() or 0,
+            mem_total_bytes=_mem_total_bytes(),
+            kernel_boot_seconds=self.timing.kernel_boot_seconds,
+            agent_start_seconds=self.timing.agent_start_seconds,
+        )
+
+    # --- sandbox ------------------------------------------------------------
+
+    async def create_sandbox(self, request: pb.CreateSandboxRequest) -> pb.Empty:
+        self.sandbox.create(request.hostname, list(request.storages), list(request.dns))
+        return pb.Empty()
+
+    async def destroy_sandbox(self, request: pb.DestroySandboxRequest) -> pb.Empty:
+        await _uninterrupted(self.sandbox.destroy())
+        # The VM powers off only after this reply went out.
+        self._on_destroyed()
+        return pb.Empty()
+
+    # --- containers -----------------------------------------------------------
+
+    async def create_container(self, request: pb.CreateContainerRequest) -> pb.Empty:
+        await _uninterrupted(
+            self.sandbox.create_container(
+                request.container_id, request.oci_spec_json, request.rootfs, list(request.storages)
+            )
+        )
+        return pb.Empty()
+
+    async def start_container(self, request: pb.StartContainerRequest) -> pb.Empty:
+        await _uninterrupted(self.sandbox.start_container(request.container_id))
+        return pb.Empty()
+
+    async def remove_container(self, request: pb.RemoveContainerRequest) -> pb.Empty:
+        await _uninterrupted(self.sandbox.remove_container(request.container_id, request.timeout_seconds))
+        return pb.Empty()
+
+    async def pause_container(self, request: pb.PauseContainerRequest) -> pb.Empty:
+        await self.sandbox.pause_container(request.container_id)
+        return pb.Empty()
+
+    async def resume_container(self, request: pb.ResumeContainerRequest) -> pb.Empty:
+        await self.sandbox.resume_container(request.container_id)
+        return pb.Empty()
+
+    async def stats_container(self, request: pb.StatsContainerRequest) -> pb.StatsContainerResponse:
+        stats = self.sandbox.stats(request.container_id)
+        return pb.StatsContainerResponse(
+            cpu_usage_usec=stats.cpu_usage_usec,
+            memory_usage_bytes=stats.memory_usage_bytes,
+            memory_limit_bytes=stats.memory_limit_bytes,
+            pids_current=stats.pids_current,
+        )
+
+    async def list_processes(self, request: pb.ListProcessesRequest) -> pb.ListProcessesResponse:
+        return pb.ListProcessesResponse(pids=self.sandbox.pids(request.container_id))
+
+    # --- processes ----------------------------------------------------------------
+
+    async def exec_process(self, request: pb.ExecProcessRequest) -> pb.Empty:
+        await _uninterrupted(self.sandbox.exec_process(request.container_id, request.exec_id, request.process_json))
+        return pb.Empty()
+
+    async def signal_process(self, request: pb.SignalProcessRequest) -> pb.Empty:
+        await self.sandbox.signal_process(request.container_id, request.exec_id, request.signal, request.all)
+        return pb.Empty()
+
+    async def wait_process(self, request: pb.WaitProcessRequest) -> pb.WaitProcessResponse:
+        status, signum = await self.sandbox.wait_process(request.container_id, request.exec_id)
+        return pb.WaitProcessResponse(status=status, signal=signum)
+
+    # --- stdio -------------------------------------------------------------------------
+
+    async def write_stdin(self, request: pb.WriteStreamRequest) -> pb.WriteStreamResponse:
+        process = self.sandbox.process(request.container_id, request.exec_id)
+        return pb.WriteStreamResponse(len=await process.io.stdin.write(request.data))
+
+    async def read_stdout(self, request: pb.ReadStreamRequest) -> pb.ReadStreamResponse:
+        process = self.sandbox.process(request.container_id, request.exec_id)
+        return pb.ReadStreamResponse(data=await process.io.stdout.read(request.len))
+
+    async def read_stderr(self, request: pb.ReadStreamRequest) -> pb.ReadStreamResponse:
+        process = self.sandbox.process(request.container_id, request.exec_id)
+        if process.io.stderr is None:  # a terminal: everything came through stdout
+            return pb.ReadStreamResponse(data=b"")
+        return pb.ReadStreamResponse(data=await process.io.stderr.read(request.len))
+
+    async def close_stdin(self, request: pb.CloseStdinRequest) -> pb.Empty:
+        self.sandbox.process(request.container_id, request.exec_id).io.stdin.close()
+        return pb.Empty()
+
+    async def tty_win_resize(self, request: pb.TtyWinResizeRequest) -> pb.Empty:
+        self.sandbox.process(request.container_id, request.exec_id).io.resize(request.row, request.column)
+        return pb.Empty()
+
+    # --- not yet ------------------------------------------------------------------------
+
+    async def update_interface(self, request: pb.UpdateInterfaceRequest) -> pb.Interface:
+        raise StatusError(Code.UNIMPLEMENTED, "UpdateInterface is not implemented by this agent yet")
+
+    async def update_routes(self, request: pb.UpdateRoutesRequest) -> pb.Routes:
+        raise StatusError(Code.UNIMPLEMENTED, "UpdateRoutes is not implemented by this agent yet")
+
+    async def get_oom_event(self, request: pb.GetOOMEventRequest) -> pb.OOMEvent:
+        raise StatusError(Code.UNIMPLEMENTED, "GetOOMEvent is not implemented by this agent yet")
