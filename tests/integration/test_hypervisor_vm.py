@@ -235,7 +235,7 @@ def test_guest_reads_a_virtiofs_share(run_dir: Path) -> None:
     assert not socket_path.exists()
 
 
-def test_guest_reads_a_9p_share(run_dir: Path) -> None:
+def test_guest_reads_and_writes_a_9p_share(run_dir: Path) -> None:
     shared = run_dir / "shared"
     shared.mkdir()
     (shared / "hello").write_text("hello over 9p\n")
@@ -243,20 +243,26 @@ def test_guest_reads_a_9p_share(run_dir: Path) -> None:
         run_dir,
         """\
         /bin/busybox mount -t 9p -o trans=virtio,version=9p2000.L hostshare /mnt && /bin/busybox cat /mnt/hello
+        /bin/busybox mkdir /mnt/dir && echo written by the guest > /mnt/dir/note
+        /bin/busybox sync
         echo CAPSA-DONE
         /bin/busybox poweroff -f
         """,
     )
 
     async def scenario() -> str:
-        vm = QemuHypervisor(vm_config(run_dir, initrd, (NinePShare("hostshare", shared, readonly=True),)))
+        vm = QemuHypervisor(vm_config(run_dir, initrd, (NinePShare("hostshare", shared),)))
         try:
             await vm.start()
-            return await console_shows(vm, "CAPSA-DONE")
+            text = await console_shows(vm, "CAPSA-DONE")
+            await asyncio.wait_for(vm.wait(), BOOT_TIMEOUT)
+            return text
         finally:
             await vm.stop()
 
     assert "hello over 9p" in asyncio.run(scenario())
+    # Under QEMU's seccomp sandbox, 9p can still create and write files.
+    assert (shared / "dir" / "note").read_text() == "written by the guest\n"
 
 
 @pytest.mark.skipif(shutil.which("mkfs.ext4") is None, reason="mkfs.ext4 (e2fsprogs) is missing")

@@ -53,6 +53,13 @@ def test_no_default_hardware_and_guest_exit_ends_qemu() -> None:
     assert values(args, "-name") == ["capsa-c1,debug-threads=on"]
 
 
+def test_qemu_runs_under_its_seccomp_sandbox() -> None:
+    (policy,) = values(argv(config()), "-sandbox")
+    assert policy.startswith("on,")
+    for rule in ("spawn=deny", "elevateprivileges=deny", "obsolete=deny", "resourcecontrol=deny"):
+        assert rule in policy.split(",")
+
+
 def test_q35_uses_pci_devices() -> None:
     args = argv(config(shares=(VirtioFsShare("rootfs", RUN / "vfs.sock"),)))
     assert values(args, "-machine") == ["q35,sata=off,smbus=off,vmport=off,memory-backend=mem"]

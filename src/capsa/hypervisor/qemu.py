@@ -16,6 +16,7 @@ Virtual hardware, and why:
   on stdio at all.
 * ``-no-reboot``: a guest reboot, and a guest panic with ``panic=-1``,
   ends QEMU, so :meth:`QemuHypervisor.wait` sees the VM die.
+* ``-sandbox``: QEMU's seccomp filter (:data:`SECCOMP_POLICY`).
 * q35 drops the SATA controller, SMBus and VMware port (nothing uses them);
   microvm uses virtio-mmio devices and no option ROMs.
 * a virtio-rng device so the guest's entropy pool is full at boot.
@@ -63,6 +64,13 @@ DEFAULT_START_TIMEOUT = 30.0
 # NVDIMM regions are mapped in 2 MiB-aligned chunks (the "label-less" NFIT
 # region a guest's pmem driver expects); QEMU refuses unaligned sizes.
 _NVDIMM_ALIGN = 2 << 20
+
+
+#: QEMU's own seccomp filter (``-sandbox``), installed once the machine is
+#: set up: a guest that escapes into QEMU still cannot exec, fork, setuid,
+#: change scheduling or use obsolete syscalls.  Defence in depth for the
+#: process that parses everything a hostile guest sends.
+SECCOMP_POLICY = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
 def escape_option(value: str | Path) -> str:
@@ -227,6 +235,8 @@ def qemu_argv(config: VMConfig, *, qmp_fd: int, rootfs_image_bytes: int | None =
         "-display",
         "none",
         "-no-reboot",
+        "-sandbox",
+        SECCOMP_POLICY,
         *_machine(config, memory_backend, nvdimm_bytes is not None),
         *_accelerator(config),
         "-smp",
