@@ -238,3 +238,13 @@ def test_init_mounts_come_in_dependency_order() -> None:
     for index, target in enumerate(targets):
         parents = [t for t in targets if target != t and target.startswith(t.rstrip("/") + "/")]
         assert all(targets.index(parent) < index for parent in parents), target
+
+
+def test_init_exec_time_comes_from_the_kernel_log() -> None:
+    records = [
+        "6,300,3040000,-;Freeing unused kernel image (initmem) memory: 952K\n",
+        "6,301,3053413,-;Run /init as init process\n",
+        " SUBSYSTEM=whatever\n",
+    ]
+    assert init.init_exec_uptime(records) == 3.053413
+    assert init.init_exec_uptime(records[:1]) is None

@@ -119,3 +119,43 @@ def root_is_initramfs(mountinfo: str) -> bool:
         if separator + 1 < len(fields):
             fstype = fields[separator + 1]
     return fstype == "rootfs"
+
+
+def init_exec_uptime(kmsg_records: list[str]) -> float | None:
+    """When the kernel exec'd /init, in seconds of uptime, from its log records.
+
+    init/main.c run_init_process logs "Run %s as init process" right before
+    the exec.  /dev/kmsg records are ``PRIORITY,SEQ,USEC,FLAGS;MESSAGE``
+    (Documentation/ABI/testing/dev-kmsg).  The process start time in
+    /proc/1/stat cannot serve: PID 1 starts as a kernel thread long before
+    it execs /init.
+    """
+    for record in kmsg_records:
+        header, _, message = record.partition(";")
+        if message.startswith("Run ") and message.rstrip().endswith(" as init process"):
+            fields = header.split(",")
+            if len(fields) >= 3 and fields[2].isdigit():
+                return int(fields[2]) / 1e6
+    return None
+
+
+def read_kmsg() -> list[str]:
+    """Every record still in the kernel's log buffer (non-blocking read of /dev/kmsg)."""
+    records: list[str] = []
+    fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        while True:
+            try:
+                record = os.read(fd, 8192)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EPIPE:  # overwritten while reading: skip ahead
+                    continue
+                raise
+            if not record:
+                break
+            records.append(record.decode("utf-8", "replace"))
+    finally:
+        os.close(fd)
+    return records

@@ -55,7 +55,11 @@ def _configure_logging(stream: TextIO, debug: bool) -> None:
 
 
 def _process_start_uptime() -> float:
-    """Seconds after boot at which this process was exec'd (proc(5) stat field 22)."""
+    """Seconds after boot at which this process started (proc(5) stat field 22).
+
+    Right for a process a shell or test forked and exec'd at once; not for
+    PID 1, which the kernel started as a thread long before /init.
+    """
     with open("/proc/self/stat", encoding="ascii") as file:
         stat = file.read()
     # The command name (field 2) may contain spaces; fields resume after ")".
@@ -75,8 +79,14 @@ async def serve(options: AgentOptions, timing: Timing) -> None:
     connections = channel.Connections(server)
 
     def on_ready() -> None:
-        timing.agent_start_seconds = time.clock_gettime(time.CLOCK_BOOTTIME) - timing.kernel_boot_seconds
-        log.debug("serving after %.3f s (kernel boot %.3f s)", timing.agent_start_seconds, timing.kernel_boot_seconds)
+        timing.ready = time.clock_gettime(time.CLOCK_BOOTTIME)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "serving %.3f s after /init was exec'd (%.3f s after main() began); the kernel took %.3f s",
+                timing.agent_start_seconds,
+                timing.ready - timing.started,
+                timing.kernel_boot_seconds,
+            )
 
     serving = asyncio.ensure_future(channel.serve(options, connections, on_ready))
     waiting = asyncio.ensure_future(destroyed.wait())
@@ -93,16 +103,15 @@ async def serve(options: AgentOptions, timing: Timing) -> None:
         reaper.uninstall()
 
 
-def _run_guest() -> None:
+def _run_guest(started: float) -> None:
     from capsa.agent import init
 
-    timing = Timing()
+    timing = Timing(started, lambda: init.init_exec_uptime(init.read_kmsg()))
     console: TextIO = sys.stderr
     try:
         init.mount_api_filesystems()
         with contextlib.suppress(OSError):
             console = open("/dev/console", "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
-        timing.kernel_boot_seconds = _process_start_uptime()
         with open("/proc/cmdline", encoding="utf-8") as file:
             options = from_kernel_cmdline(file.read())
         _configure_logging(console, options.debug)
@@ -120,12 +129,12 @@ def _run_guest() -> None:
         raise
 
 
-def _run_host(argv: list[str]) -> None:
+def _run_host(started: float, argv: list[str]) -> None:
     from capsa.agent import libc
 
     options = from_argv(argv)
     _configure_logging(sys.stderr, options.debug)
-    timing = Timing(kernel_boot_seconds=_process_start_uptime())
+    timing = Timing(started, _process_start_uptime)
     # crun exits right after create/exec; the processes it leaves must
     # re-parent to the agent, as they do to PID 1 in the guest.
     libc.set_child_subreaper()
@@ -134,10 +143,11 @@ def _run_host(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """The ``capsa-agent`` console script and the guest's /init entry point."""
+    started = time.clock_gettime(time.CLOCK_BOOTTIME)
     if os.getpid() == 1:
-        _run_guest()
+        _run_guest(started)
     else:
-        _run_host(sys.argv[1:] if argv is None else argv)
+        _run_host(started, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

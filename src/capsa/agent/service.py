@@ -15,7 +15,6 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
@@ -36,12 +35,36 @@ Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
 
 
-@dataclass
 class Timing:
-    """Where the guest's boot went (GuestDetailsResponse fields 6 and 7)."""
+    """Where the guest's boot went (GuestDetailsResponse fields 6 and 7).
 
-    kernel_boot_seconds: float = 0.0  # guest uptime when /init was exec'd
-    agent_start_seconds: float = 0.0  # from /init exec until the channel was served
+    Times are CLOCK_BOOTTIME seconds (guest uptime).  When /init was exec'd
+    is looked up only when asked (``find_exec``), off the startup path.
+    """
+
+    def __init__(self, started: float, find_exec: Callable[[], float | None]) -> None:
+        self.started = started  # main() was entered
+        self.ready = started  # the channel was first served
+        self._find_exec = find_exec
+        self._exec: float | None = None
+
+    def exec_time(self) -> float:
+        if self._exec is None:
+            try:
+                found = self._find_exec()
+            except OSError as exc:
+                log.debug("cannot tell when /init started: %s", exc)
+                found = None
+            self._exec = self.started if found is None else found
+        return self._exec
+
+    @property
+    def kernel_boot_seconds(self) -> float:
+        return self.exec_time()
+
+    @property
+    def agent_start_seconds(self) -> float:
+        return self.ready - self.exec_time()
 
 
 def status_code(exc: CapsaError) -> Code:
@@ -94,10 +117,10 @@ async def _uninterrupted(operation: Awaitable[T]) -> T:
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
-    # Marks the outcome as seen when nobody awaits it any more (the caller
-    # was cancelled), so asyncio does not report it as never retrieved.
-    if not task.cancelled() and task.exception() is not None:
-        log.debug("operation finished after its caller left: %s", task.exception())
+    # Marks a failure as seen even when nobody awaits the task any more (its
+    # caller was cancelled), so asyncio does not report it as never retrieved.
+    if not task.cancelled():
+        task.exception()
 
 
 def _mem_total_bytes() -> int:
