@@ -105,6 +105,38 @@ def test_bundle_config_replaces_only_root_path() -> None:
     assert json.loads(crun.bundle_config({}, "/r"))["root"] == {"path": "/r"}
 
 
+def test_guest_spec_drops_what_only_means_something_on_the_host() -> None:
+    spec = {
+        "root": {"path": "rootfs"},
+        "hooks": {"prestart": [{"path": "/usr/bin/dockerd", "args": ["libnetwork-setkey"]}]},
+        "process": {"args": ["sh"], "apparmorProfile": "docker-default", "selinuxLabel": "x"},
+        "linux": {
+            "mountLabel": "y",
+            "namespaces": [
+                {"type": "pid"},
+                {"type": "network", "path": "/run/netns/cni-1234"},
+                {"type": "ipc", "path": "/proc/42/ns/ipc"},
+                {"type": "mount"},
+            ],
+            "cgroupsPath": "/docker/abc",
+        },
+    }
+    out = crun.guest_spec(spec, "/g/rootfs")
+    assert out == {
+        "root": {"path": "/g/rootfs"},
+        "process": {"args": ["sh"]},
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "mount"}],
+            "cgroupsPath": "/docker/abc",
+        },
+    }
+    assert spec["linux"]["namespaces"][1]["path"] == "/run/netns/cni-1234"  # input untouched
+    # A network namespace without a path (`--network none`) stays: a new, empty one.
+    assert crun.guest_spec({"linux": {"namespaces": [{"type": "network"}]}}, "/r")["linux"] == {
+        "namespaces": [{"type": "network"}]
+    }
+
+
 @pytest.mark.parametrize("raw", [b"{", b"[1]", b'{"process": 3}'])
 def test_load_spec_rejects_what_crun_could_not_use(raw: bytes) -> None:
     with pytest.raises(BundleError):

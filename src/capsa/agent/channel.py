@@ -99,11 +99,36 @@ class Connections:
             await asyncio.sleep(0.005)
 
 
+class _PortWriterProtocol(asyncio.streams.FlowControlMixin):
+    """Write-side protocol of a character device, with what StreamWriter needs.
+
+    StreamWriter.wait_closed() asks its protocol for a close waiter, which
+    only StreamReaderProtocol provides; the port's write side has no reader.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.read_side: asyncio.BaseTransport | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        # Closing the writer closes the port: the read side goes with it.
+        if self.read_side is not None:
+            self.read_side.close()
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def _get_close_waiter(self, stream: asyncio.StreamWriter) -> asyncio.Future[None]:
+        return self._closed
+
+
 async def _device_streams(fd: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """asyncio streams over a character device, one transport per direction.
 
     The read and write transports each own an fd; the write side gets a
     dup(2) of the same open file (a virtio port can be opened only once).
+    Closing the writer closes both.
     """
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
@@ -114,16 +139,18 @@ async def _device_streams(fd: int) -> tuple[asyncio.StreamReader, asyncio.Stream
         read_file.close()
         raise
     try:
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), read_file)
+        read_side, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), read_file)
     except BaseException:
         read_file.close()
         write_file.close()
         raise
     try:
-        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, write_file)
+        transport, protocol = await loop.connect_write_pipe(_PortWriterProtocol, write_file)
     except BaseException:
+        read_side.close()
         write_file.close()
         raise
+    protocol.read_side = read_side
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 

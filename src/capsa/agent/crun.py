@@ -149,15 +149,51 @@ def load_spec(spec_json: bytes) -> dict[str, Any]:
 
 
 def bundle_config(spec: dict[str, Any], rootfs: str) -> bytes:
-    """The config.json for the guest bundle: the spec with ``root.path`` = ``rootfs``.
+    """The config.json for the guest bundle: :func:`guest_spec` of ``spec``, as JSON."""
+    return json.dumps(guest_spec(spec, rootfs)).encode()
 
-    runtime-spec config.md "Root": ``path`` may be absolute; an absolute
-    path keeps the bundle directory free of the rootfs mount.
+
+def guest_spec(spec: dict[str, Any], rootfs: str) -> dict[str, Any]:
+    """The engine's spec, made to mean in the guest what it meant on the host.
+
+    - ``root.path`` is the guest rootfs (config.md "Root": may be absolute).
+    - ``hooks`` are dropped: config.md "POSIX-platform Hooks" run in the
+      runtime namespace, which for capsa is the host; they name host
+      binaries (dockerd's libnetwork-setkey, say) the guest does not have.
+    - A namespace entry with a ``path`` joins a host namespace
+      (config-linux.md "Namespaces").  For ``network`` that is the engine's
+      network namespace, which the VM mirrors into the guest's own network
+      (DESIGN.md 7), so the entry is removed and the container uses the
+      guest's network; for the others the host path means nothing in the
+      guest and the container gets a namespace of its own.
+    - LSM labels (``process.apparmorProfile``, ``process.selinuxLabel``,
+      ``linux.mountLabel``) are dropped: the guest kernel has no AppArmor or
+      SELinux, and the VM is the security boundary.
+
+    The input is not modified.
     """
-    root = spec.get("root")
-    root = dict(root) if isinstance(root, dict) else {}
-    root["path"] = rootfs
-    return json.dumps({**spec, "root": root}).encode()
+    out = dict(spec)
+    root = out.get("root")
+    out["root"] = {**(root if isinstance(root, dict) else {}), "path": rootfs}
+    out.pop("hooks", None)
+    process = out.get("process")
+    if isinstance(process, dict):
+        out["process"] = {k: v for k, v in process.items() if k not in ("apparmorProfile", "selinuxLabel")}
+    linux = out.get("linux")
+    if isinstance(linux, dict):
+        linux = {k: v for k, v in linux.items() if k != "mountLabel"}
+        namespaces = linux.get("namespaces")
+        if isinstance(namespaces, list):
+            kept: list[Any] = []
+            for entry in namespaces:
+                if isinstance(entry, dict) and entry.get("path"):
+                    if entry.get("type") == "network":
+                        continue
+                    entry = {k: v for k, v in entry.items() if k != "path"}
+                kept.append(entry)
+            linux["namespaces"] = kept
+        out["linux"] = linux
+    return out
 
 
 def load_process(process_json: bytes) -> dict[str, Any]:
