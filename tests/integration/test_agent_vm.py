@@ -85,6 +85,9 @@ def guest(tmp_path: Path) -> Iterator[Guest]:
         "-device", "virtserialport,chardev=agent,name=capsa.agent",
         "-fsdev", f"local,id=fs0,path={rootfs},security_model=none",
         "-device", "virtio-9p-pci,fsdev=fs0,mount_tag=rootfs",
+        # A second tag on the same tree: a 9p tag serves one mount at a time.
+        "-fsdev", f"local,id=fs1,path={rootfs},security_model=none",
+        "-device", "virtio-9p-pci,fsdev=fs1,mount_tag=rootfs2",
     ]  # fmt: skip
     with open(console, "wb") as out:
         qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
@@ -167,11 +170,13 @@ def oci_spec(*args: str, terminal: bool = False) -> bytes:
     ).encode()
 
 
-def create_request(container_id: str, *args: str, terminal: bool = False) -> pb.CreateContainerRequest:
+def create_request(
+    container_id: str, *args: str, terminal: bool = False, tag: str = "rootfs"
+) -> pb.CreateContainerRequest:
     return pb.CreateContainerRequest(
         container_id=container_id,
         oci_spec_json=oci_spec(*args, terminal=terminal),
-        rootfs=pb.Storage(driver="9p", source="rootfs", fstype="9p"),
+        rootfs=pb.Storage(driver="9p", source=tag, fstype="9p"),
     )
 
 
@@ -223,6 +228,9 @@ def test_a_container_runs_in_the_guest_and_the_vm_powers_off(guest: Guest) -> No
         ready = time.monotonic() - guest.started
         details = await call(client, "GetGuestDetails", pb.GuestDetailsRequest(), pb.GuestDetailsResponse)
         await empty(client, "CreateSandbox", pb.CreateSandboxRequest(hostname="sandbox", sandbox_id="s1"))
+        # Still running when the sandbox is destroyed at the end.
+        await empty(client, "CreateContainer", create_request("left", "/bin/sleep", "600", tag="rootfs2"))
+        await empty(client, "StartContainer", pb.StartContainerRequest(container_id="left"))
 
         with pytest.raises(StatusError) as missing:
             await empty(client, "CreateContainer", create_request("bad", "nosuch"))
@@ -241,6 +249,13 @@ def test_a_container_runs_in_the_guest_and_the_vm_powers_off(guest: Guest) -> No
         await empty(client, "ExecProcess", exec_request)
         exec_out = await read_all(client, "c2", "e1")
         exec_status = await wait(client, "c2", "e1")
+        tty_process = {"terminal": True, "args": ["/bin/sh", "-c", "tty"], "env": ["PATH=/bin"], "cwd": "/"}
+        tty_exec = pb.ExecProcessRequest(container_id="c2", exec_id="e2", process_json=json.dumps(tty_process).encode())
+        await empty(client, "ExecProcess", tty_exec)
+        exec_tty_out = await read_all(client, "c2", "e2")
+        await wait(client, "c2", "e2")
+        await empty(client, "PauseContainer", pb.PauseContainerRequest(container_id="c2"))
+        await empty(client, "ResumeContainer", pb.ResumeContainerRequest(container_id="c2"))
         stats = await call(
             client, "StatsContainer", pb.StatsContainerRequest(container_id="c2"), pb.StatsContainerResponse
         )
@@ -264,6 +279,7 @@ def test_a_container_runs_in_the_guest_and_the_vm_powers_off(guest: Guest) -> No
             "stdout": stdout,
             "status": status,
             "exec": (exec_out, exec_status),
+            "exec_tty": exec_tty_out,
             "stats": stats,
             "pids": list(pids.pids),
             "killed": killed,
@@ -290,6 +306,7 @@ def test_a_container_runs_in_the_guest_and_the_vm_powers_off(guest: Guest) -> No
     assert result["stdout"] == b"hi\n"
     assert result["status"] == (7, 0)
     assert result["exec"] == (b"exec in container\n", (3, 0))
+    assert result["exec_tty"].startswith(b"/dev/pts/")
     assert result["stats"].pids_current >= 1
     assert result["stats"].memory_usage_bytes > 0
     assert len(result["pids"]) >= 1

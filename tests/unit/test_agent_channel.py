@@ -61,9 +61,9 @@ def test_ttrpc_over_a_device_fd_and_a_clean_end(tmp_path: Path) -> None:
         tty.setraw(guest_fd)
         tty.setraw(host_fd)
         fd = guest_fd
-        reader, writer = await channel._device_streams(fd)
+        reader, writer, _ = await channel._device_streams(fd)
         serving = asyncio.ensure_future(connections.serve(reader, writer))
-        host_reader, host_writer = await channel._device_streams(host_fd)
+        host_reader, host_writer, _ = await channel._device_streams(host_fd)
         client = Client(host_reader, host_writer)
         response = await client.unary(
             "capsa.agent.v1.AgentService", "Check", pb.CheckRequest(), pb.CheckResponse, timeout=5

@@ -33,7 +33,7 @@ from capsa.ttrpc.errors import Code, StatusError
 SERVICE = "capsa.agent.v1.AgentService"
 M = TypeVar("M", bound=Message)
 
-FAKE_CRUN = r'''
+FAKE_CRUN = r"""
 import fcntl, json, os, signal, socket, sys, termios, time
 
 VALUED = {"--bundle", "--pid-file", "--console-socket", "--process", "--root", "-b", "-p"}
@@ -203,7 +203,7 @@ def main(argv):
 
 
 main(sys.argv[1:])
-'''
+"""
 
 
 @dataclass
@@ -570,6 +570,36 @@ def test_terminal_output_and_window_size(agent: Agent) -> None:
     assert status == (0, 0)
 
 
+def test_terminal_stdin_and_its_end_of_file(agent: Agent) -> None:
+    async def scenario(client: Client) -> tuple[bytes, tuple[int, int], bytes]:
+        await create(client, agent, "ttycat", "/bin/cat", terminal=True)
+        await empty(client, "StartContainer", pb.StartContainerRequest(container_id="ttycat"))
+        await call(
+            client,
+            "WriteStdin",
+            pb.WriteStreamRequest(container_id="ttycat", data=b"typed\n"),
+            pb.WriteStreamResponse,
+        )
+        # A pty has no half-close: CloseStdin types ^D, cat reads EOF and exits.
+        await empty(client, "CloseStdin", pb.CloseStdinRequest(container_id="ttycat"))
+        out = await read_all(client, "ReadStdout", "ttycat")
+        status = await wait(client, "ttycat")
+        process = {"terminal": True, "args": ["/bin/sh", "-c", "test -t 0 && echo exec-tty"], "env": ["PATH=/bin"]}
+        await create(client, agent, "ttyhost", "/bin/sleep", "30")
+        await empty(client, "StartContainer", pb.StartContainerRequest(container_id="ttyhost"))
+        request = pb.ExecProcessRequest(container_id="ttyhost", exec_id="t", process_json=json.dumps(process).encode())
+        await empty(client, "ExecProcess", request)
+        exec_out = await read_all(client, "ReadStdout", "ttyhost", "t")
+        await remove(client, "ttycat")
+        await remove(client, "ttyhost")
+        return out, status, exec_out
+
+    out, status, exec_out = run(agent, scenario)
+    assert out.replace(b"\r\n", b"\n") == b"typed\ntyped\n"  # the echo, then cat's copy
+    assert status == (0, 0)
+    assert exec_out == b"exec-tty\r\n"
+
+
 def test_resize_without_a_terminal_is_a_precondition_failure(agent: Agent) -> None:
     async def scenario(client: Client) -> None:
         await create(client, agent, "notty", "/bin/true")
@@ -582,9 +612,7 @@ def test_resize_without_a_terminal_is_a_precondition_failure(agent: Agent) -> No
 
 def test_network_and_oom_calls_are_unimplemented(agent: Agent) -> None:
     async def scenario(client: Client) -> None:
-        await expect_error(
-            Code.UNIMPLEMENTED, call(client, "UpdateRoutes", pb.UpdateRoutesRequest(), pb.Routes)
-        )
+        await expect_error(Code.UNIMPLEMENTED, call(client, "UpdateRoutes", pb.UpdateRoutesRequest(), pb.Routes))
         await expect_error(
             Code.UNIMPLEMENTED, call(client, "UpdateInterface", pb.UpdateInterfaceRequest(), pb.Interface)
         )

@@ -36,8 +36,6 @@ PORT_APPEAR_TIMEOUT_SECONDS = 30.0
 # reconnects at once), then at most this, to not spin while nobody is there.
 REOPEN_DELAY_MIN = 0.005
 REOPEN_DELAY_MAX = 0.1
-# A connection that ends this fast saw no host at all (EOF at once).
-NO_HOST_SECONDS = 0.05
 
 
 def find_port(name: str, ports_dir: str = VIRTIO_PORTS) -> str | None:
@@ -123,7 +121,21 @@ class _PortWriterProtocol(asyncio.streams.FlowControlMixin):
         return self._closed
 
 
-async def _device_streams(fd: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+class _PortReaderProtocol(asyncio.StreamReaderProtocol):
+    """Read-side protocol of the port; counts what arrived.
+
+    A port opened while no host is connected reads EOF at once: a session
+    that carried no byte at all means "nobody there", not "host left".
+    """
+
+    received = 0
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        super().data_received(data)
+
+
+async def _device_streams(fd: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, _PortReaderProtocol]:
     """asyncio streams over a character device, one transport per direction.
 
     The read and write transports each own an fd; the write side gets a
@@ -139,7 +151,7 @@ async def _device_streams(fd: int) -> tuple[asyncio.StreamReader, asyncio.Stream
         read_file.close()
         raise
     try:
-        read_side, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), read_file)
+        read_side, read_protocol = await loop.connect_read_pipe(lambda: _PortReaderProtocol(reader), read_file)
     except BaseException:
         read_file.close()
         write_file.close()
@@ -151,7 +163,7 @@ async def _device_streams(fd: int) -> tuple[asyncio.StreamReader, asyncio.Stream
         write_file.close()
         raise
     protocol.read_side = read_side
-    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop), read_protocol
 
 
 def _open_port(path: str) -> int:
@@ -171,17 +183,16 @@ async def serve_serial(path: str, connections: Connections, on_ready: Callable[[
                 raise
             await asyncio.sleep(delay)
             continue
-        reader, writer = await _device_streams(fd)
+        reader, writer, port = await _device_streams(fd)
         if not ready:
             ready = True
             on_ready()
-        opened = time.monotonic()
         await connections.serve(reader, writer)
-        if time.monotonic() - opened < NO_HOST_SECONDS:
-            delay = min(delay * 2, REOPEN_DELAY_MAX)
-        else:
+        if port.received:
             log.debug("host closed the agent channel; reopening %s", path)
             delay = REOPEN_DELAY_MIN
+        else:
+            delay = min(delay * 2, REOPEN_DELAY_MAX)
         await asyncio.sleep(delay)
 
 
