@@ -128,6 +128,10 @@ class Sandbox:
             container.init = await self._launch(container, "", crun.wants_terminal(spec.get("process")), argv, pid_file)
             container.cgroup = cgroup.cgroup_of(container.init.pid)
         except BaseException:
+            if os.path.exists(os.path.join(self.crun.root, container_id)):
+                # crun create got far enough to record the container.
+                with contextlib.suppress(CrunFailed, OSError):
+                    await self._crun("delete", lambda log_file, _: crun.delete_argv(self.crun, log_file, container_id))
             self.registry.release(container_id)
             self._unmount_all(mounted)
             _remove_bundle(bundle)
@@ -322,6 +326,7 @@ class Sandbox:
         pipes: Pipes | None = None
         null: int | None = None
         io: ProcessIO | None = None
+        pid: int | None = None
         try:
             if terminal:
                 console = ConsoleSocket(os.path.join(self._runtime_dir, f"console-{next(self._counter)}.sock"))
@@ -343,7 +348,11 @@ class Sandbox:
                 raise CrunFailed(self._crun_error(command, log_file, result))
             pid = _read_pid(pid_file)
             if received is not None:
-                io = terminal_io(loop, await asyncio.wait_for(received, CONSOLE_TIMEOUT_SECONDS))
+                try:
+                    master = await asyncio.wait_for(received, CONSOLE_TIMEOUT_SECONDS)
+                except TimeoutError:
+                    raise CrunFailed(f"crun {command} did not pass the terminal to the console socket") from None
+                io = terminal_io(loop, master)
             else:
                 assert pipes is not None
                 io = pipes.into_io(loop)
@@ -352,6 +361,11 @@ class Sandbox:
         except BaseException:
             if io is not None:
                 io.close()
+            if pid is not None:
+                # crun started it, but the agent cannot hand it out: it must
+                # not live on unobserved.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             raise
         finally:
             if received is not None and not received.done():
