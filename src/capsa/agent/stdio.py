@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import socket
 import struct
@@ -22,6 +23,8 @@ import termios
 from dataclasses import dataclass, field
 
 from capsa.errors import WrongState
+
+log = logging.getLogger("capsa.agent")
 
 OUTPUT_BUFFER_LIMIT = 1 << 20
 READ_CHUNK = 65536
@@ -92,9 +95,10 @@ class OutputStream:
             return
         except OSError as exc:
             # A pty master reads EIO once the last slave fd is closed: that
-            # is the terminal's end of file.
+            # is the terminal's end of file.  Any other error ends the stream
+            # too (raising here would only make the event loop call again).
             if exc.errno != errno.EIO:
-                raise
+                log.warning("reading container output failed: %s", exc)
             chunk = b""
         if chunk:
             self._buffer += chunk
