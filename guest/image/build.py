@@ -82,6 +82,8 @@ STDLIB = PurePosixPath("usr/lib/python3.11")
 #: Where the capsa package and protobuf live in the guest; /init puts it on
 #: sys.path (the interpreter runs with -S, so no site-packages is scanned).
 SITE = PurePosixPath("usr/lib/capsa/python")
+#: Where --modules puts a /lib/modules tree; /init loads what it lists.
+MODULES = PurePosixPath("usr/lib/modules")
 MULTIARCH_LIB = PurePosixPath("usr/lib/x86_64-linux-gnu")
 #: Where ld.so looks when neither a cache nor RUNPATH says otherwise: the
 #: multiarch directories are Debian's compiled-in system search path.
@@ -957,6 +959,7 @@ def build_base(layout: Layout, *, force: bool, stages: Stages) -> tuple[str, Pat
     key = base_key(debs)
     final = layout.base(key)
     if (final / "manifest.json").exists() and not force:
+        os.utime(final)  # most recently used: pruning goes by mtime
         stages.say(f"base: cached {final.name}")
         return key, final
     stages.say(f"base: building {final.name} from {len(debs)} packages")
@@ -1121,7 +1124,7 @@ def build_overlay(
     (overlay / "init").write_bytes(init)
     (overlay / "init").chmod(0o755)
     for relative, data in modules.items():
-        target = overlay / "usr/lib/modules" / relative
+        target = overlay / MODULES / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
 
@@ -1178,6 +1181,7 @@ def build_image(
     final = layout.image(key)
     artefact = final / artefact_name(image_format)
     if artefact.exists() and not force:
+        os.utime(final)  # most recently used: pruning goes by mtime
         stages.say(f"image: cached {final.name}")
         return artefact
     with staging_dir(final) as scratch:
@@ -1214,13 +1218,17 @@ def install(layout: Layout, artefact: Path, image_format: Format, stages: Stages
 def prune_old_builds(layout: Layout, keep: Path) -> None:
     """Remove all but the newest stage-2 builds (and all but the newest base).
 
-    Safe for running VMs: QEMU has read an initrd into memory and holds a
-    rootfs image open, which unlink(2) does not take away.
+    Builds that an installed link points at, in this guest directory or the
+    default one, are never removed. Safe for running VMs: QEMU has read an
+    initrd into memory and holds a rootfs image open, which unlink(2) does
+    not take away.
     """
     pinned = {keep.resolve()}
-    for image_format in Format:
-        with contextlib.suppress(OSError):
-            pinned.add(layout.installed(image_format).resolve().parent)
+    for guest in {layout.guest, DEFAULT_GUEST_DIR}:
+        for image_format in Format:
+            link = guest / artefact_name(image_format)
+            if link.is_symlink():
+                pinned.add(link.resolve().parent)
     images = [p for p in layout.cache.iterdir() if re.fullmatch(r"[0-9a-f]{16}", p.name) and p.is_dir()]
     bases = [p for p in layout.cache.iterdir() if re.fullmatch(r"base-[0-9a-f]{16}", p.name) and p.is_dir()]
     for group, kept in ((images, KEEP_IMAGES), (bases, 1)):

@@ -310,4 +310,5 @@ def test_init_shebang_is_one_interpreter_argument() -> None:
 def test_init_puts_the_image_site_on_the_path() -> None:
     text = (IMAGE_DIR / "init").read_text()
     assert f'SITE = "/{build.SITE}"' in text
+    assert f'MODULES = "/{build.MODULES}"' in text
     assert "from capsa.agent.main import main" in text
