@@ -43,15 +43,15 @@ def test_environment_variable_names_the_file(monkeypatch: pytest.MonkeyPatch, tm
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[hypervisor]\ndefault_vcpus = \"two\"\n", r"hypervisor\.default_vcpus: expected an integer"),
-        ("[hypervisor]\naccelerator = \"xen\"\n", r"hypervisor\.accelerator: expected one of 'auto', 'kvm', 'tcg'"),
-        ("[hypervisor]\nkernel = \"relative/vmlinux\"\n", r"hypervisor\.kernel: expected an absolute path"),
+        ('[hypervisor]\ndefault_vcpus = "two"\n', r"hypervisor\.default_vcpus: expected an integer"),
+        ('[hypervisor]\naccelerator = "xen"\n', r"hypervisor\.accelerator: expected one of 'auto', 'kvm', 'tcg'"),
+        ('[hypervisor]\nkernel = "relative/vmlinux"\n', r"hypervisor\.kernel: expected an absolute path"),
         ("[hypervisor]\nvcpus = 2\n", r"hypervisor\.vcpus: unknown key"),
-        ("[hypervisor]\ninitrd = \"\"\n", r"hypervisor: set one of initrd or image"),
+        ('[hypervisor]\ninitrd = ""\n', r"hypervisor: set one of initrd or image"),
         ("[agent]\nconnect_timeout = -1\n", r"agent\.connect_timeout: expected a positive number"),
-        ("[shared_fs]\nkind = \"nfs\"\n", r"shared_fs\.kind"),
+        ('[shared_fs]\nkind = "nfs"\n', r"shared_fs\.kind"),
         ("[gpu]\nx = 1\n", r"gpu: unknown section"),
-        ("[runtime]\ndebug = \"yes\"\n", r"runtime\.debug: expected true or false"),
+        ('[runtime]\ndebug = "yes"\n', r"runtime\.debug: expected true or false"),
         ("[hypervisor\n", r"not valid TOML"),
     ],
 )
