@@ -1087,6 +1087,22 @@ def unpack_wheel(wheel: Path, into: Path) -> None:
                 target.chmod(0o755)
 
 
+def check_init(init: bytes, base_root: Path) -> None:
+    """Refuse an /init the guest could not run: without it the kernel panics
+    ("No working init found") long after this build said it succeeded."""
+    first = init.partition(b"\n")[0]
+    if not first.startswith(b"#!") or not first[2:].split():
+        raise ImageBuildError("/init must start with a #! line naming its interpreter")
+    interpreter = first[2:].split()[0].decode()
+    if resolve_in_root(base_root, PurePosixPath(interpreter.lstrip("/"))) is None:
+        raise ImageBuildError(f"/init wants {interpreter}, which the image does not have")
+    if PurePosixPath(interpreter).name.startswith("python"):
+        try:
+            compile(init, "/init", "exec")
+        except SyntaxError as exc:
+            raise ImageBuildError(f"/init line {exc.lineno}: {exc.msg}") from exc
+
+
 def module_files(modules: Path) -> dict[str, bytes]:
     """A ``/lib/modules`` tree (``<release>/...``) as relative path -> bytes."""
     if not modules.is_dir():
@@ -1172,6 +1188,7 @@ def build_image(
     capsa = capsa_sources()
     wheel = protobuf_wheel(layout, host_protobuf_version(), stages)
     init = init_script.read_bytes()
+    check_init(init, base / "root")
     module_tree = module_files(modules) if modules is not None else {}
     inputs = {f"capsa/{name}": data for name, data in capsa.items()}
     inputs[f"wheel/{wheel.name}"] = wheel.read_bytes()
@@ -1213,6 +1230,21 @@ def install(layout: Layout, artefact: Path, image_format: Format, stages: Stages
     link = layout.installed(image_format)
     point_symlink(link, artefact)
     stages.say(f"install: {link} -> {artefact}")
+
+
+def remove_leftovers(layout: Layout) -> None:
+    """Staging directories and temporary files of a run that was killed
+    (SIGKILL skips every cleanup). Only called under the lock, so no live
+    run owns them."""
+    if not layout.cache.is_dir():
+        return
+    for directory in (layout.cache, layout.debs, layout.wheels):
+        for leftover in directory.glob(".*"):
+            if leftover.name.startswith((".tmp-", ".old-", ".download-")) and leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+    for base in layout.cache.glob("base-*"):
+        for leftover in base.glob(".*.tmp-*"):
+            leftover.unlink(missing_ok=True)
 
 
 def prune_old_builds(layout: Layout, keep: Path) -> None:
@@ -1267,6 +1299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stages = Stages()
     try:
         with locked(layout.lock, stages):
+            remove_leftovers(layout)
             key, base = build_base(layout, force=args.force, stages=stages)
             artefact = build_image(
                 layout,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import re
 import stat
 import struct
 import sys
@@ -312,3 +313,27 @@ def test_init_puts_the_image_site_on_the_path() -> None:
     assert f'SITE = "/{build.SITE}"' in text
     assert f'MODULES = "/{build.MODULES}"' in text
     assert "from capsa.agent.main import main" in text
+
+
+def _base_with_python(tmp_path: Path) -> Path:
+    (tmp_path / "usr/bin").mkdir(parents=True)
+    (tmp_path / "usr/bin/python3.11").write_bytes(b"")
+    (tmp_path / "bin").symlink_to("usr/bin")
+    return tmp_path
+
+
+def test_the_real_init_passes_the_check(tmp_path: Path) -> None:
+    build.check_init((IMAGE_DIR / "init").read_bytes(), _base_with_python(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("init", "message"),
+    [
+        (b"import os\n", "must start with a #!"),
+        (b"#!/bin/sh\necho\n", "/bin/sh, which the image does not have"),
+        (b"#!/usr/bin/python3.11 -SIB\nraise SystemExit(\n", "/init line"),
+    ],
+)
+def test_an_init_the_guest_cannot_run_is_refused(tmp_path: Path, init: bytes, message: str) -> None:
+    with pytest.raises(build.ImageBuildError, match=re.escape(message)):
+        build.check_init(init, _base_with_python(tmp_path))
