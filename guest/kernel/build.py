@@ -121,8 +121,7 @@ def parse_fragment(text: str) -> Fragment:
             symbol, value = setting.group(1), setting.group(2)
             if value == "m":
                 raise KernelBuildError(
-                    f"fragment line {lineno}: {symbol}=m, but the guest kernel is built "
-                    "without module support; use =y"
+                    f"fragment line {lineno}: {symbol}=m, but the guest kernel is built without module support; use =y"
                 )
         elif not line or line.startswith("#"):
             continue
@@ -228,11 +227,7 @@ def module_closure(deps: Mapping[str, Sequence[str]], prefixes: Iterable[str]) -
     """Modules under ``kernel/<prefix>`` plus everything they depend on, in an
     order where each module comes after its dependencies (a valid load
     order for ``finit_module``)."""
-    wanted = [
-        module
-        for module in sorted(deps)
-        if any(module.startswith("kernel/" + prefix) for prefix in prefixes)
-    ]
+    wanted = [module for module in sorted(deps) if any(module.startswith("kernel/" + prefix) for prefix in prefixes)]
     ordered: list[str] = []
     seen: set[str] = set()
 
@@ -453,9 +448,7 @@ def kbuild_env() -> dict[str, str]:
     return env
 
 
-def make(
-    source: Path, objects: Path, targets: Sequence[str], log: IO[str], *, jobs: int = 1, **variables: str
-) -> None:
+def make(source: Path, objects: Path, targets: Sequence[str], log: IO[str], *, jobs: int = 1, **variables: str) -> None:
     """Run kbuild out of tree (``O=``), so the extracted source stays pristine
     and can serve several object directories."""
     argv = [
@@ -487,14 +480,14 @@ def configure(source: Path, objects: Path, fragment_path: Path, log: IO[str]) ->
     return config
 
 
-def build_kernel(layout: Layout, *, force: bool, jobs: int, stages: Stages) -> Path:
+def build_kernel(layout: Layout, fragment_path: Path, *, force: bool, jobs: int, stages: Stages) -> Path:
     """Build (or reuse) our kernel; return the cache directory holding it."""
-    fragment_bytes = FRAGMENT.read_bytes()
+    fragment_bytes = fragment_path.read_bytes()
     parse_fragment(fragment_bytes.decode())  # a malformed fragment fails before any work
     version = source_version()
     key = cache_key(fragment_bytes, version)
     final = layout.build(key)
-    stages.say(f"key {key}: linux-source {version}, recipe {RECIPE_VERSION}, {FRAGMENT}")
+    stages.say(f"key {key}: linux-source {version}, recipe {RECIPE_VERSION}, {fragment_path}")
     if (final / "vmlinux").exists() and not force:
         stages.say(f"cached: {final}")
         return final
@@ -508,7 +501,7 @@ def build_kernel(layout: Layout, *, force: bool, jobs: int, stages: Stages) -> P
     log_path = objects / "build.log"
     with open(log_path, "w") as log:
         stages.say("configure: allnoconfig + fragment, olddefconfig, verify every symbol")
-        configure(source, objects, FRAGMENT, log)
+        configure(source, objects, fragment_path, log)
         stages.say(f"make: vmlinux bzImage, -j{jobs} (log {log_path})")
         started = time.monotonic()
         make(source, objects, ["vmlinux", "bzImage"], log, jobs=jobs)
@@ -667,6 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cloud", action="store_true", help="fetch Debian's cloud kernel instead of building ours")
     parser.add_argument("--force", action="store_true", help="rebuild (or re-fetch) even if cached")
     parser.add_argument("--print-path", action="store_true", help="print the resulting kernel path on stdout")
+    parser.add_argument("--fragment", type=Path, default=FRAGMENT, help=f"config fragment (default: {FRAGMENT})")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="make -j (default: all CPUs)")
     args = parser.parse_args(argv)
 
@@ -679,7 +673,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 install_cloud_kernel(layout, result, stages)
                 path = result / "vmlinuz"
             else:
-                result = build_kernel(layout, force=args.force, jobs=args.jobs, stages=stages)
+                result = build_kernel(layout, args.fragment.resolve(), force=args.force, jobs=args.jobs, stages=stages)
                 install_kernel(layout, result, stages)
                 path = result / "vmlinux"
     except KernelBuildError as exc:
