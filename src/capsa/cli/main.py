@@ -33,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is a CapsaError like any other bad input."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}")
+        raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 class UsageError(CapsaError):

@@ -25,6 +25,10 @@ class JsonFormatter(logging.Formatter):
         )
 
 
+# Until setup_logging() runs (a usage error comes first), logging's last
+# resort would print our errors to stderr a second time.
+logging.getLogger("capsa").addHandler(logging.NullHandler())
+
 _LEVELS = {
     logging.DEBUG: "debug",
     logging.INFO: "info",
@@ -38,9 +42,6 @@ def setup_logging(log_file: str | None, log_format: str, debug: bool) -> None:
     root = logging.getLogger("capsa")
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     root.propagate = False
-    # Without a handler, logging's last resort would print errors to stderr
-    # a second time, next to the one line report_error() prints.
-    root.addHandler(logging.NullHandler())
     if log_file:
         try:
             handler: logging.Handler = logging.FileHandler(log_file)

@@ -39,16 +39,17 @@ def execute(args: argparse.Namespace, ctx: Context) -> int:
     container_id = validate_id(args.id)
     if args.console_socket:
         raise CapsaError("run --console-socket is not supported yet: use create/start")
+    config = ctx.config
     bundle = load_bundle(args.bundle or os.getcwd())
     request = RunRequest(
         container_id=container_id,
         bundle=bundle,
         pid_file=Path(args.pid_file).absolute() if args.pid_file else None,
-        debug=ctx.debug or ctx.config.runtime.debug,
+        debug=ctx.debug or config.runtime.debug,
     )
     if args.detach:
         return _run_detached(ctx, request)
-    return run(ctx.config, ctx.store, request)
+    return run(config, ctx.store, request)
 
 
 def _run_detached(ctx: Context, request: RunRequest) -> int:
