@@ -30,6 +30,7 @@ ACCELERATORS = ("auto", "kvm", "tcg")
 MACHINE_TYPES = ("q35", "microvm")
 SHARED_FS_KINDS = ("virtio-fs", "virtio-9p")
 AGENT_CHANNELS = ("auto", "vsock", "serial")
+BOOT_MODES = ("cold", "template")
 
 
 def guest_dir() -> Path:
@@ -54,6 +55,9 @@ class HypervisorConfig:
     default_vcpus: int = 1
     default_memory_mib: int = 1024
     extra_args: tuple[str, ...] = ()
+    # cold: boot every VM; template: restore a saved, booted VM
+    # (capsa.hypervisor.template), booting cold whenever that fails.
+    boot: str = "cold"
 
 
 @dataclass(frozen=True)
@@ -242,6 +246,7 @@ def _parse_hypervisor(table: Mapping[str, Any], where: str) -> HypervisorConfig:
         default_vcpus=t.integer("default_vcpus", d.default_vcpus, 1, 240),
         default_memory_mib=t.integer("default_memory_mib", d.default_memory_mib, 128, 1 << 20),
         extra_args=t.strings("extra_args"),
+        boot=t.choice("boot", d.boot, BOOT_MODES),
     )
 
 

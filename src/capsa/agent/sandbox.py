@@ -20,7 +20,7 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from capsa.agent import cgroup, crun, spawn, storage
+from capsa.agent import cgroup, clone, crun, spawn, storage
 from capsa.agent.container import Container, ContainerState, Process, Registry
 from capsa.agent.options import AgentOptions
 from capsa.agent.reaper import Reaper, exit_status
@@ -62,6 +62,16 @@ class Sandbox:
         self._runtime_dir = os.path.join(options.state_dir, "run")
 
     # --- sandbox -------------------------------------------------------
+
+    async def adopt(self, entropy: bytes, realtime_ns: int, virtiofs_devices: int) -> None:
+        """CreateSandbox, first part: a VM restored from a template becomes unique (:mod:`.clone`)."""
+        if self._created:
+            raise WrongState("the sandbox already exists")
+        if not self.options.guest:
+            return  # a host test's agent must not touch the host's RNG or clock
+        clone.add_entropy(entropy)
+        clone.set_realtime(realtime_ns)
+        await clone.wait_virtiofs_devices(virtiofs_devices)
 
     def create(self, hostname: str, storages: list[pb.Storage], dns: list[str]) -> None:
         """CreateSandbox: hostname, sandbox-wide mounts, resolv.conf."""

@@ -189,6 +189,7 @@ class AgentService:
     # --- sandbox ------------------------------------------------------------
 
     async def create_sandbox(self, request: pb.CreateSandboxRequest) -> pb.Empty:
+        await self.sandbox.adopt(request.entropy, request.realtime_ns, request.virtiofs_devices)
         self.sandbox.create(request.hostname, list(request.storages), list(request.dns))
         return pb.Empty()
 

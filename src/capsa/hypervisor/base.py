@@ -27,6 +27,14 @@ MACHINE_TYPES = ("q35", "microvm")
 #: guest finds it through ``/sys/class/virtio-ports/*/name``.
 AGENT_PORT_NAME = "capsa.agent"
 
+#: QEMU device id of the agent's virtio-serial port on a templated VM: QMP
+#: ``VSERPORT_CHANGE`` events name the port by it.
+AGENT_PORT_ID = "agent-port"
+
+#: Root ports a templated q35 VM keeps free for devices plugged after a
+#: restore (the container's virtio-fs share), named ``hotplug0``, ...
+HOTPLUG_SLOTS = 1
+
 #: Default AF_VSOCK port of the agent (kernel parameter ``capsa.vsock_port``).
 DEFAULT_VSOCK_PORT = 1024
 
@@ -120,6 +128,18 @@ class VMConfig:
     extra_args: tuple[str, ...] = ()
     #: Debug: the console captures the guest's boot from its first line.
     debug: bool = False
+    #: The VM is saved as, or restored from, a template
+    #: (:mod:`capsa.hypervisor.template`): its hardware is the layout both
+    #: sides share (guest RAM always in a shareable memfd, free PCIe root
+    #: ports for hot-plugged shares, a named agent port); q35 and the serial
+    #: agent channel only.
+    templated: bool = False
+    #: Start paused, waiting for a saved state (QEMU ``-incoming defer``).
+    incoming: bool = False
+    #: Guest RAM in this file, mapped shared, instead of an anonymous memfd:
+    #: a template keeps its memory there, and a clone runs on a copy of it,
+    #: so the saved state need not carry the RAM (templated VMs only).
+    memory_file: Path | None = None
 
     def __post_init__(self) -> None:
         if self.accelerator not in ACCELERATORS:
@@ -132,6 +152,12 @@ class VMConfig:
             raise HypervisorError(f"memory {self.memory_mib} MiB is too small for a guest kernel (at least 64)")
         if self.initrd is not None and self.rootfs_image is not None:
             raise HypervisorError("a VM boots from an initrd or a rootfs image, not both")
+        if self.templated and (self.machine_type != "q35" or not isinstance(self.agent_channel, SerialChannel)):
+            # Hot-plug needs PCIe root ports; a vsock CID is device state
+            # that a restored clone cannot change.
+            raise HypervisorError("a templated VM needs machine type q35 and the serial agent channel")
+        if (self.incoming or self.memory_file is not None) and not self.templated:
+            raise HypervisorError("only a templated VM can be restored from a saved state")
         tags = [share.tag for share in self.shares]
         for tag in tags:
             # virtio-fs tags are at most 36 bytes (virtio spec 1.2, 5.11.4,

@@ -33,14 +33,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
-from qemu.qmp import ExecInterruptedError, QMPClient, QMPError, Runstate
+from qemu.qmp import EventListener, ExecInterruptedError, QMPClient, QMPError, Runstate
 
 from capsa.errors import HypervisorError
 from capsa.hypervisor.base import (
+    AGENT_PORT_ID,
     AGENT_PORT_NAME,
+    HOTPLUG_SLOTS,
     Hypervisor,
     SerialChannel,
     VirtioFsShare,
@@ -151,11 +157,14 @@ def _console_and_agent(config: VMConfig) -> tuple[list[str], tuple[str, ...]]:
         params = ("console=hvc0",)
     channel = config.agent_channel
     if isinstance(channel, SerialChannel):
+        port = f"virtserialport,bus=vserial0.0,chardev=agent,name={AGENT_PORT_NAME}"
+        if config.templated:
+            port += f",id={AGENT_PORT_ID}"
         args += [
             "-chardev",
             f"socket,id=agent,path={escape_option(channel.socket_path)},server=on,wait=off",
             "-device",
-            f"virtserialport,bus=vserial0.0,chardev=agent,name={AGENT_PORT_NAME}",
+            port,
         ]
     else:
         args += ["-device", f"vhost-vsock-{suffix},id=vsock0,guest-cid={channel.guest_cid}"]
@@ -185,6 +194,20 @@ def _shares(config: VMConfig) -> list[str]:
             if share.readonly:
                 opts += ",readonly=on"
             args += ["-fsdev", opts, "-device", f"virtio-9p-{suffix},fsdev={fsdev},mount_tag={tag}"]
+    return args
+
+
+def _hotplug_slots(config: VMConfig) -> list[str]:
+    """Free PCIe root ports for devices plugged after start (q35 hot-plug).
+
+    A q35 root complex cannot take a hot-plugged device itself; a root port
+    (one slot each) can.  Chassis numbers only need to be unique.
+    """
+    if not config.templated:
+        return []
+    args: list[str] = []
+    for slot in range(HOTPLUG_SLOTS):
+        args += ["-device", f"pcie-root-port,id=hotplug{slot},bus=pcie.0,chassis={slot + 1}"]
     return args
 
 
@@ -222,7 +245,9 @@ def qemu_argv(config: VMConfig, *, qmp_fd: int, rootfs_image_bytes: int | None =
     if rootfs_image_bytes is not None and rootfs_image_bytes % _NVDIMM_ALIGN:
         raise HypervisorError(f"rootfs image size {rootfs_image_bytes} is not a multiple of 2 MiB")
     suffix = _device_suffix(config.machine_type)
-    memory_backend = any(isinstance(share, VirtioFsShare) for share in config.shares)
+    # A templated VM always has it: the clone's virtio-fs share is plugged
+    # after restore, and the saved RAM must live in the same kind of block.
+    memory_backend = config.templated or any(isinstance(share, VirtioFsShare) for share in config.shares)
     nvdimm_bytes = rootfs_image_bytes if config.rootfs_image is not None else None
     console_args, console_params = _console_and_agent(config)
 
@@ -243,7 +268,10 @@ def qemu_argv(config: VMConfig, *, qmp_fd: int, rootfs_image_bytes: int | None =
         f"{config.vcpus},maxcpus={config.max_vcpus}",
         *_memory(config, nvdimm_bytes),
     ]
-    if memory_backend:
+    if config.memory_file is not None:
+        mem_path = escape_option(config.memory_file)
+        argv += ["-object", f"memory-backend-file,id=mem,size={config.memory_mib}M,mem-path={mem_path},share=on"]
+    elif memory_backend:
         argv += ["-object", f"memory-backend-memfd,id=mem,size={config.memory_mib}M,share=on"]
     argv += _boot(config, console_params)
     argv += [
@@ -254,8 +282,13 @@ def qemu_argv(config: VMConfig, *, qmp_fd: int, rootfs_image_bytes: int | None =
     ]
     argv += console_args
     argv += _shares(config)
+    argv += _hotplug_slots(config)
     argv += _rootfs_image(config, nvdimm_bytes)
     argv += ["-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control"]
+    if config.incoming:
+        # Wait, paused, for QMP migrate-incoming (QMP reference,
+        # "migrate-incoming"): the state file arrives as a passed fd.
+        argv += ["-incoming", "defer"]
     argv += config.extra_args
     return argv
 
@@ -410,11 +443,132 @@ class QemuHypervisor(Hypervisor):
     async def resume(self) -> None:
         await self._execute("cont")
 
-    async def _execute(self, command: str) -> object:
+    async def _execute(self, command: str, arguments: dict[str, object] | None = None) -> Any:
         qmp = self._qmp
         if qmp is None or self.pid is None:
             raise HypervisorError(f"VM {self.config.name} is not running")
         try:
-            return await qmp.execute(command)
+            return await qmp.execute(command, arguments)
         except (QMPError, OSError, EOFError) as exc:
             raise HypervisorError(f"QMP {command} failed for VM {self.config.name}: {exc}") from exc
+
+    # --- templates: save, restore, hot-plug ---------------------------------
+
+    async def _pass_fd(self, fd: int, name: str) -> None:
+        """Hand QEMU an open file (QMP "getfd": the fd rides on the command as SCM_RIGHTS).
+
+        QEMU runs under ``-sandbox spawn=deny``, so the ``exec:`` migration
+        transport (which forks a shell) is not available; ``fd:`` is.
+        """
+        qmp = self._qmp
+        if qmp is None:
+            raise HypervisorError(f"VM {self.config.name} is not running")
+        try:
+            qmp.send_fd_scm(fd)
+        except (QMPError, OSError) as exc:
+            raise HypervisorError(f"cannot pass a file to VM {self.config.name}: {exc}") from exc
+        await self._execute("getfd", {"fdname": name})
+
+    async def _ignore_shared_memory(self) -> None:
+        """Leave RAM in a shared file out of the migration stream (QMP
+        "migrate-set-capabilities", ``x-ignore-shared``): both sides map the
+        same contents from a file, so only device state travels."""
+        if self.config.memory_file is not None:
+            capability = {"capability": "x-ignore-shared", "state": True}
+            await self._execute("migrate-set-capabilities", {"capabilities": [capability]})
+
+    async def save_state(self, path: Path, timeout: float = 60.0) -> None:
+        """Pause the VM and write its state to ``path`` (QMP "stop", "migrate").
+
+        With a ``memory_file`` the RAM stays in that file and the state is
+        only the devices'; otherwise the RAM is in the stream (all-zero pages
+        take a few bytes each, but loading them still touches every page).
+        """
+        await self.pause()
+        await self._ignore_shared_memory()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            await self._pass_fd(fd, "capsa-save")
+        finally:
+            os.close(fd)
+        await self._execute("migrate", {"uri": "fd:capsa-save"})
+        await self._wait_migration(timeout, "saving")
+
+    async def restore_state(self, path: Path, timeout: float = 60.0) -> None:
+        """Load a state saved by :meth:`save_state` and run the vCPUs (QMP "migrate-incoming", "cont").
+
+        The VM must have been started with ``incoming`` and the same
+        hardware as the saved one; QEMU checks each device's state as it loads.
+        """
+        if not self.config.incoming:
+            raise HypervisorError(f"VM {self.config.name} was not started to receive a saved state")
+        await self._ignore_shared_memory()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            await self._pass_fd(fd, "capsa-restore")
+        finally:
+            os.close(fd)
+        await self._execute("migrate-incoming", {"uri": "fd:capsa-restore"})
+        await self._wait_migration(timeout, "restoring")
+        await self.resume()
+
+    async def _wait_migration(self, timeout: float, what: str) -> None:
+        """Poll QMP "query-migrate" until the stream is done (QEMU 7.2 has no
+        file-migration completion event worth waiting on besides MIGRATION,
+        which needs the "events" capability; polling is as quick here)."""
+        deadline = time.monotonic() + timeout
+        delay = 0.002
+        while True:
+            info = await self._execute("query-migrate")
+            status = info.get("status") if isinstance(info, dict) else None
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                detail = info.get("error-desc", status)
+                raise HypervisorError(f"{what} the state of VM {self.config.name} failed: {detail}")
+            if self.pid is None:
+                raise HypervisorError(f"VM {self.config.name} exited while {what} its state")
+            if time.monotonic() > deadline:
+                raise HypervisorError(f"{what} the state of VM {self.config.name} took over {timeout:.0f} s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    async def plug_virtiofs(self, share: VirtioFsShare, slot: int) -> None:
+        """Hot-plug a virtio-fs device on free root port ``hotplug<slot>``
+        (QMP "chardev-add", "device_add"); the guest's PCIe/ACPI hot-plug
+        driver finds it."""
+        if not self.config.templated or not 0 <= slot < HOTPLUG_SLOTS:
+            raise HypervisorError(f"VM {self.config.name} has no free hot-plug slot {slot}")
+        chardev = f"vfs-plugged{slot}"
+        await self._execute(
+            "chardev-add",
+            {
+                "id": chardev,
+                "backend": {
+                    "type": "socket",
+                    "data": {"addr": {"type": "unix", "data": {"path": str(share.socket_path)}}, "server": False},
+                },
+            },
+        )
+        await self._execute(
+            "device_add",
+            {
+                "driver": "vhost-user-fs-pci",
+                "id": f"fs-plugged{slot}",
+                "bus": f"hotplug{slot}",
+                "chardev": chardev,
+                "tag": share.tag,
+                "queue-size": 1024,
+            },
+        )
+
+    @contextlib.asynccontextmanager
+    async def agent_port_events(self) -> AsyncIterator[EventListener]:
+        """QMP ``VSERPORT_CHANGE`` events of the agent port: the guest opened
+        or closed its end (``data.open``).  Only a templated VM names the port."""
+        qmp = self._qmp
+        if qmp is None or not self.config.templated:
+            raise HypervisorError(f"VM {self.config.name} has no agent port events")
+        listener = EventListener(("VSERPORT_CHANGE",))
+        with qmp.listen(listener):
+            yield listener

@@ -195,8 +195,22 @@ class CreateSandboxRequest(_message.Message):
     SANDBOX_ID_FIELD_NUMBER: _builtins.int
     STORAGES_FIELD_NUMBER: _builtins.int
     DNS_FIELD_NUMBER: _builtins.int
+    ENTROPY_FIELD_NUMBER: _builtins.int
+    REALTIME_NS_FIELD_NUMBER: _builtins.int
+    VIRTIOFS_DEVICES_FIELD_NUMBER: _builtins.int
     hostname: _builtins.str
     sandbox_id: _builtins.str
+    entropy: _builtins.bytes
+    """A VM restored from a template shares its RNG state and its clock with
+    every other clone: the agent mixes `entropy` into the kernel pool
+    (RNDADDENTROPY) and sets CLOCK_REALTIME to `realtime_ns` (host time,
+    nanoseconds since the epoch; 0: leave the clock alone).
+    """
+    realtime_ns: _builtins.int
+    virtiofs_devices: _builtins.int
+    """virtio-fs devices hot-plugged after the restore: the agent waits until
+    this many are bound to the virtiofs driver before it answers.
+    """
     @_builtins.property
     def storages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Storage]:
         """mounted once for the whole sandbox"""
@@ -210,10 +224,13 @@ class CreateSandboxRequest(_message.Message):
         sandbox_id: _builtins.str = ...,
         storages: _abc.Iterable[Global___Storage] | None = ...,
         dns: _abc.Iterable[_builtins.str] | None = ...,
+        entropy: _builtins.bytes = ...,
+        realtime_ns: _builtins.int = ...,
+        virtiofs_devices: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dns", b"dns", "hostname", b"hostname", "sandbox_id", b"sandbox_id", "storages", b"storages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dns", b"dns", "entropy", b"entropy", "hostname", b"hostname", "realtime_ns", b"realtime_ns", "sandbox_id", b"sandbox_id", "storages", b"storages", "virtiofs_devices", b"virtiofs_devices"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -18,12 +18,14 @@ import contextlib
 import logging
 import os
 import random
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from capsa.config import Config
 from capsa.errors import CapsaError, GuestImageError, HypervisorError
+from capsa.hypervisor import template
 from capsa.hypervisor.accel import resolve_accelerator
 from capsa.hypervisor.base import (
     AgentChannel,
@@ -43,6 +45,13 @@ log = logging.getLogger("capsa.sandbox")
 
 ROOTFS_TAG = "rootfs"
 VHOST_VSOCK = Path("/dev/vhost-vsock")
+#: Bytes of host entropy each sandbox's kernel pool gets at CreateSandbox.
+SANDBOX_ENTROPY_BYTES = 64
+#: Where a clone's copy of the template RAM lives while QEMU opens it: tmpfs,
+#: because guest RAM in a disk-backed file would be written back to disk.
+CLONE_MEMORY_DIR = Path("/dev/shm")
+#: How long a sandbox waits for another process making the same template.
+TEMPLATE_LOCK_TIMEOUT = 120.0
 
 # Kernel parameters that shave boot time in a VM with no legacy hardware
 # worth probing (the same set Kata uses): trust the TSC, skip the i8042
@@ -153,6 +162,13 @@ class Sandbox:
     agent: AgentClient | None = None
     hypervisor: QemuHypervisor | None = None
     virtiofsd: Virtiofsd | None = None
+    _memory_file: Path | None = None
+
+    def _release_memory_file(self) -> None:
+        memory_file, self._memory_file = self._memory_file, None
+        if memory_file is not None:
+            with contextlib.suppress(OSError):
+                memory_file.unlink(missing_ok=True)
 
     def _mark(self, phase: str) -> None:
         self.timings[phase] = time.monotonic()
@@ -170,25 +186,111 @@ class Sandbox:
         check_guest_files(config)
         accel = resolve_accelerator(config)
         self._mark("accelerator_chosen")
+        if config.hypervisor.boot == "template":
+            try:
+                return await self._start_from_template(accel.accelerator)
+            except (CapsaError, OSError) as exc:
+                # The cache must never cost the user their container.
+                log.warning("starting from a VM template failed, booting cold: %s", exc)
+                await self.stop()
+                self.timings.clear()
+                self._mark("accelerator_chosen")
+        return await self._start_cold(accel.accelerator)
+
+    def _channel(self) -> AgentChannel:
+        kind = choose_channel(self.config, VHOST_VSOCK.exists())
+        if kind == "vsock":
+            return VsockChannel(guest_cid=random.randrange(3, 0xFFFFFFFF), port=self.config.agent.vsock_port)
+        return SerialChannel(socket_path=self.spec.run_dir / "agent.sock")
+
+    async def _start_cold(self, accelerator: str) -> AgentClient:
         shares = await self._share_rootfs()
         self._mark("rootfs_shared")
-        cid = random.randrange(3, 0xFFFFFFFF)
-        kind = choose_channel(config, VHOST_VSOCK.exists())
-        channel: AgentChannel
-        if kind == "vsock":
-            channel = VsockChannel(guest_cid=cid, port=config.agent.vsock_port)
-        else:
-            channel = SerialChannel(socket_path=self.spec.run_dir / "agent.sock")
+        channel = self._channel()
         self.hypervisor = QemuHypervisor(
-            vm_config(config, self.spec, accel.accelerator, channel, shares, self.debug),
+            vm_config(self.config, self.spec, accelerator, channel, shares, self.debug),
             die_with_parent=True,
         )
         await self.hypervisor.start()
         self._mark("hypervisor_started")
         self.agent = await self._connect_agent(channel)
         self._mark("agent_ready")
-        await self.agent.create_sandbox(pb.CreateSandboxRequest(hostname=self.spec.hostname, sandbox_id=self.spec.id))
+        await self.agent.create_sandbox(self._create_sandbox_request(virtiofs_devices=0))
         return self.agent
+
+    def _create_sandbox_request(self, virtiofs_devices: int) -> pb.CreateSandboxRequest:
+        # Sent on cold boots too: harmless there, and one code path.
+        return pb.CreateSandboxRequest(
+            hostname=self.spec.hostname,
+            sandbox_id=self.spec.id,
+            entropy=secrets.token_bytes(SANDBOX_ENTROPY_BYTES),
+            realtime_ns=time.time_ns(),
+            virtiofs_devices=virtiofs_devices,
+        )
+
+    async def _start_from_template(self, accelerator: str) -> AgentClient:
+        """Restore the saved template VM (making it first if needed); see :mod:`capsa.hypervisor.template`."""
+        config = self.config
+        channel = self._channel()
+        if config.shared_fs.kind == "virtio-fs":
+            # Only the socket path matters for the key and the clone's argv.
+            shares: tuple[Share, ...] = (VirtioFsShare(tag=ROOTFS_TAG, socket_path=self.spec.run_dir / "vfs.sock"),)
+        else:
+            shares = (NinePShare(tag=ROOTFS_TAG, host_path=self.spec.rootfs, readonly=False),)
+        vm = vm_config(config, self.spec, accelerator, channel, shares, self.debug)
+        reason = template.unsupported(vm)
+        if reason is not None:
+            raise template.TemplateError(f"no template boot: {reason}")
+        store = template.default_store()
+        key = template.template_key(vm, template.vm_files(vm))
+        found = store.find(key)
+        if found is None:
+            async with store.locked(key, TEMPLATE_LOCK_TIMEOUT):
+                found = store.find(key)
+                if found is None:
+                    log.info("making VM template %s in %s", key, store.root)
+                    found = await store.create(key, vm, self._check_template_agent, config.agent.connect_timeout)
+        self._mark("template_ready")
+        await self._share_rootfs()
+        self._mark("rootfs_shared")
+        self._memory_file = CLONE_MEMORY_DIR / f"capsa-{self.spec.id}-{secrets.token_hex(4)}.mem"
+        await asyncio.to_thread(template.copy_memory, found, self._memory_file)
+        self._mark("template_memory_copied")
+        self.hypervisor = QemuHypervisor(template.clone_vm(vm, self._memory_file), die_with_parent=True)
+        await self.hypervisor.start()
+        self._mark("hypervisor_started")
+        assert isinstance(channel, SerialChannel)
+        # Connected before the state loads: the restored port then finds a
+        # host already there, as the template left it, and the agent's
+        # blocked read simply continues with this connection.
+        agent = await AgentClient.connect_serial(channel.socket_path, config.agent.request_timeout)
+        self.agent = agent
+        try:
+            await self.hypervisor.restore_state(found / template.STATE_FILE)
+        except CapsaError:
+            # A state QEMU cannot load is stale or corrupt: make it anew next time.
+            log.warning("discarding VM template %s: it does not restore", key)
+            store.discard(key)
+            raise
+        self._mark("template_restored")
+        # QEMU and virtiofsd hold it mapped; the name has done its job.
+        self._release_memory_file()
+        plugged = template.plugged_shares(vm)
+        for slot, share in enumerate(plugged):
+            await self.hypervisor.plug_virtiofs(share, slot)
+        await agent.check(timeout=config.agent.connect_timeout)
+        self._mark("agent_ready")
+        await agent.create_sandbox(self._create_sandbox_request(virtiofs_devices=len(plugged)))
+        return agent
+
+    async def _check_template_agent(self, socket_path: Path) -> AgentClient:
+        agent = await AgentClient.connect_serial(socket_path, self.config.agent.request_timeout)
+        try:
+            await agent.check(timeout=self.config.agent.connect_timeout)
+        except BaseException:
+            await agent.aclose()
+            raise
+        return agent
 
     async def _share_rootfs(self) -> tuple[Share, ...]:
         if self.config.shared_fs.kind == "virtio-9p":
@@ -275,6 +377,7 @@ class Sandbox:
         virtiofsd, self.virtiofsd = self.virtiofsd, None
         if virtiofsd is not None:
             await virtiofsd.stop()
+        self._release_memory_file()
         self._mark("sandbox_stopped")
 
 

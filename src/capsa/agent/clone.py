@@ -1,0 +1,75 @@
+"""Making a VM restored from a template its sandbox's own (CreateSandbox).
+
+Every clone of a template resumes with the template's memory: the same
+kernel RNG state and a wall clock as old as the save.  The host sends fresh
+entropy and its time with ``CreateSandbox``; virtio-fs devices it plugged
+after the restore may still be probing, so the agent waits for them before
+a container's rootfs mount needs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import struct
+import time
+
+from capsa.errors import AgentError
+
+# <linux/random.h>: RNDADDENTROPY = _IOW('R', 0x03, int[2]); its argument is
+# struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }.
+RNDADDENTROPY = 0x40085203
+VIRTIOFS_DRIVER_DIR = "/sys/bus/virtio/drivers/virtiofs"
+VIRTIOFS_WAIT_SECONDS = 30.0
+
+
+def add_entropy(data: bytes, device: str = "/dev/urandom") -> None:
+    """Mix ``data`` into the kernel's pool and credit it (needs CAP_SYS_ADMIN).
+
+    Crediting makes the kernel reseed its CRNG from the pool at once
+    (drivers/char/random.c), so the clones' outputs diverge from here on,
+    rather than whenever the next periodic reseed happens.
+    """
+    if not data:
+        return
+    padded = data + b"\0" * (-len(data) % 4)
+    request = struct.pack("ii", len(data) * 8, len(data)) + padded
+    fd = os.open(device, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, RNDADDENTROPY, request)
+    except OSError as exc:
+        raise AgentError(f"cannot add entropy to {device}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+
+
+def set_realtime(nanoseconds: int) -> None:
+    """Set CLOCK_REALTIME (clock_settime(2)); 0 leaves it alone."""
+    if nanoseconds <= 0:
+        return
+    try:
+        time.clock_settime_ns(time.CLOCK_REALTIME, nanoseconds)
+    except OSError as exc:
+        raise AgentError(f"cannot set the clock: {exc.strerror}") from exc
+
+
+def bound_virtiofs_devices(driver_dir: str = VIRTIOFS_DRIVER_DIR) -> int:
+    """How many devices the virtiofs driver has bound (its sysfs links ``virtioN``)."""
+    try:
+        return sum(1 for name in os.listdir(driver_dir) if name.startswith("virtio"))
+    except FileNotFoundError:
+        return 0
+
+
+async def wait_virtiofs_devices(count: int, driver_dir: str = VIRTIOFS_DRIVER_DIR) -> None:
+    """Wait until ``count`` virtio-fs devices are bound (probe done: their tags mount)."""
+    deadline = time.monotonic() + VIRTIOFS_WAIT_SECONDS
+    delay = 0.001
+    while bound_virtiofs_devices(driver_dir) < count:
+        if time.monotonic() > deadline:
+            raise AgentError(
+                f"{count} virtio-fs device(s) expected, the guest found {bound_virtiofs_devices(driver_dir)}"
+            )
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.02)

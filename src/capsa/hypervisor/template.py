@@ -1,0 +1,370 @@
+"""VM templating: boot a VM once, save it, and start sandboxes by restoring it.
+
+A cold sandbox boots the guest kernel and imports the agent (Python,
+asyncio, protobuf) every time; under TCG that is most of its start-up.  A
+*template* is a VM saved right after its agent first answered ``Check``:
+restoring it costs reading the saved memory back, not booting.  Kata
+Containers calls the same idea "VM templating" (its VM factory).
+
+What must match between the saved VM and a restored clone is everything QEMU
+checks while loading device state plus everything the guest has already
+acted on: the QEMU binary, kernel and image files, machine type,
+accelerator, vCPUs, memory, kernel command line and device layout.
+:func:`template_key` hashes all of it into the template's directory name,
+so a changed setting or rebuilt image simply misses the cache.
+
+Two kinds of device cannot be in the saved VM:
+
+* vhost-user-fs (virtio-fs) is unmigratable in QEMU 7.2 and its socket is per
+  container: the clone gets it hot-plugged on a free PCIe root port after
+  the restore (:meth:`QemuHypervisor.plug_virtiofs`).
+* vhost-vsock carries the guest CID in device state, so a clone could not
+  get a CID of its own: templated VMs use the virtio-serial agent channel
+  (chardev backends are not migrated, so each clone has its own socket).
+
+A 9p device stays in both: QEMU only blocks migration while the guest has it
+mounted, and the template never mounts it; its ``-fsdev`` (the host
+directory) is host-side configuration, so each clone points it at its own
+rootfs.
+
+The layout: ``<root>/<key>/memory`` (the guest RAM, a sparse file the
+template VM ran on), ``<root>/<key>/state`` (the migration stream of its
+devices, ``x-ignore-shared`` leaving the RAM out) and
+``<root>/<key>/template.json`` (what was hashed, for people), written last,
+so a template without it is incomplete.  Creation runs under an exclusive
+``flock`` on ``<root>/<key>.lock``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol
+
+from capsa.errors import HypervisorError
+from capsa.hypervisor.base import AGENT_PORT_ID, NinePShare, SerialChannel, VirtioFsShare, VMConfig
+from capsa.hypervisor.qemu import QemuHypervisor, qemu_argv
+
+log = logging.getLogger("capsa.hypervisor.template")
+
+#: Bump when the templated hardware changes in a way :func:`qemu_argv` does
+#: not show (e.g. what the guest is asked to do before the save).
+LAYOUT_VERSION = 1
+
+STATE_FILE = "state"
+MEMORY_FILE = "memory"
+META_FILE = "template.json"
+
+# Placeholders that make the key independent of per-sandbox paths.
+_KEY_RUN_DIR = Path("/capsa-template")
+_KEY_SHARE_DIR = Path("/capsa-template/share")
+
+#: After the agent reopened its port with a host connected, no further port
+#: event for this long means it is blocked reading a fresh session (its
+#: reopen back-off is at most 0.1 s, capsa.agent.channel.REOPEN_DELAY_MAX).
+PORT_QUIET_SECONDS = 0.15
+
+
+class AgentSession(Protocol):
+    """A connection to the agent that answered ``Check``."""
+
+    async def aclose(self) -> None: ...
+
+
+#: Connects to the agent channel at a socket path and waits for ``Check``.
+CheckAgent = Callable[[Path], Awaitable[AgentSession]]
+
+
+class TemplateError(HypervisorError):
+    """A template could not be made, found or restored; callers boot cold instead."""
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """A file as the template saw it: same path, size and mtime means same file."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
+def file_identity(path: Path) -> FileIdentity:
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise TemplateError(f"{path}: {exc.strerror}") from exc
+    return FileIdentity(str(path), st.st_size, st.st_mtime_ns)
+
+
+def template_vm(vm: VMConfig, run_dir: Path, share_dir: Path) -> VMConfig:
+    """The VM a template boots: ``vm``'s hardware minus what differs per sandbox.
+
+    virtio-fs shares are dropped (plugged after restore); 9p shares point
+    at ``share_dir``, which the template never mounts.
+    """
+    shares = tuple(replace(share, host_path=share_dir) for share in vm.shares if isinstance(share, NinePShare))
+    return replace(
+        vm,
+        name="template",
+        run_dir=run_dir,
+        agent_channel=SerialChannel(run_dir / "agent.sock"),
+        shares=shares,
+        templated=True,
+        incoming=False,
+        memory_file=run_dir / MEMORY_FILE,
+    )
+
+
+def clone_vm(vm: VMConfig, memory_file: Path) -> VMConfig:
+    """The VM restored from a template: ``vm`` without virtio-fs shares,
+    running on ``memory_file`` (a copy of the template's memory), waiting for the state."""
+    shares = tuple(share for share in vm.shares if not isinstance(share, VirtioFsShare))
+    return replace(vm, shares=shares, templated=True, incoming=True, memory_file=memory_file)
+
+
+def copy_memory(template_dir: Path, destination: Path) -> None:
+    """Copy the template's guest RAM file to ``destination``, holes kept as holes.
+
+    The RAM file is as large as the guest's memory but holds data only where
+    the template wrote (a few hundred MiB of 1 GiB at most): SEEK_DATA /
+    SEEK_HOLE (lseek(2)) find those ranges and sendfile(2) copies them in
+    the kernel.  The copy must be the clone's own: the clone writes to
+    its RAM, and virtiofsd maps the same file, so a private (copy-on-write)
+    mapping of the template's file would not do.
+    """
+    source = template_dir / MEMORY_FILE
+    try:
+        src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise TemplateError(f"{source}: {exc.strerror}") from exc
+    try:
+        dst = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        os.close(src)
+        raise TemplateError(f"{destination}: {exc.strerror}") from exc
+    try:
+        size = os.fstat(src).st_size
+        os.ftruncate(dst, size)
+        offset = 0
+        while offset < size:
+            try:
+                data = os.lseek(src, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole is left
+                    break
+                raise
+            hole = os.lseek(src, data, os.SEEK_HOLE)
+            position = os.lseek(dst, data, os.SEEK_SET)
+            while position < hole:
+                # sendfile(2), not copy_file_range(2): the template sits on
+                # disk and the copy on tmpfs, which the latter refuses (EXDEV).
+                copied = os.sendfile(dst, src, position, hole - position)
+                if copied == 0:
+                    raise TemplateError(f"{source} ended early at {position} bytes")
+                position += copied
+            offset = hole
+    except OSError as exc:
+        raise TemplateError(f"cannot copy {source} to {destination}: {exc.strerror}") from exc
+    finally:
+        os.close(src)
+        os.close(dst)
+
+
+def plugged_shares(vm: VMConfig) -> tuple[VirtioFsShare, ...]:
+    """The shares a clone of ``vm`` gets hot-plugged after the restore."""
+    return tuple(share for share in vm.shares if isinstance(share, VirtioFsShare))
+
+
+def template_key(vm: VMConfig, files: tuple[FileIdentity, ...]) -> str:
+    """The cache key of ``vm``'s template; pure.
+
+    Hashes the template's QEMU command line built with placeholder paths
+    (so it covers machine, accelerator, vCPUs, memory, kernel command line
+    and device layout, but not the sandbox's name or directories) and the
+    identity of the files that went into the saved memory: QEMU, the kernel,
+    the initrd.
+    """
+    canonical = template_vm(vm, _KEY_RUN_DIR, _KEY_SHARE_DIR)
+    argv = qemu_argv(canonical, qmp_fd=3)
+    document = {
+        "layout": LAYOUT_VERSION,
+        "argv": argv,
+        "files": [[f.path, f.size, f.mtime_ns] for f in files],
+    }
+    digest = hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+    return digest[:24]
+
+
+def vm_files(vm: VMConfig) -> tuple[FileIdentity, ...]:
+    """Identities of the files a template of ``vm`` depends on (reads the file system)."""
+    paths = [vm.hypervisor_path, vm.kernel]
+    if vm.initrd is not None:
+        paths.append(vm.initrd)
+    if vm.firmware is not None:
+        paths.append(vm.firmware)
+    return tuple(file_identity(path) for path in paths)
+
+
+def unsupported(vm: VMConfig) -> str | None:
+    """Why ``vm`` cannot start from a template, or None if it can."""
+    if vm.machine_type != "q35":
+        return "machine type is not q35 (no PCIe hot-plug for the rootfs share)"
+    if not isinstance(vm.agent_channel, SerialChannel):
+        return "the agent channel is vsock (the guest CID is saved device state)"
+    if vm.rootfs_image is not None:
+        return "the guest boots from a rootfs image (the NVDIMM would be copied into the state)"
+    return None
+
+
+class TemplateStore:
+    """Saved templates under one directory (see the module docstring for the layout)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def find(self, key: str) -> Path | None:
+        """The directory of template ``key`` if it is complete, else None."""
+        directory = self.root / key
+        try:
+            meta = json.loads((directory / META_FILE).read_text())
+            if (
+                meta.get("key") != key
+                or (directory / STATE_FILE).stat().st_size != meta.get("state_bytes")
+                or (directory / MEMORY_FILE).stat().st_size != meta.get("memory_bytes")
+            ):
+                return None
+        except (OSError, ValueError, AttributeError):
+            return None
+        return directory
+
+    def discard(self, key: str) -> None:
+        shutil.rmtree(self.root / key, ignore_errors=True)
+
+    @contextlib.asynccontextmanager
+    async def locked(self, key: str, timeout: float) -> AsyncIterator[None]:
+        """Hold the exclusive lock of template ``key`` (another process may be making it)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise TemplateError(f"cannot lock template {key} in {self.root}: {exc.strerror}") from exc
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    # Non-blocking and polled: a cancelled waiter leaves no
+                    # thread behind holding a lock nobody releases.
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        raise TemplateError(f"cannot lock template {key}: {exc.strerror}") from exc
+                if time.monotonic() > deadline:
+                    raise TemplateError(f"template {key} is locked by another process for over {timeout:.0f} s")
+                await asyncio.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)
+
+    async def create(
+        self,
+        key: str,
+        vm: VMConfig,
+        check_agent: CheckAgent,
+        timeout: float,
+    ) -> Path:
+        """Boot the template of ``vm``, save it as ``key`` and return its directory.
+
+        Call with the lock held.  ``check_agent(socket_path)`` connects to the
+        agent channel and waits for ``Check``.
+        """
+        directory = self.root / key
+        self.discard(key)
+        work = self.root / f"{key}.new"
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            (work / "share").mkdir(parents=True)
+            template = template_vm(vm, work, work / "share")
+            hypervisor = QemuHypervisor(template, die_with_parent=True)
+            try:
+                await asyncio.wait_for(self._boot_and_save(hypervisor, check_agent, work / STATE_FILE), timeout)
+            except TimeoutError as exc:
+                raise TemplateError(f"making the template took over {timeout:.0f} s") from exc
+            finally:
+                await hypervisor.stop()
+            meta = {
+                "key": key,
+                "state_bytes": (work / STATE_FILE).stat().st_size,
+                "memory_bytes": (work / MEMORY_FILE).stat().st_size,
+                "argv": qemu_argv(template, qmp_fd=3),
+            }
+            (work / META_FILE).write_text(json.dumps(meta, indent=1))
+            for name in ("console.log", "vmm.log", "agent.sock"):
+                (work / name).unlink(missing_ok=True)
+            os.rename(work, directory)
+        except OSError as exc:
+            raise TemplateError(f"cannot save template {key} in {self.root}: {exc.strerror or exc}") from exc
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return directory
+
+    @staticmethod
+    async def _boot_and_save(hypervisor: QemuHypervisor, check_agent: CheckAgent, state: Path) -> None:
+        channel = hypervisor.config.agent_channel
+        assert isinstance(channel, SerialChannel)
+        await hypervisor.start()
+        idle: socket.socket | None = None
+        session = await check_agent(channel.socket_path)
+        try:
+            # Listen only now: while the agent serves a connected host its
+            # port stays open, so every event from here on is about the
+            # disconnect below, none about the boot.
+            async with hypervisor.agent_port_events() as events:
+
+                async def port_event() -> bool:
+                    while True:
+                        event = await events.get()
+                        data: object = event["data"] if "data" in event else None  # noqa: SIM401 (Message has no .get)
+                        if isinstance(data, dict) and data.get("id") == AGENT_PORT_ID:
+                            return bool(data.get("open"))
+
+                await session.aclose()
+                # The agent saw its host leave once it closed the port.  The
+                # clone's host must find it in a fresh session (its ttrpc
+                # stream ids start over), with a host connected (so the read
+                # blocks instead of cycling open/EOF/close): connect an idle
+                # host, wait for the reopen, then for silence.
+                while await port_event():
+                    pass
+                idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                idle.connect(str(channel.socket_path))
+                is_open = False
+                while True:
+                    try:
+                        is_open = await asyncio.wait_for(port_event(), PORT_QUIET_SECONDS)
+                    except TimeoutError:
+                        if is_open:
+                            break
+            await hypervisor.save_state(state)
+        finally:
+            await session.aclose()
+            if idle is not None:
+                idle.close()
+
+
+def default_store() -> TemplateStore:
+    from capsa.config import cache_dir
+
+    return TemplateStore(cache_dir() / "templates")
