@@ -52,6 +52,7 @@ def test_environment_variable_names_the_file(monkeypatch: pytest.MonkeyPatch, tm
         ('[shared_fs]\nkind = "nfs"\n', r"shared_fs\.kind"),
         ("[gpu]\nx = 1\n", r"gpu: unknown section"),
         ('[runtime]\ndebug = "yes"\n', r"runtime\.debug: expected true or false"),
+        ('[hypervisor]\nboot = "warm"\n', r"hypervisor\.boot: expected one of 'cold', 'template'"),
         ("[hypervisor\n", r"not valid TOML"),
     ],
 )
@@ -71,3 +72,8 @@ def test_image_instead_of_initrd() -> None:
 def test_guest_dir_override(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CAPSA_GUEST_DIR", "/opt/guest")
     assert Config().hypervisor.kernel == Path("/opt/guest/vmlinux")
+
+
+def test_boot_mode() -> None:
+    assert Config().hypervisor.boot == "cold"
+    assert parse_config({"hypervisor": {"boot": "template"}}).hypervisor.boot == "template"

@@ -24,6 +24,13 @@ VIRTIOFS_DRIVER_DIR = "/sys/bus/virtio/drivers/virtiofs"
 VIRTIOFS_WAIT_SECONDS = 30.0
 
 
+def rand_pool_info(data: bytes) -> bytes:
+    """The RNDADDENTROPY argument for ``data``, crediting 8 bits per byte
+    (the host's bytes come from its CSPRNG)."""
+    padded = data + b"\0" * (-len(data) % 4)
+    return struct.pack("ii", len(data) * 8, len(data)) + padded
+
+
 def add_entropy(data: bytes, device: str = "/dev/urandom") -> None:
     """Mix ``data`` into the kernel's pool and credit it (needs CAP_SYS_ADMIN).
 
@@ -33,8 +40,7 @@ def add_entropy(data: bytes, device: str = "/dev/urandom") -> None:
     """
     if not data:
         return
-    padded = data + b"\0" * (-len(data) % 4)
-    request = struct.pack("ii", len(data) * 8, len(data)) + padded
+    request = rand_pool_info(data)
     fd = os.open(device, os.O_WRONLY | os.O_CLOEXEC)
     try:
         fcntl.ioctl(fd, RNDADDENTROPY, request)

@@ -216,6 +216,7 @@ class Sandbox:
         self.agent = await self._connect_agent(channel)
         self._mark("agent_ready")
         await self.agent.create_sandbox(self._create_sandbox_request(virtiofs_devices=0))
+        self._mark("sandbox_created")
         return self.agent
 
     def _create_sandbox_request(self, virtiofs_devices: int) -> pb.CreateSandboxRequest:
@@ -281,6 +282,7 @@ class Sandbox:
         await agent.check(timeout=config.agent.connect_timeout)
         self._mark("agent_ready")
         await agent.create_sandbox(self._create_sandbox_request(virtiofs_devices=len(plugged)))
+        self._mark("sandbox_created")
         return agent
 
     async def _check_template_agent(self, socket_path: Path) -> AgentClient:

@@ -1,0 +1,191 @@
+"""VM templates as data: the cache key, the template's and clone's hardware,
+the memory copy and the store's bookkeeping.  No VM here; see
+tests/integration/test_template_vm.py for real ones."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from capsa.agent import clone
+from capsa.errors import HypervisorError
+from capsa.hypervisor import template
+from capsa.hypervisor.base import NinePShare, SerialChannel, VirtioFsShare, VMConfig, VsockChannel
+from capsa.hypervisor.qemu import qemu_argv
+
+FILES = (template.FileIdentity("/usr/bin/qemu-system-x86_64", 100, 1), template.FileIdentity("/k", 5, 2))
+
+
+def vm(run_dir: str = "/run/capsa/a", name: str = "a", **changes: Any) -> VMConfig:
+    base = VMConfig(
+        name=name,
+        run_dir=Path(run_dir),
+        hypervisor_path=Path("/usr/bin/qemu-system-x86_64"),
+        kernel=Path("/var/lib/capsa/guest/vmlinux"),
+        initrd=Path("/var/lib/capsa/guest/initrd.img"),
+        agent_channel=SerialChannel(Path(run_dir) / "agent.sock"),
+        accelerator="tcg",
+        memory_mib=1024,
+        kernel_params=("quiet", "capsa.channel=serial"),
+        shares=(VirtioFsShare(tag="rootfs", socket_path=Path(run_dir) / "vfs.sock"),),
+    )
+    return replace(base, **changes)
+
+
+def values(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, arg in enumerate(argv) if arg == flag]
+
+
+def test_key_ignores_what_differs_per_sandbox() -> None:
+    a = template.template_key(vm(), FILES)
+    b = template.template_key(vm("/run/other/b", name="b"), FILES)
+    assert a == b
+    nine_a = vm(shares=(NinePShare(tag="rootfs", host_path=Path("/bundles/a/rootfs")),))
+    nine_b = vm(shares=(NinePShare(tag="rootfs", host_path=Path("/bundles/b/rootfs")),))
+    assert template.template_key(nine_a, FILES) == template.template_key(nine_b, FILES)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"memory_mib": 512},
+        {"vcpus": 2, "max_vcpus": 2},
+        {"kernel_params": ("quiet", "capsa.channel=serial", "capsa.debug=1")},
+        {"accelerator": "kvm"},
+        {"initrd": Path("/other/initrd.img")},
+        {"debug": True},
+        {"shares": (NinePShare(tag="rootfs", host_path=Path("/r")),)},
+    ],
+)
+def test_key_changes_with_the_hardware(changes: dict[str, Any]) -> None:
+    assert template.template_key(vm(**changes), FILES) != template.template_key(vm(), FILES)
+
+
+def test_key_changes_with_the_files() -> None:
+    rebuilt = (FILES[0], template.FileIdentity("/k", 5, 3))
+    assert template.template_key(vm(), rebuilt) != template.template_key(vm(), FILES)
+
+
+def test_template_has_no_virtiofs_and_keeps_its_ram_in_a_file(tmp_path: Path) -> None:
+    t = template.template_vm(vm(), tmp_path, tmp_path / "share")
+    argv = qemu_argv(t, qmp_fd=3)
+    devices = values(argv, "-device")
+    assert not any(d.startswith("vhost-user-fs") for d in devices)
+    assert "pcie-root-port,id=hotplug0,bus=pcie.0,chassis=1" in devices
+    assert any(d.startswith("virtserialport,") and d.endswith(",id=agent-port") for d in devices)
+    assert f"memory-backend-file,id=mem,size=1024M,mem-path={tmp_path}/memory,share=on" in values(argv, "-object")
+    assert values(argv, "-machine")[0].endswith(",memory-backend=mem")
+    assert "-incoming" not in argv
+
+
+def test_template_keeps_9p_pointing_at_an_empty_dir(tmp_path: Path) -> None:
+    nine = vm(shares=(NinePShare(tag="rootfs", host_path=Path("/bundle/rootfs")),))
+    t = template.template_vm(nine, tmp_path, tmp_path / "share")
+    assert t.shares == (NinePShare(tag="rootfs", host_path=tmp_path / "share"),)
+    clone_vm = template.clone_vm(nine, tmp_path / "c.mem")
+    assert clone_vm.shares == nine.shares
+
+
+def test_clone_waits_for_the_state_and_plugs_virtiofs_later(tmp_path: Path) -> None:
+    sandbox = vm()
+    c = template.clone_vm(sandbox, tmp_path / "c.mem")
+    argv = qemu_argv(c, qmp_fd=3)
+    assert argv[argv.index("-incoming") + 1] == "defer"
+    assert not any(d.startswith("vhost-user-fs") for d in values(argv, "-device"))
+    assert f"mem-path={tmp_path}/c.mem" in values(argv, "-object")[0]
+    assert template.plugged_shares(sandbox) == sandbox.shares
+    # Same hardware as the template, apart from paths: QEMU checks it at load.
+    t = template.template_vm(sandbox, tmp_path, tmp_path / "share")
+    assert values(argv, "-device") == values(qemu_argv(t, qmp_fd=3), "-device")
+
+
+def test_cold_argv_is_unchanged() -> None:
+    argv = qemu_argv(vm(), qmp_fd=3)
+    assert "-incoming" not in argv
+    assert not any(d.startswith("pcie-root-port") for d in values(argv, "-device"))
+    assert "memory-backend-memfd,id=mem,size=1024M,share=on" in values(argv, "-object")
+
+
+def test_what_cannot_be_templated() -> None:
+    assert template.unsupported(vm()) is None
+    assert "q35" in (template.unsupported(vm(machine_type="microvm")) or "")
+    assert "vsock" in (template.unsupported(vm(agent_channel=VsockChannel(guest_cid=5))) or "")
+    image = vm(initrd=None, rootfs_image=Path("/img"))
+    assert "image" in (template.unsupported(image) or "")
+    with pytest.raises(HypervisorError, match="serial agent channel"):
+        vm(agent_channel=VsockChannel(guest_cid=5), templated=True)
+    with pytest.raises(HypervisorError, match="only a templated VM"):
+        vm(incoming=True)
+
+
+def test_memory_copy_keeps_holes(tmp_path: Path) -> None:
+    source_dir = tmp_path / "t"
+    source_dir.mkdir()
+    size = 64 << 20
+    with open(source_dir / template.MEMORY_FILE, "wb") as f:
+        f.truncate(size)
+        f.seek(4096)
+        f.write(b"a" * 8192)
+        f.seek(size - 4096)
+        f.write(b"z" * 4096)
+    copy = tmp_path / "copy"
+    template.copy_memory(source_dir, copy)
+    assert copy.stat().st_size == size
+    assert copy.read_bytes() == (source_dir / template.MEMORY_FILE).read_bytes()
+    assert copy.stat().st_blocks * 512 < 1 << 20  # still sparse
+    with pytest.raises(template.TemplateError):
+        template.copy_memory(source_dir, copy)  # never overwrites
+
+
+def test_store_finds_only_complete_templates(tmp_path: Path) -> None:
+    store = template.TemplateStore(tmp_path)
+    assert store.find("k") is None
+    directory = tmp_path / "k"
+    directory.mkdir()
+    (directory / template.STATE_FILE).write_bytes(b"s" * 10)
+    (directory / template.MEMORY_FILE).write_bytes(b"m" * 20)
+    assert store.find("k") is None  # no template.json: creation did not finish
+    meta = {"key": "k", "state_bytes": 10, "memory_bytes": 20}
+    (directory / template.META_FILE).write_text(json.dumps(meta))
+    assert store.find("k") == directory
+    (directory / template.STATE_FILE).write_bytes(b"s" * 9)
+    assert store.find("k") is None  # truncated
+    store.discard("k")
+    assert not directory.exists()
+
+
+def test_store_lock_is_exclusive(tmp_path: Path) -> None:
+    store = template.TemplateStore(tmp_path)
+
+    async def scenario() -> None:
+        async with store.locked("k", timeout=1):
+            # flock locks belong to the open file: a second open conflicts
+            # even within one process, as another capsa would.
+            with pytest.raises(template.TemplateError, match="locked by another process"):
+                async with store.locked("k", timeout=0.1):
+                    pass
+        async with store.locked("k", timeout=0.1):
+            pass
+
+    asyncio.run(scenario())
+
+
+def test_entropy_request_layout() -> None:
+    request = clone.rand_pool_info(b"\x01\x02\x03\x04\x05")
+    assert request == (40).to_bytes(4, "little") + (5).to_bytes(4, "little") + b"\x01\x02\x03\x04\x05\0\0\0"
+
+
+def test_virtiofs_device_wait(tmp_path: Path) -> None:
+    assert clone.bound_virtiofs_devices(str(tmp_path / "missing")) == 0
+    (tmp_path / "virtio3").mkdir()
+    (tmp_path / "bind").touch()
+    assert clone.bound_virtiofs_devices(str(tmp_path)) == 1
+    asyncio.run(clone.wait_virtiofs_devices(1, str(tmp_path)))
+    os.rmdir(tmp_path / "virtio3")
+    asyncio.run(clone.wait_virtiofs_devices(0, str(tmp_path)))
