@@ -73,7 +73,7 @@ def test_key_changes_with_the_files() -> None:
 
 
 def test_template_has_no_virtiofs_and_keeps_its_ram_in_a_file(tmp_path: Path) -> None:
-    t = template.template_vm(vm(), tmp_path, tmp_path / "share")
+    t = template.template_vm(vm(), tmp_path, tmp_path / "share", tmp_path / "memory")
     argv = qemu_argv(t, qmp_fd=3)
     devices = values(argv, "-device")
     assert not any(d.startswith("vhost-user-fs") for d in devices)
@@ -86,7 +86,7 @@ def test_template_has_no_virtiofs_and_keeps_its_ram_in_a_file(tmp_path: Path) ->
 
 def test_template_keeps_9p_pointing_at_an_empty_dir(tmp_path: Path) -> None:
     nine = vm(shares=(NinePShare(tag="rootfs", host_path=Path("/bundle/rootfs")),))
-    t = template.template_vm(nine, tmp_path, tmp_path / "share")
+    t = template.template_vm(nine, tmp_path, tmp_path / "share", tmp_path / "memory")
     assert t.shares == (NinePShare(tag="rootfs", host_path=tmp_path / "share"),)
     clone_vm = template.clone_vm(nine, tmp_path / "c.mem")
     assert clone_vm.shares == nine.shares
@@ -101,7 +101,7 @@ def test_clone_waits_for_the_state_and_plugs_virtiofs_later(tmp_path: Path) -> N
     assert f"mem-path={tmp_path}/c.mem" in values(argv, "-object")[0]
     assert template.plugged_shares(sandbox) == sandbox.shares
     # Same hardware as the template, apart from paths: QEMU checks it at load.
-    t = template.template_vm(sandbox, tmp_path, tmp_path / "share")
+    t = template.template_vm(sandbox, tmp_path, tmp_path / "share", tmp_path / "memory")
     assert values(argv, "-device") == values(qemu_argv(t, qmp_fd=3), "-device")
 
 

@@ -47,6 +47,7 @@ import logging
 import os
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -67,9 +68,8 @@ STATE_FILE = "state"
 MEMORY_FILE = "memory"
 META_FILE = "template.json"
 
-# Placeholders that make the key independent of per-sandbox paths.
+# Placeholder that makes the key independent of per-sandbox paths.
 _KEY_RUN_DIR = Path("/capsa-template")
-_KEY_SHARE_DIR = Path("/capsa-template/share")
 
 #: After the agent reopened its port with a host connected, no further port
 #: event for this long means it is blocked reading a fresh session (its
@@ -108,11 +108,12 @@ def file_identity(path: Path) -> FileIdentity:
     return FileIdentity(str(path), st.st_size, st.st_mtime_ns)
 
 
-def template_vm(vm: VMConfig, run_dir: Path, share_dir: Path) -> VMConfig:
+def template_vm(vm: VMConfig, run_dir: Path, share_dir: Path, memory_file: Path) -> VMConfig:
     """The VM a template boots: ``vm``'s hardware minus what differs per sandbox.
 
     virtio-fs shares are dropped (plugged after restore); 9p shares point
-    at ``share_dir``, which the template never mounts.
+    at ``share_dir``, which the template never mounts; the guest RAM is
+    ``memory_file``.
     """
     shares = tuple(replace(share, host_path=share_dir) for share in vm.shares if isinstance(share, NinePShare))
     return replace(
@@ -123,7 +124,7 @@ def template_vm(vm: VMConfig, run_dir: Path, share_dir: Path) -> VMConfig:
         shares=shares,
         templated=True,
         incoming=False,
-        memory_file=run_dir / MEMORY_FILE,
+        memory_file=memory_file,
     )
 
 
@@ -196,7 +197,7 @@ def template_key(vm: VMConfig, files: tuple[FileIdentity, ...]) -> str:
     identity of the files that went into the saved memory: QEMU, the kernel,
     the initrd.
     """
-    canonical = template_vm(vm, _KEY_RUN_DIR, _KEY_SHARE_DIR)
+    canonical = template_vm(vm, _KEY_RUN_DIR, _KEY_RUN_DIR / "share", _KEY_RUN_DIR / MEMORY_FILE)
     argv = qemu_argv(canonical, qmp_fd=3)
     document = {
         "layout": LAYOUT_VERSION,
@@ -294,9 +295,13 @@ class TemplateStore:
         self.discard(key)
         work = self.root / f"{key}.new"
         shutil.rmtree(work, ignore_errors=True)
+        # The VM's sockets and logs go to a short directory of their own:
+        # unix socket paths are limited to 107 bytes, the cache path is not.
+        run_dir = Path(tempfile.mkdtemp(prefix="capsa-template-"))
         try:
-            (work / "share").mkdir(parents=True)
-            template = template_vm(vm, work, work / "share")
+            work.mkdir(parents=True)
+            (run_dir / "share").mkdir()
+            template = template_vm(vm, run_dir, run_dir / "share", work / MEMORY_FILE)
             hypervisor = QemuHypervisor(template, die_with_parent=True)
             try:
                 await asyncio.wait_for(self._boot_and_save(hypervisor, check_agent, work / STATE_FILE), timeout)
@@ -311,13 +316,12 @@ class TemplateStore:
                 "argv": qemu_argv(template, qmp_fd=3),
             }
             (work / META_FILE).write_text(json.dumps(meta, indent=1))
-            for name in ("console.log", "vmm.log", "agent.sock"):
-                (work / name).unlink(missing_ok=True)
             os.rename(work, directory)
         except OSError as exc:
             raise TemplateError(f"cannot save template {key} in {self.root}: {exc.strerror or exc}") from exc
         finally:
             shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
         return directory
 
     @staticmethod

@@ -1,0 +1,96 @@
+"""Sandboxes restored from a VM template: real VMs (TCG here), a private cache.
+
+Two clones of one template must be two machines as far as anything inside
+can tell (RNG output, wall clock), run their containers on their own rootfs
+over virtio-fs, and a template that no longer restores must cost nothing
+but time: the sandbox boots cold instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import Capsa
+
+from capsa.config import cache_dir
+from capsa.hypervisor import template
+
+pytestmark = pytest.mark.vm
+
+REPORT = (
+    "cat /hello; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s; "
+    "cat /proc/sys/kernel/random/boot_id; echo written > /written"
+)
+
+
+@pytest.fixture
+def template_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A cache directory of the test's own, so it makes (and corrupts) its own template."""
+    cache = Path(os.environ.get("CAPSA_TEST_CACHE") or tmp_path / "cache")
+    cache.mkdir(parents=True, exist_ok=True)
+    accel = cache_dir() / "accel.json"
+    if accel.exists():
+        shutil.copy(accel, cache / "accel.json")  # skip re-probing the accelerator
+    monkeypatch.setenv("CAPSA_CACHE_DIR", str(cache))
+    yield cache
+    shutil.rmtree(cache, ignore_errors=True)
+
+
+def run(capsa: Capsa, config: Path, tmp_path: Path, name: str) -> tuple[list[str], dict[str, float]]:
+    timings = tmp_path / f"{name}.json"
+    os.environ["CAPSA_TIMINGS"] = str(timings)
+    try:
+        result = capsa("--config", str(config), "run", "--bundle", str(capsa.bundle), name)
+    finally:
+        del os.environ["CAPSA_TIMINGS"]
+    assert result.code == 0, result.stderr
+    assert (capsa.bundle / "rootfs" / "written").read_text() == "written\n"
+    (capsa.bundle / "rootfs" / "written").unlink()
+    return result.stdout.splitlines(), json.loads(timings.read_text())
+
+
+def test_clones_are_distinct_and_corrupt_templates_boot_cold(
+    capsa: Capsa, tmp_path: Path, template_cache: Path
+) -> None:
+    config = tmp_path / "configuration.toml"
+    config.write_text('[hypervisor]\nboot = "template"\n')
+    (capsa.bundle / "rootfs" / "hello").write_text("hello from the host\n")
+    capsa.spec(["sh", "-c", REPORT])
+    spec = json.loads((capsa.bundle / "config.json").read_text())
+    spec["root"]["readonly"] = False
+    (capsa.bundle / "config.json").write_text(json.dumps(spec))
+
+    first, first_timings = run(capsa, config, tmp_path, "one")
+    assert "template_restored" in first_timings
+    [made] = [p for p in (template_cache / "templates").iterdir() if p.is_dir()]
+    assert (made / template.META_FILE).exists()
+
+    # Long enough that a clone still on the template's clock would show it.
+    time.sleep(5)
+    second, second_timings = run(capsa, config, tmp_path, "two")
+    assert "template_restored" in second_timings
+    assert second_timings["template_ready"] - second_timings["accelerator_chosen"] < 1  # not made again
+
+    for lines in (first, second):
+        assert lines[0] == "hello from the host"  # the rootfs came over the hot-plugged virtio-fs
+    assert first[1] != second[1], "two clones produced the same random bytes"
+    assert abs(int(second[2]) - time.time()) < 3, "the clone's clock is not the host's"
+    assert first[3] != second[3], "two clones share a boot_id"
+    assert not [p for p in Path("/dev/shm").iterdir() if p.name.startswith(("capsa-one-", "capsa-two-"))]
+
+    # Same size, garbage inside: QEMU refuses the state, the sandbox boots
+    # cold and the template is thrown away (the next sandbox makes it anew).
+    state = made / template.STATE_FILE
+    with state.open("r+b") as file:
+        file.seek(64)
+        file.write(os.urandom(4096))
+    third, third_timings = run(capsa, config, tmp_path, "three")
+    assert third[0] == "hello from the host"
+    assert "template_restored" not in third_timings
+    assert not made.exists()
