@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Cold `capsa run ... true` against bare QEMU booting the same guest, side by side.
+"""`capsa run ... true` (cold and from a VM template) against bare QEMU booting the same guest.
 
 Each round runs, back to back on the same machine:
 
@@ -8,14 +8,16 @@ Each round runs, back to back on the same machine:
   the kernel boots, unpacks the initrd, fails to find init and panics; with
   ``panic=-1`` and ``-no-reboot`` QEMU then exits.  That is "booting the
   kernel and image to its init" and nothing else.
-- capsa: ``capsa run`` of a busybox bundle running ``true``, a fresh VM
-  each time, with ``CAPSA_TIMINGS`` set so capsa reports where the time went.
+- capsa cold: ``capsa run`` of a busybox bundle running ``true``, a fresh
+  VM each time, with ``CAPSA_TIMINGS`` set so capsa reports where the time went.
+- capsa template: the same with ``[hypervisor] boot = "template"`` (the
+  configuration in effect plus that key), restoring a saved VM each time;
+  the template is made once before the rounds, in a private cache
+  directory, and that one-time cost is printed too.
 
-It prints the medians, their ratio, and the median split of capsa's time:
-Python start, accelerator and rootfs share, QEMU start, kernel boot (the
-guest's uptime when /init started), agent start, container create and
-start, the container's run, and teardown.  Run it as root after
-scripts/setup.sh:  python3 bench/boot.py [--rounds N]
+It prints the medians, their ratios to the floor, and the median split of
+capsa's time for each mode.  Run it as root after scripts/setup.sh:
+python3 bench/boot.py [--rounds N] [--boot cold|template|both]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -31,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from capsa.config import load_config
+from capsa.config import cache_dir, load_config, resolve_config_path
 from capsa.hypervisor.accel import resolve_accelerator
 from capsa.runtime.sandbox import FAST_BOOT_PARAMS
 
@@ -91,9 +94,23 @@ def time_floor(accel: str) -> float:
     return time.monotonic() - start
 
 
-def time_capsa(bundle: Path, root: Path, n: int) -> tuple[float, dict[str, float]]:
+def template_config(root: Path) -> Path:
+    """The configuration in effect, with ``[hypervisor] boot = "template"``."""
+    path, _ = resolve_config_path(None)
+    text = path.read_text() if path.exists() else ""
+    text = re.sub(r"(?m)^boot\s*=.*$", "", text)
+    if re.search(r"(?m)^\[hypervisor\]", text):
+        text = re.sub(r"(?m)^\[hypervisor\]\s*$", '[hypervisor]\nboot = "template"', text, count=1)
+    else:
+        text += '\n[hypervisor]\nboot = "template"\n'
+    out = root / "template.toml"
+    out.write_text(text)
+    return out
+
+
+def time_capsa(bundle: Path, root: Path, n: int, env: dict[str, str]) -> tuple[float, dict[str, float]]:
     timings_file = root / "timings.json"
-    env = dict(os.environ, CAPSA_TIMINGS=str(timings_file))
+    env = dict(env, CAPSA_TIMINGS=str(timings_file))
     start = time.monotonic()
     proc = subprocess.run(
         ["capsa", "--root", str(root / "state"), "run", "--bundle", str(bundle), f"bench-{n}"],
@@ -106,7 +123,10 @@ def time_capsa(bundle: Path, root: Path, n: int) -> tuple[float, dict[str, float
     if proc.returncode != 0:
         sys.exit(f"capsa run failed with status {proc.returncode}")
     marks = json.loads(timings_file.read_text())
-    return total, phases(start, total, marks)
+    if "template_failed" in marks:
+        sys.exit("capsa run booted cold although boot = template (run it with --debug to see why)")
+    split = template_phases(start, total, marks) if "template_restored" in marks else phases(start, total, marks)
+    return total, split
 
 
 def phases(start: float, total: float, t: dict[str, float]) -> dict[str, float]:
@@ -123,7 +143,7 @@ def phases(start: float, total: float, t: dict[str, float]) -> dict[str, float]:
         "boot remainder (firmware, channel)": max(
             0.0, boot - (t["hypervisor_started"] - t["rootfs_shared"]) - kernel - agent
         ),
-        "container create": t["container_created"] - t["agent_ready"],
+        "container create (+ CreateSandbox)": t["container_created"] - t["agent_ready"],
         "container start": t["container_started"] - t["container_created"],
         "container run to exit": t["container_exited"] - t["container_started"],
         "teardown": t["sandbox_stopped"] - t["container_exited"],
@@ -131,32 +151,69 @@ def phases(start: float, total: float, t: dict[str, float]) -> dict[str, float]:
     }
 
 
+def template_phases(start: float, total: float, t: dict[str, float]) -> dict[str, float]:
+    """The same for a sandbox restored from a template (no kernel boot, no agent start)."""
+    return {
+        "python start + imports": t["invoked"] - start,
+        "accelerator + template lookup": t["template_ready"] - t["invoked"],
+        "rootfs share (virtiofsd)": t["rootfs_shared"] - t["template_ready"],
+        "copy template RAM file (tmpfs)": t["template_memory_copied"] - t["rootfs_shared"],
+        "QEMU start (to QMP)": t["hypervisor_started"] - t["template_memory_copied"],
+        "restore device state + cont": t["template_restored"] - t["hypervisor_started"],
+        "hot-plug virtio-fs + agent Check": t["agent_ready"] - t["template_restored"],
+        "CreateSandbox (reseed, clock, fs probe)": t["sandbox_created"] - t["agent_ready"],
+        "container create": t["container_created"] - t["sandbox_created"],
+        "container start": t["container_started"] - t["container_created"],
+        "container run to exit": t["container_exited"] - t["container_started"],
+        "teardown": t["sandbox_stopped"] - t["container_exited"],
+        "process exit": total - (t["sandbox_stopped"] - start),
+    }
+
+
+def report(label: str, runs: list[float], splits: list[dict[str, float]], floor: float) -> None:
+    capsa = statistics.median(runs)
+    spread = f"(min {min(runs):.3f}, max {max(runs):.3f})"
+    print(f"capsa run true ({label}):{' ' * (15 - len(label))}median {capsa:.3f} s  {spread}")
+    print(f"  ratio to the floor: {capsa / floor:.2f}")
+    print(f"  where the time goes ({label}, medians):")
+    for name in splits[0]:
+        print(f"    {name:42} {statistics.median(s[name] for s in splits):.3f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--boot", choices=("cold", "template", "both"), default="both")
     args = parser.parse_args()
     accel = resolve_accelerator(load_config()).accelerator
+    modes = ["cold", "template"] if args.boot == "both" else [args.boot]
     floors: list[float] = []
-    runs: list[float] = []
-    splits: list[dict[str, float]] = []
+    runs: dict[str, list[float]] = {mode: [] for mode in modes}
+    splits: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
     with tempfile.TemporaryDirectory(prefix="capsa-bench-") as tmp:
         root = Path(tmp)
         bundle = make_bundle(root)
+        envs = {"cold": dict(os.environ)}
+        if "template" in modes:
+            cache = root / "cache"
+            cache.mkdir()
+            if (cache_dir() / "accel.json").exists():
+                shutil.copy(cache_dir() / "accel.json", cache / "accel.json")
+            envs["template"] = dict(os.environ, CAPSA_CONFIG=str(template_config(root)), CAPSA_CACHE_DIR=str(cache))
+            made, _ = time_capsa(bundle, root, 0, envs["template"])  # makes the template
+            print(f"first template run (makes the template, then restores it): {made:.3f} s")
         time_floor(accel)  # warm the page cache for both sides
         for n in range(args.rounds):
             floors.append(time_floor(accel))
-            total, split = time_capsa(bundle, root, n)
-            runs.append(total)
-            splits.append(split)
+            for mode in modes:
+                total, split = time_capsa(bundle, root, n, envs[mode])
+                runs[mode].append(total)
+                splits[mode].append(split)
     floor = statistics.median(floors)
-    capsa = statistics.median(runs)
     print(f"accelerator: {accel}, rounds: {args.rounds}")
     print(f"bare QEMU boot to init (floor): median {floor:.3f} s  (min {min(floors):.3f}, max {max(floors):.3f})")
-    print(f"capsa run true (cold VM):       median {capsa:.3f} s  (min {min(runs):.3f}, max {max(runs):.3f})")
-    print(f"ratio capsa / floor:            {capsa / floor:.2f}")
-    print("where capsa's time goes (medians):")
-    for name in splits[0]:
-        print(f"  {name:40} {statistics.median(s[name] for s in splits):.3f} s")
+    for mode in modes:
+        report(mode, runs[mode], splits[mode], floor)
 
 
 if __name__ == "__main__":

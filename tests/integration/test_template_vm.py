@@ -93,4 +93,5 @@ def test_clones_are_distinct_and_corrupt_templates_boot_cold(
     third, third_timings = run(capsa, config, tmp_path, "three")
     assert third[0] == "hello from the host"
     assert "template_restored" not in third_timings
+    assert "template_failed" in third_timings
     assert not made.exists()

@@ -187,17 +187,24 @@ class Sandbox:
         accel = resolve_accelerator(config)
         self._mark("accelerator_chosen")
         if config.hypervisor.boot == "template":
+            before = set(self.timings)
             try:
                 return await self._start_from_template(accel.accelerator)
             except (CapsaError, OSError) as exc:
                 # The cache must never cost the user their container.
                 log.warning("starting from a VM template failed, booting cold: %s", exc)
                 await self.stop()
-                self.timings.clear()
+                for phase in set(self.timings) - before:
+                    del self.timings[phase]
+                self._mark("template_failed")
                 self._mark("accelerator_chosen")
         return await self._start_cold(accel.accelerator)
 
-    def _channel(self) -> AgentChannel:
+    def _channel(self, template_boot: bool = False) -> AgentChannel:
+        # A template boots on the serial channel (a vsock CID is saved device
+        # state), so "auto" picks it wherever a template is wanted.
+        if template_boot and self.config.agent.channel == "auto":
+            return SerialChannel(socket_path=self.spec.run_dir / "agent.sock")
         kind = choose_channel(self.config, VHOST_VSOCK.exists())
         if kind == "vsock":
             return VsockChannel(guest_cid=random.randrange(3, 0xFFFFFFFF), port=self.config.agent.vsock_port)
@@ -232,7 +239,7 @@ class Sandbox:
     async def _start_from_template(self, accelerator: str) -> AgentClient:
         """Restore the saved template VM (making it first if needed); see :mod:`capsa.hypervisor.template`."""
         config = self.config
-        channel = self._channel()
+        channel = self._channel(template_boot=True)
         if config.shared_fs.kind == "virtio-fs":
             # Only the socket path matters for the key and the clone's argv.
             shares: tuple[Share, ...] = (VirtioFsShare(tag=ROOTFS_TAG, socket_path=self.spec.run_dir / "vfs.sock"),)
