@@ -75,5 +75,5 @@ def test_guest_dir_override(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_boot_mode() -> None:
-    assert Config().hypervisor.boot == "cold"
-    assert parse_config({"hypervisor": {"boot": "template"}}).hypervisor.boot == "template"
+    assert Config().hypervisor.boot == "template"
+    assert parse_config({"hypervisor": {"boot": "cold"}}).hypervisor.boot == "cold"
