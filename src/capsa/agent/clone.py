@@ -20,6 +20,8 @@ from capsa.errors import AgentError
 # <linux/random.h>: RNDADDENTROPY = _IOW('R', 0x03, int[2]); its argument is
 # struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }.
 RNDADDENTROPY = 0x40085203
+# RNDRESEEDCRNG = _IO('R', 0x07): reseed the CRNG from the input pool now.
+RNDRESEEDCRNG = 0x5207
 VIRTIOFS_DRIVER_DIR = "/sys/bus/virtio/drivers/virtiofs"
 VIRTIOFS_WAIT_SECONDS = 30.0
 
@@ -32,11 +34,13 @@ def rand_pool_info(data: bytes) -> bytes:
 
 
 def add_entropy(data: bytes, device: str = "/dev/urandom") -> None:
-    """Mix ``data`` into the kernel's pool and credit it (needs CAP_SYS_ADMIN).
+    """Mix ``data`` into the kernel's input pool and reseed the CRNG from it
+    (RNDADDENTROPY, then RNDRESEEDCRNG; both need CAP_SYS_ADMIN).
 
-    Crediting makes the kernel reseed its CRNG from the pool at once
-    (drivers/char/random.c), so the clones' outputs diverge from here on,
-    rather than whenever the next periodic reseed happens.
+    Once the CRNG is ready, new input only reaches its key at the next
+    scheduled reseed (drivers/char/random.c, crng_has_old_seed): until then
+    every clone would go on producing the template's stream.  The explicit
+    reseed makes the clones' outputs diverge from this call on.
     """
     if not data:
         return
@@ -44,6 +48,7 @@ def add_entropy(data: bytes, device: str = "/dev/urandom") -> None:
     fd = os.open(device, os.O_WRONLY | os.O_CLOEXEC)
     try:
         fcntl.ioctl(fd, RNDADDENTROPY, request)
+        fcntl.ioctl(fd, RNDRESEEDCRNG)
     except OSError as exc:
         raise AgentError(f"cannot add entropy to {device}: {exc.strerror}") from exc
     finally:

@@ -26,6 +26,10 @@ Virtual hardware, and why:
   (``ttyS0``) instead: slower, but it shows the boot before virtio is up.
 * virtio-fs needs the guest RAM in a shared memory backend, because
   virtiofsd maps it (vhost-user protocol, "Memory regions").
+* a *templated* VM (:mod:`capsa.hypervisor.template`) keeps its RAM in a
+  shared file, has a free ``pcie-root-port`` for the virtio-fs device
+  plugged after a restore, and names its agent port so QMP
+  ``VSERPORT_CHANGE`` events say when the agent opened it.
 """
 
 from __future__ import annotations

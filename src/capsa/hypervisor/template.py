@@ -27,6 +27,15 @@ mounted, and the template never mounts it; its ``-fsdev`` (the host
 directory) is host-side configuration, so each clone points it at its own
 rootfs.
 
+What clones share.  Every clone resumes with the template's memory: the
+guest kernel's KASLR offset and other boot-time secrets (stack canaries of
+tasks that existed at the save, hash seeds), the agent's Python hash seed
+and ``random`` state, and the kernel CRNG state.  The host sends fresh
+entropy with ``CreateSandbox`` and the agent reseeds the CRNG from it
+(:mod:`capsa.agent.clone`) and sets the wall clock; everything else stays
+shared.  ``/proc/sys/kernel/random/boot_id`` is made on first read, after
+the reseed, so it differs per clone.
+
 The layout: ``<root>/<key>/memory`` (the guest RAM, a sparse file the
 template VM ran on), ``<root>/<key>/state`` (the migration stream of its
 devices, ``x-ignore-shared`` leaving the RAM out) and
