@@ -170,13 +170,17 @@ def unmet_symbols(fragment: Mapping[str, str | None], config: Mapping[str, str])
     ]
 
 
-def cache_key(fragment: bytes, source_version: str, recipe_version: int = RECIPE_VERSION) -> str:
+def cache_key(fragment: Mapping[str, str | None], source_version: str, recipe_version: int = RECIPE_VERSION) -> str:
     """Name of the cache directory for one build: any change to the inputs
-    that can change the kernel gives a different key."""
+    that can change the kernel gives a different key. The fragment is hashed
+    as its parsed settings, so editing a comment does not cost a rebuild."""
     digest = hashlib.sha256()
     for part in (f"recipe={recipe_version}", f"source={source_version}"):
         digest.update(part.encode() + b"\0")
-    digest.update(fragment)
+    for symbol in sorted(fragment):
+        value = fragment[symbol]
+        line = f"# {symbol} is not set" if value is None else f"{symbol}={value}"
+        digest.update(line.encode() + b"\n")
     return digest.hexdigest()[:16]
 
 
@@ -357,6 +361,15 @@ def _fsync_tree(root: Path) -> None:
         _fsync_path(Path(directory))
 
 
+def remove_stale_staging(directory: Path, stages: Stages) -> None:
+    """Delete staging leftovers of runs that were killed outright (SIGKILL
+    skips ``finally``). Only call this holding the lock: then no live run
+    owns any of them."""
+    for stale in [*directory.glob(".tmp-*"), *directory.glob(".old-*")]:
+        stages.say(f"cleanup: removing {stale.name} left by an interrupted run")
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def point_symlink(link: Path, target: Path) -> None:
     """Make ``link`` point at ``target``, atomically (symlink, then rename
     over the old link), so readers see the old or the new target, never none."""
@@ -483,9 +496,9 @@ def configure(source: Path, objects: Path, fragment_path: Path, log: IO[str]) ->
 def build_kernel(layout: Layout, fragment_path: Path, *, force: bool, jobs: int, stages: Stages) -> Path:
     """Build (or reuse) our kernel; return the cache directory holding it."""
     fragment_bytes = fragment_path.read_bytes()
-    parse_fragment(fragment_bytes.decode())  # a malformed fragment fails before any work
+    fragment = parse_fragment(fragment_bytes.decode())  # a malformed fragment fails before any work
     version = source_version()
-    key = cache_key(fragment_bytes, version)
+    key = cache_key(fragment, version)
     final = layout.build(key)
     stages.say(f"key {key}: linux-source {version}, recipe {RECIPE_VERSION}, {fragment_path}")
     if (final / "vmlinux").exists() and not force:
@@ -668,6 +681,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stages = Stages()
     try:
         with locked(layout.lock, stages):
+            remove_stale_staging(layout.cache, stages)
             if args.cloud:
                 result = fetch_cloud_kernel(layout, force=args.force, stages=stages)
                 install_cloud_kernel(layout, result, stages)

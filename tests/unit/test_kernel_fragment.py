@@ -94,11 +94,18 @@ def test_unmet_symbols_reports_dropped_and_unwanted() -> None:
 
 
 def test_cache_key_tracks_every_input() -> None:
-    base = build.cache_key(b"CONFIG_A=y\n", "6.1.1-1", 1)
-    assert base == build.cache_key(b"CONFIG_A=y\n", "6.1.1-1", 1)
-    assert base != build.cache_key(b"CONFIG_A=n\n", "6.1.1-1", 1)
-    assert base != build.cache_key(b"CONFIG_A=y\n", "6.1.1-2", 1)
-    assert base != build.cache_key(b"CONFIG_A=y\n", "6.1.1-1", 2)
+    base = build.cache_key({"CONFIG_A": "y"}, "6.1.1-1", 1)
+    assert base == build.cache_key({"CONFIG_A": "y"}, "6.1.1-1", 1)
+    assert base != build.cache_key({"CONFIG_A": None}, "6.1.1-1", 1)
+    assert base != build.cache_key({"CONFIG_A": "y", "CONFIG_B": "y"}, "6.1.1-1", 1)
+    assert base != build.cache_key({"CONFIG_A": "y"}, "6.1.1-2", 1)
+    assert base != build.cache_key({"CONFIG_A": "y"}, "6.1.1-1", 2)
+
+
+def test_cache_key_ignores_comments_and_order() -> None:
+    one = build.parse_fragment("# why\nCONFIG_A=y\n# CONFIG_B is not set\n")
+    two = build.parse_fragment("# CONFIG_B is not set\n\n# another reason\nCONFIG_A=y\n")
+    assert build.cache_key(one, "6.1.1-1") == build.cache_key(two, "6.1.1-1")
 
 
 def _elf_with_note(name: bytes, n_type: int, desc: bytes) -> bytes:
