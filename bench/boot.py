@@ -94,16 +94,16 @@ def time_floor(accel: str) -> float:
     return time.monotonic() - start
 
 
-def template_config(root: Path) -> Path:
-    """The configuration in effect, with ``[hypervisor] boot = "template"``."""
+def config_with_boot(root: Path, boot: str) -> Path:
+    """The configuration in effect, with ``[hypervisor] boot`` set to ``boot``."""
     path, _ = resolve_config_path(None)
     text = path.read_text() if path.exists() else ""
     text = re.sub(r"(?m)^boot\s*=.*$", "", text)
     if re.search(r"(?m)^\[hypervisor\]", text):
-        text = re.sub(r"(?m)^\[hypervisor\]\s*$", '[hypervisor]\nboot = "template"', text, count=1)
+        text = re.sub(r"(?m)^\[hypervisor\]\s*$", f'[hypervisor]\nboot = "{boot}"', text, count=1)
     else:
-        text += '\n[hypervisor]\nboot = "template"\n'
-    out = root / "template.toml"
+        text += f'\n[hypervisor]\nboot = "{boot}"\n'
+    out = root / f"{boot}.toml"
     out.write_text(text)
     return out
 
@@ -193,13 +193,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="capsa-bench-") as tmp:
         root = Path(tmp)
         bundle = make_bundle(root)
-        envs = {"cold": dict(os.environ)}
+        envs = {"cold": dict(os.environ, CAPSA_CONFIG=str(config_with_boot(root, "cold")))}
         if "template" in modes:
             cache = root / "cache"
             cache.mkdir()
             if (cache_dir() / "accel.json").exists():
                 shutil.copy(cache_dir() / "accel.json", cache / "accel.json")
-            envs["template"] = dict(os.environ, CAPSA_CONFIG=str(template_config(root)), CAPSA_CACHE_DIR=str(cache))
+            envs["template"] = dict(
+                os.environ, CAPSA_CONFIG=str(config_with_boot(root, "template")), CAPSA_CACHE_DIR=str(cache)
+            )
             made, _ = time_capsa(bundle, root, 0, envs["template"])  # makes the template
             print(f"first template run (makes the template, then restores it): {made:.3f} s")
         time_floor(accel)  # warm the page cache for both sides
