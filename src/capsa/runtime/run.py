@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import termios
 import threading
 import time
@@ -61,12 +60,13 @@ class RunRequest:
     on_started: Callable[[], None] | None = None
 
 
-def container_request(container_id: str, bundle: Bundle) -> pb.CreateContainerRequest:
+def container_request(container_id: str, bundle: Bundle, shared_fs: str) -> pb.CreateContainerRequest:
     """The spec goes to the agent as the engine wrote it; the agent points root.path at the share."""
+    driver, fstype = ("9p", "9p") if shared_fs == "virtio-9p" else ("virtiofs", "virtiofs")
     rootfs = pb.Storage(
-        driver="virtiofs",
+        driver=driver,
         source=ROOTFS_TAG,
-        fstype="virtiofs",
+        fstype=fstype,
         mount_point=f"/run/capsa/containers/{container_id}/rootfs",
     )
     return pb.CreateContainerRequest(
@@ -74,12 +74,6 @@ def container_request(container_id: str, bundle: Bundle) -> pb.CreateContainerRe
         oci_spec_json=json.dumps(bundle.spec).encode(),
         rootfs=rootfs,
     )
-
-
-def _share_storage(config: Config, request: pb.CreateContainerRequest) -> None:
-    if config.shared_fs.kind == "virtio-9p":
-        request.rootfs.driver = "9p"
-        request.rootfs.fstype = "9p"
 
 
 def write_pid_file(path: Path, pid: int) -> None:
@@ -130,9 +124,7 @@ async def _run(config: Config, store: StateStore, state: ContainerState, request
         if pending_signals:
             # Interrupted while the VM booted: there is no process to give it to.
             raise CapsaError(f"interrupted by signal {pending_signals[0]} before the container started")
-        create = container_request(request.container_id, bundle)
-        _share_storage(config, create)
-        await agent.create_container(create)
+        await agent.create_container(container_request(request.container_id, bundle, config.shared_fs.kind))
         state.status = Status.CREATED
         if sandbox.hypervisor is not None and sandbox.hypervisor.pid is not None:
             state.hypervisor_pid = sandbox.hypervisor.pid
@@ -305,10 +297,9 @@ def _raw_terminal(enabled: bool) -> Any:
 
 
 def _write_timings(timings: dict[str, float]) -> None:
+    """For bench/: the monotonic time of each phase, when CAPSA_TIMINGS names a file."""
     target = os.environ.get(TIMINGS_ENV)
     if not target:
         return
     with contextlib.suppress(OSError), open(target, "w") as f:
         json.dump(timings, f)
-    if sys.flags.dev_mode:
-        log.debug("timings %s", timings)
