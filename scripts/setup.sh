@@ -33,10 +33,14 @@ missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# The image builder downloads the guest's packages with apt-get download,
+# which needs the package lists even when nothing is missing on the host.
+if [ ${#missing[@]} -gt 0 ] || ! compgen -G '/var/lib/apt/lists/*_Packages*' > /dev/null; then
+    apt-get update -q
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing Debian packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
