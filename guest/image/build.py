@@ -35,7 +35,10 @@ directories, so a failed or killed run leaves nothing half-written where
 readers look. Old stage-2 builds beyond the newest few are removed.
 
 Stand-alone and standard-library only (it runs before capsa is importable
-anywhere), so its one exception type, :class:`ImageBuildError`, is local.
+anywhere), so its one exception type, :class:`ImageBuildError`, is local
+(it derives from ``buildcache.BuildError``, which commands that fail raise;
+``guest/buildcache.py`` holds the locking and publishing shared with the
+kernel builder).
 Needs root (the downloaded packages are unpacked as root-owned files, and an
 erofs image needs device nodes) and the host tools apt-get, dpkg-deb, pip,
 plus lz4, zstd or mkfs.erofs for those formats.
@@ -44,10 +47,8 @@ plus lz4, zstd or mkfs.erofs for those formats.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import enum
-import fcntl
 import gzip
 import hashlib
 import importlib.metadata
@@ -58,15 +59,17 @@ import re
 import shutil
 import stat
 import struct
-import subprocess
 import sys
 import tempfile
-import time
 import uuid
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
+
+# Run as a script: guest/, home of the shared buildcache module, is not on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import buildcache
 
 # --------------------------------------------------------------------------
 # The recipe: what goes into the image. Everything here is part of a cache key.
@@ -233,15 +236,13 @@ INVALIDATION_MODE = "unchecked-hash"
 #: Stage-2 builds kept besides the one just made (older ones are removed).
 KEEP_IMAGES = 4
 
-DEFAULT_CACHE_DIR = Path("/var/cache/capsa")
-DEFAULT_GUEST_DIR = Path("/var/lib/capsa/guest")
 HERE = Path(__file__).resolve().parent
 INIT_SCRIPT = HERE / "init"
 #: The repository this script lives in: guest/image/build.py -> src/capsa.
 CAPSA_SOURCE = HERE.parents[1] / "src" / "capsa"
 
 
-class ImageBuildError(Exception):
+class ImageBuildError(buildcache.BuildError):
     """The image cannot be built; the message says why and what to do."""
 
 
@@ -539,113 +540,6 @@ def segment_padding(compression: Compression, length: int) -> bytes:
 # --------------------------------------------------------------------------
 
 
-class Stages:
-    """One line per stage on stderr, with the time since the run started."""
-
-    def __init__(self) -> None:
-        self._start = time.monotonic()
-        self._mark = self._start
-
-    def say(self, message: str) -> None:
-        now = time.monotonic()
-        print(f"[{now - self._start:7.1f}s] {message}", file=sys.stderr, flush=True)
-        self._mark = now
-
-    def lap(self) -> float:
-        """Seconds since the last line."""
-        return time.monotonic() - self._mark
-
-
-def run(argv: Sequence[str | Path], *, cwd: Path | None = None, stdin: bytes | None = None) -> bytes:
-    """Run a command; return its stdout, or raise with its stderr."""
-    try:
-        done = subprocess.run([str(arg) for arg in argv], cwd=cwd, input=stdin, capture_output=True, check=False)
-    except FileNotFoundError as exc:
-        raise ImageBuildError(f"{argv[0]} not found (install it first)") from exc
-    if done.returncode != 0:
-        detail = (done.stderr or done.stdout).decode(errors="replace").strip()[-3000:]
-        raise ImageBuildError(f"{' '.join(map(str, argv))} exited with {done.returncode}\n{detail}".rstrip())
-    return done.stdout
-
-
-@contextlib.contextmanager
-def locked(path: Path, stages: Stages) -> Iterator[None]:
-    """Hold an exclusive flock(2) on ``path``; the kernel drops it if we die."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            stages.say(f"waiting for another build holding {path}")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
-@contextlib.contextmanager
-def staging_dir(final: Path) -> Iterator[Path]:
-    """A scratch directory beside ``final``; removed unless renamed into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-    try:
-        yield scratch
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _fsync_path(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def publish(scratch: Path, final: Path, *, fsync: Iterable[Path] = ()) -> None:
-    """Move a finished staging directory to ``final`` in one rename(2).
-
-    ``fsync`` names the files whose content must be on disk first (the
-    artefacts, not the thousands of small base files that a crash would
-    only make us rebuild: the manifest is written last and checked).
-    """
-    for path in fsync:
-        _fsync_path(path)
-    if final.exists():
-        # Only reachable with --force: move the old build aside first, so a
-        # reader never sees a mix of two builds.
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        final.rename(old)
-        shutil.rmtree(old, ignore_errors=True)
-    # mkdtemp made it 0700; QEMU may run unprivileged and must read it.
-    scratch.chmod(0o755)
-    scratch.rename(final)
-    _fsync_path(final.parent)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write a file that appears complete or not at all."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-
-
-def point_symlink(link: Path, target: Path) -> None:
-    """Make ``link`` point at ``target`` atomically (symlink, then rename
-    over the old link): readers see the old or the new target, never none."""
-    link.parent.mkdir(parents=True, exist_ok=True)
-    temporary = link.with_name(f".{link.name}.tmp-{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        temporary.unlink()
-    temporary.symlink_to(target)
-    os.replace(temporary, link)
-
-
 def resolve_in_root(root: Path, relative: PurePosixPath) -> PurePosixPath | None:
     """Follow symlinks as the guest would, with ``root`` as ``/``; the
     resolved path relative to ``root``, or None if it does not exist."""
@@ -677,23 +571,8 @@ def resolve_in_root(root: Path, relative: PurePosixPath) -> PurePosixPath | None
     return PurePosixPath(*resolved)
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Where things live; one place so the shell code cannot disagree."""
-
-    cache: Path
-    guest: Path
-
-    @classmethod
-    def from_environment(cls) -> Layout:
-        return cls(
-            cache=Path(os.environ.get("CAPSA_CACHE_DIR", DEFAULT_CACHE_DIR)) / "image",
-            guest=Path(os.environ.get("CAPSA_GUEST_DIR", DEFAULT_GUEST_DIR)),
-        )
-
-    @property
-    def lock(self) -> Path:
-        return self.cache / ".lock"
+class Layout(buildcache.Layout):
+    """The image's artefacts under ``$CAPSA_CACHE_DIR/image``."""
 
     @property
     def debs(self) -> Path:
@@ -724,8 +603,8 @@ def artefact_name(image_format: Format) -> str:
 
 def resolve_packages() -> list[Deb]:
     try:
-        printed = run(["apt-get", "download", "--print-uris", *PACKAGES]).decode()
-    except ImageBuildError as exc:
+        printed = buildcache.run(["apt-get", "download", "--print-uris", *PACKAGES]).decode()
+    except buildcache.BuildError as exc:
         raise ImageBuildError(f"{exc}\n(run apt-get update first?)") from exc
     debs = parse_print_uris(printed)
     missing = set(PACKAGES) - {deb.package for deb in debs}
@@ -742,7 +621,7 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download_packages(layout: Layout, debs: Sequence[Deb], stages: Stages) -> list[Path]:
+def download_packages(layout: Layout, debs: Sequence[Deb], stages: buildcache.Stages) -> list[Path]:
     """The package files, from the cache or fetched and checked against the
     archive's SHA-256 (apt-get checks it too; the cache may be stale)."""
     layout.debs.mkdir(parents=True, exist_ok=True)
@@ -752,7 +631,7 @@ def download_packages(layout: Layout, debs: Sequence[Deb], stages: Stages) -> li
             # The apt sandbox user cannot write into our private directory;
             # we only download, so fetching as root is acceptable.
             specs = [f"{deb.package}={_version_of(deb)}" for deb in wanted]
-            run(["apt-get", "download", "-o", "APT::Sandbox::User=root", *specs], cwd=Path(scratch))
+            buildcache.run(["apt-get", "download", "-o", "APT::Sandbox::User=root", *specs], cwd=Path(scratch))
             for deb in wanted:
                 fetched = Path(scratch) / deb.filename
                 if not fetched.exists():
@@ -783,7 +662,7 @@ def extract_packages(debs: Sequence[Path], into: Path) -> dict[PurePosixPath, st
     into.mkdir()
     for deb in debs:
         scratch = into.with_name(f"{into.name}.one")
-        run(["dpkg-deb", "-x", deb, scratch])
+        buildcache.run(["dpkg-deb", "-x", deb, scratch])
         for top in USR_MERGE:
             if (scratch / top).is_dir() and not (scratch / top).is_symlink():
                 _merge_tree(scratch / top, scratch / "usr" / top)
@@ -948,14 +827,14 @@ def compile_tree(root: Path, directory: PurePosixPath, *, drop_sources: bool, ba
     argv += ["-s", str(root), "-p", "/"]
     if drop_sources:
         argv.append("-b")
-    run([*argv, str(root / directory)])
+    buildcache.run([*argv, str(root / directory)])
     if drop_sources:
         for path in _walk_files(root / directory):
             if path.suffix == ".py" and path.with_suffix(".pyc").exists():
                 path.unlink()
 
 
-def build_base(layout: Layout, *, force: bool, stages: Stages) -> tuple[str, Path]:
+def build_base(layout: Layout, *, force: bool, stages: buildcache.Stages) -> tuple[str, Path]:
     debs = resolve_packages()
     key = base_key(debs)
     final = layout.base(key)
@@ -965,7 +844,7 @@ def build_base(layout: Layout, *, force: bool, stages: Stages) -> tuple[str, Pat
         return key, final
     stages.say(f"base: building {final.name} from {len(debs)} packages")
     paths = download_packages(layout, debs, stages)
-    with staging_dir(final) as scratch:
+    with buildcache.staging_dir(final) as scratch:
         tree = scratch / "extracted"
         owner = extract_packages(paths, tree)
         files = select_files(tree, owner)
@@ -987,7 +866,7 @@ def build_base(layout: Layout, *, force: bool, stages: Stages) -> tuple[str, Pat
             "bytes": (size := _tree_bytes(root)),
         }
         (scratch / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        publish(scratch, final, fsync=[scratch / "manifest.json"])
+        buildcache.publish(scratch, final, fsync=[scratch / "manifest.json"])
     stages.say(f"base: {size / 2**20:.1f} MiB in {final}")
     return key, final
 
@@ -996,7 +875,7 @@ def _tree_bytes(root: Path) -> int:
     return sum(path.lstat().st_size for path in _walk_files(root))
 
 
-def base_segment(base: Path, compression: Compression, stages: Stages) -> Path:
+def base_segment(base: Path, compression: Compression, stages: buildcache.Stages) -> Path:
     """The base as one (compressed) cpio archive, padded for concatenation;
     made once per compression and kept beside the base."""
     segment = base / f"root.cpio.{compression.value}"
@@ -1009,7 +888,7 @@ def base_segment(base: Path, compression: Compression, stages: Stages) -> Path:
         writer.device(node)
     writer.close()
     data = compress(buffer.getvalue(), compression, best=True)
-    write_atomically(segment, data + segment_padding(compression, len(data)))
+    buildcache.write_atomically(segment, data + segment_padding(compression, len(data)))
     stages.say(f"base: {compression.value} cpio segment, {len(data) / 2**20:.1f} MiB")
     return segment
 
@@ -1025,9 +904,9 @@ def compress(data: bytes, compression: Compression, *, best: bool) -> bytes:
         return gzip.compress(data, compresslevel=9 if best else 6, mtime=0)
     if compression is Compression.LZ4:
         # -l: the legacy frame format, the only one the kernel's unlz4 reads.
-        return run(["lz4", "-l", "-9" if best else "-1", "-c"], stdin=data)
+        return buildcache.run(["lz4", "-l", "-9" if best else "-1", "-c"], stdin=data)
     # One frame (no -T: the decoder stops after the first), window <= 8 MiB.
-    return run(["zstd", "-19" if best else "-3", "-c", "-q"], stdin=data)
+    return buildcache.run(["zstd", "-19" if best else "-3", "-c", "-q"], stdin=data)
 
 
 # --------------------------------------------------------------------------
@@ -1053,7 +932,7 @@ def host_protobuf_version() -> str:
         raise ImageBuildError(f"protobuf is not installed for {sys.executable}: the image carries its version") from exc
 
 
-def protobuf_wheel(layout: Layout, version: str, stages: Stages) -> Path:
+def protobuf_wheel(layout: Layout, version: str, stages: buildcache.Stages) -> Path:
     """The manylinux wheel of exactly the host's protobuf, cached."""
     layout.wheels.mkdir(parents=True, exist_ok=True)
     pattern = f"protobuf-{version}-*manylinux*x86_64*.whl"
@@ -1063,7 +942,7 @@ def protobuf_wheel(layout: Layout, version: str, stages: Stages) -> Path:
     with tempfile.TemporaryDirectory(dir=layout.wheels, prefix=".download-") as scratch:
         pip = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check"]
         wanted = ["--only-binary=:all:", "--platform", "manylinux2014_x86_64", "--python-version", "3.11", "--no-deps"]
-        run([*pip, *wanted, "--dest", scratch, f"protobuf=={version}"])
+        buildcache.run([*pip, *wanted, "--dest", scratch, f"protobuf=={version}"])
         wheels = sorted(Path(scratch).glob(pattern))
         if len(wheels) != 1:
             raise ImageBuildError(f"pip download protobuf=={version} gave {[w.name for w in wheels]}")
@@ -1146,7 +1025,7 @@ def build_overlay(
         target.write_bytes(data)
 
 
-def write_initrd(base: Path, overlay: Path, compression: Compression, output: Path, stages: Stages) -> None:
+def write_initrd(base: Path, overlay: Path, compression: Compression, output: Path, stages: buildcache.Stages) -> None:
     """Cached base segment + the overlay as a second archive (compressed the
     same way, quickly): the kernel unpacks both into one rootfs."""
     segment = base_segment(base, compression, stages)
@@ -1171,12 +1050,12 @@ def write_erofs(base: Path, overlay: Path, output: Path, key: str) -> None:
     same bytes."""
     tree = output.with_name("tree")
     # Hard links into the cached base: mkfs only reads them.
-    run(["cp", "-a", "--link", base / "root", tree])
-    run(["cp", "-a", f"{overlay}/.", tree])
+    buildcache.run(["cp", "-a", "--link", base / "root", tree])
+    buildcache.run(["cp", "-a", f"{overlay}/.", tree])
     for node in DEVICE_NODES:
         os.mknod(tree / node.path, stat.S_IFCHR | node.mode, os.makedev(node.major, node.minor))
     fs_uuid = str(uuid.UUID(hashlib.sha256(key.encode()).hexdigest()[:32]))
-    run(["mkfs.erofs", "--quiet", "--all-root", "-T0", "-x-1", f"-U{fs_uuid}", output, tree])
+    buildcache.run(["mkfs.erofs", "--quiet", "--all-root", "-T0", "-x-1", f"-U{fs_uuid}", output, tree])
     shutil.rmtree(tree)
     size = output.stat().st_size
     os.truncate(output, -(-size // NVDIMM_ALIGN) * NVDIMM_ALIGN)
@@ -1192,7 +1071,7 @@ def build_image(
     modules: Path | None,
     init_script: Path,
     force: bool,
-    stages: Stages,
+    stages: buildcache.Stages,
 ) -> Path:
     capsa = capsa_sources()
     wheel = protobuf_wheel(layout, host_protobuf_version(), stages)
@@ -1210,7 +1089,7 @@ def build_image(
         os.utime(final)  # most recently used: pruning goes by mtime
         stages.say(f"image: cached {final.name}")
         return artefact
-    with staging_dir(final) as scratch:
+    with buildcache.staging_dir(final) as scratch:
         overlay = scratch / "overlay"
         overlay.mkdir()
         build_overlay(base, overlay, capsa=capsa, wheel=wheel, init=init, modules=module_tree)
@@ -1230,14 +1109,14 @@ def build_image(
             "bytes": (size := output.stat().st_size),
         }
         (scratch / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        publish(scratch, final, fsync=[output])
+        buildcache.publish(scratch, final, fsync=[output])
     stages.say(f"image: {artefact.name} {size / 2**20:.1f} MiB in {final}")
     return artefact
 
 
-def install(layout: Layout, artefact: Path, image_format: Format, stages: Stages) -> None:
+def install(layout: Layout, artefact: Path, image_format: Format, stages: buildcache.Stages) -> None:
     link = layout.installed(image_format)
-    point_symlink(link, artefact)
+    buildcache.point_symlink(link, artefact)
     stages.say(f"install: {link} -> {artefact}")
 
 
@@ -1265,7 +1144,7 @@ def prune_old_builds(layout: Layout, keep: Path) -> None:
     not take away.
     """
     pinned = {keep.resolve()}
-    for guest in {layout.guest, DEFAULT_GUEST_DIR}:
+    for guest in {layout.guest, buildcache.DEFAULT_GUEST_DIR}:
         for image_format in Format:
             link = guest / artefact_name(image_format)
             if link.is_symlink():
@@ -1304,10 +1183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if sys.version_info[:2] != (3, 11):
         print("build.py: error: run me with Python 3.11 (the guest's version)", file=sys.stderr)
         return 1
-    layout = Layout.from_environment()
-    stages = Stages()
+    layout = Layout.from_environment("image")
+    stages = buildcache.Stages()
     try:
-        with locked(layout.lock, stages):
+        with buildcache.locked(layout.lock, stages):
             remove_leftovers(layout)
             key, base = build_base(layout, force=args.force, stages=stages)
             artefact = build_image(
@@ -1323,7 +1202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             install(layout, artefact, image_format, stages)
             prune_old_builds(layout, artefact.parent)
-    except ImageBuildError as exc:
+    except buildcache.BuildError as exc:
         print(f"build.py: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -19,19 +19,19 @@ from ``vmlinuz-cloud`` and ``modules-cloud`` in the guest directory.
 
 This is a stand-alone, standard-library-only script (it runs before the capsa
 package exists anywhere), so its one exception type, :class:`KernelBuildError`,
-is local rather than part of ``capsa.errors``. Nothing is installed: build
-dependencies (build-essential flex bison libelf-dev libssl-dev bc cpio) are
-the caller's business. Concurrent runs serialise on a lock file, and every
-artefact appears by ``rename(2)`` of a finished staging directory, so a failed
-or killed run leaves nothing half-written where readers look.
+is local rather than part of ``capsa.errors`` (it derives from
+``buildcache.BuildError``, which commands that fail raise). Nothing is
+installed: build dependencies (build-essential flex bison libelf-dev
+libssl-dev bc cpio) are the caller's business. Concurrent runs serialise on a
+lock file, and every artefact appears by ``rename(2)`` of a finished staging
+directory (``guest/buildcache.py``, shared with the image builder), so a
+failed or killed run leaves nothing half-written where readers look.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -41,18 +41,19 @@ import struct
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
+
+# Run as a script: guest/, home of the shared buildcache module, is not on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import buildcache
 
 #: Bump whenever the way a kernel is built from the same inputs changes
 #: (make targets, strip flags, artefact layout): it is part of the cache key.
 RECIPE_VERSION = 1
 
-DEFAULT_CACHE_DIR = Path("/var/cache/capsa")
-DEFAULT_GUEST_DIR = Path("/var/lib/capsa/guest")
 SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 SOURCE_PACKAGE = "linux-source-6.1"
 FRAGMENT = Path(__file__).resolve().with_name("capsa.config")
@@ -88,7 +89,7 @@ _XEN_ELFNOTE_PHYS32_ENTRY = 18
 _PT_NOTE = 4
 
 
-class KernelBuildError(Exception):
+class KernelBuildError(buildcache.BuildError):
     """The kernel could not be configured, built, fetched or installed."""
 
 
@@ -275,93 +276,7 @@ def cloud_image_package(apt_show: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------
 
 
-class Stages:
-    """One line per stage on stderr, with the time since the run started."""
-
-    def __init__(self) -> None:
-        self._start = time.monotonic()
-
-    def say(self, message: str) -> None:
-        print(f"[{time.monotonic() - self._start:7.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-def run(argv: Sequence[str | Path], *, cwd: Path | None = None, log: IO[str] | None = None) -> str:
-    """Run a command; return its stdout unless it goes to ``log``."""
-    try:
-        done = subprocess.run(
-            [str(arg) for arg in argv],
-            cwd=cwd,
-            stdout=log if log is not None else subprocess.PIPE,
-            stderr=subprocess.STDOUT if log is not None else subprocess.PIPE,
-            text=True,
-            check=False,
-        )
-    except FileNotFoundError as exc:
-        raise KernelBuildError(f"{argv[0]} not found (install it first)") from exc
-    if done.returncode != 0:
-        detail = "" if log is not None else (done.stderr or done.stdout or "").strip()[-2000:]
-        raise KernelBuildError(f"{' '.join(map(str, argv))} exited with {done.returncode}\n{detail}".rstrip())
-    return done.stdout if log is None else ""
-
-
-@contextlib.contextmanager
-def locked(path: Path, stages: Stages) -> Iterator[None]:
-    """Hold an exclusive flock(2) on ``path``; the kernel drops it if we die."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            stages.say(f"waiting for another build holding {path}")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
-@contextlib.contextmanager
-def staging_dir(final: Path) -> Iterator[Path]:
-    """A scratch directory beside ``final``; removed unless the caller
-    renamed it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-    try:
-        yield scratch
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def publish(scratch: Path, final: Path) -> None:
-    """Move a finished staging directory to ``final`` in one rename(2)."""
-    if final.exists():
-        # Only reachable with --force: move the old build aside first, so a
-        # reader never sees a mix of two builds.
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        final.rename(old)
-        shutil.rmtree(old, ignore_errors=True)
-    # mkdtemp made it 0700; QEMU may run unprivileged and must read it.
-    scratch.chmod(0o755)
-    _fsync_tree(scratch)
-    scratch.rename(final)
-    _fsync_path(final.parent)
-
-
-def _fsync_path(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush a staged tree before it is renamed into place, so a crash right
-    after the rename cannot leave a published but empty file."""
-    for directory, _subdirs, files in os.walk(root):
-        for name in files:
-            _fsync_path(Path(directory) / name)
-        _fsync_path(Path(directory))
-
-
-def remove_stale_staging(directory: Path, stages: Stages) -> None:
+def remove_stale_staging(directory: Path, stages: buildcache.Stages) -> None:
     """Delete staging leftovers of runs that were killed outright (SIGKILL
     skips ``finally``). Only call this holding the lock: then no live run
     owns any of them."""
@@ -370,23 +285,12 @@ def remove_stale_staging(directory: Path, stages: Stages) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def point_symlink(link: Path, target: Path) -> None:
-    """Make ``link`` point at ``target``, atomically (symlink, then rename
-    over the old link), so readers see the old or the new target, never none."""
-    link.parent.mkdir(parents=True, exist_ok=True)
-    temporary = link.with_name(f".{link.name}.tmp-{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        temporary.unlink()
-    temporary.symlink_to(target)
-    os.replace(temporary, link)
-
-
 def source_version() -> str:
     """Version of the installed kernel source package (e.g. ``6.1.192-2``);
     falls back to a hash of the tarball when it is not a Debian package."""
     try:
-        version = run(["dpkg-query", "-W", "-f=${Version}", SOURCE_PACKAGE]).strip()
-    except KernelBuildError:
+        version = buildcache.run(["dpkg-query", "-W", "-f=${Version}", SOURCE_PACKAGE]).decode().strip()
+    except buildcache.BuildError:
         version = ""
     if version:
         return version
@@ -404,23 +308,8 @@ def source_version() -> str:
 # --------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Where things live; one place so the shell code cannot disagree."""
-
-    cache: Path
-    guest: Path
-
-    @classmethod
-    def from_environment(cls) -> Layout:
-        return cls(
-            cache=Path(os.environ.get("CAPSA_CACHE_DIR", DEFAULT_CACHE_DIR)) / "kernel",
-            guest=Path(os.environ.get("CAPSA_GUEST_DIR", DEFAULT_GUEST_DIR)),
-        )
-
-    @property
-    def lock(self) -> Path:
-        return self.cache / ".lock"
+class Layout(buildcache.Layout):
+    """The kernel's artefacts under ``$CAPSA_CACHE_DIR/kernel``."""
 
     def source(self, version: str) -> Path:
         return self.cache / f"src-{version}"
@@ -434,7 +323,7 @@ class Layout:
         return self.cache / key
 
 
-def extract_source(layout: Layout, version: str, stages: Stages) -> Path:
+def extract_source(layout: Layout, version: str, stages: buildcache.Stages) -> Path:
     source = layout.source(version)
     if (source / "Makefile").exists():
         stages.say(f"source: reusing {source}")
@@ -442,9 +331,9 @@ def extract_source(layout: Layout, version: str, stages: Stages) -> Path:
     if not SOURCE_TARBALL.exists():
         raise KernelBuildError(f"{SOURCE_TARBALL} not found: install {SOURCE_PACKAGE}")
     stages.say(f"source: extracting {SOURCE_TARBALL} to {source}")
-    with staging_dir(source) as scratch:
-        run(["tar", "-xJf", SOURCE_TARBALL, "-C", scratch, "--strip-components=1"])
-        publish(scratch, source)
+    with buildcache.staging_dir(source) as scratch:
+        buildcache.run(["tar", "-xJf", SOURCE_TARBALL, "-C", scratch, "--strip-components=1"])
+        buildcache.publish(scratch, source)
     return source
 
 
@@ -493,7 +382,7 @@ def configure(source: Path, objects: Path, fragment_path: Path, log: IO[str]) ->
     return config
 
 
-def build_kernel(layout: Layout, fragment_path: Path, *, force: bool, jobs: int, stages: Stages) -> Path:
+def build_kernel(layout: Layout, fragment_path: Path, *, force: bool, jobs: int, stages: buildcache.Stages) -> Path:
     """Build (or reuse) our kernel; return the cache directory holding it."""
     fragment_bytes = fragment_path.read_bytes()
     fragment = parse_fragment(fragment_bytes.decode())  # a malformed fragment fails before any work
@@ -521,8 +410,8 @@ def build_kernel(layout: Layout, fragment_path: Path, *, force: bool, jobs: int,
         build_seconds = time.monotonic() - started
 
     stages.say(f"store: stripping vmlinux into {final}")
-    with staging_dir(final) as scratch:
-        run(["strip", "--strip-all", "-o", scratch / "vmlinux", objects / "vmlinux"])
+    with buildcache.staging_dir(final) as scratch:
+        buildcache.run(["strip", "--strip-all", "-o", scratch / "vmlinux", objects / "vmlinux"])
         entry = pvh_entry((scratch / "vmlinux").read_bytes())
         if entry is None:
             raise KernelBuildError("the built vmlinux has no PVH entry note (is CONFIG_PVH on?)")
@@ -545,7 +434,7 @@ def build_kernel(layout: Layout, fragment_path: Path, *, force: bool, jobs: int,
             "bzImage_bytes": bzimage_bytes,
         }
         (scratch / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        publish(scratch, final)
+        buildcache.publish(scratch, final)
     stages.say(
         f"built {release} in {build_seconds:.0f}s: vmlinux {vmlinux_bytes / 2**20:.1f} MiB, "
         f"bzImage {bzimage_bytes / 2**20:.1f} MiB"
@@ -553,10 +442,10 @@ def build_kernel(layout: Layout, fragment_path: Path, *, force: bool, jobs: int,
     return final
 
 
-def install_kernel(layout: Layout, build: Path, stages: Stages) -> Path:
+def install_kernel(layout: Layout, build: Path, stages: buildcache.Stages) -> Path:
     link = layout.guest / "vmlinux"
-    point_symlink(link, build / "vmlinux")
-    point_symlink(layout.guest / "bzImage", build / "bzImage")
+    buildcache.point_symlink(link, build / "vmlinux")
+    buildcache.point_symlink(layout.guest / "bzImage", build / "bzImage")
     stages.say(f"install: {link} -> {build / 'vmlinux'}")
     return link
 
@@ -566,13 +455,13 @@ def install_kernel(layout: Layout, build: Path, stages: Stages) -> Path:
 # --------------------------------------------------------------------------
 
 
-def fetch_cloud_kernel(layout: Layout, *, force: bool, stages: Stages) -> Path:
+def fetch_cloud_kernel(layout: Layout, *, force: bool, stages: buildcache.Stages) -> Path:
     """Download and unpack the cloud kernel; return its cache directory,
     holding ``vmlinuz`` and ``modules/<kver>/`` (a ``/lib/modules`` tree)."""
     stages.say(f"resolve: {CLOUD_META_PACKAGE}")
     try:
-        shown = run(["apt-cache", "show", "--no-all-versions", CLOUD_META_PACKAGE])
-    except KernelBuildError as exc:
+        shown = buildcache.run(["apt-cache", "show", "--no-all-versions", CLOUD_META_PACKAGE]).decode()
+    except buildcache.BuildError as exc:
         raise KernelBuildError(f"{exc}\n(run apt-get update first?)") from exc
     package, version = cloud_image_package(shown)
     final = layout.cache / f"cloud-{package}_{version}-r{RECIPE_VERSION}"
@@ -580,13 +469,13 @@ def fetch_cloud_kernel(layout: Layout, *, force: bool, stages: Stages) -> Path:
         stages.say(f"cached: {final}")
         return final
 
-    with staging_dir(final) as scratch:
+    with buildcache.staging_dir(final) as scratch:
         download = scratch / "download"
         download.mkdir()
         stages.say(f"download: apt-get download {package}={version}")
         # The apt sandbox user cannot write into our private staging dir; we
         # only download, so fetching as root is acceptable.
-        run(["apt-get", "download", "-o", "APT::Sandbox::User=root", f"{package}={version}"], cwd=download)
+        buildcache.run(["apt-get", "download", "-o", "APT::Sandbox::User=root", f"{package}={version}"], cwd=download)
         (deb,) = download.glob("*.deb")
         stages.say(f"extract: {deb.name}")
         unpacked = scratch / "unpacked"
@@ -594,7 +483,7 @@ def fetch_cloud_kernel(layout: Layout, *, force: bool, stages: Stages) -> Path:
 
         stages.say("modules: dependency closure, depmod")
         all_modules = unpacked / "lib/modules" / kernel_release
-        run(["depmod", "-b", unpacked, kernel_release])
+        buildcache.run(["depmod", "-b", unpacked, kernel_release])
         available = parse_modules_dep((all_modules / "modules.dep").read_text())
         chosen = module_closure(available, CLOUD_MODULE_PREFIXES)
         missing = unmatched_prefixes(available, CLOUD_MODULE_PREFIXES)
@@ -613,7 +502,7 @@ def fetch_cloud_kernel(layout: Layout, *, force: bool, stages: Stages) -> Path:
                 shutil.copy2(all_modules / kept, modules / kept)
         # depmod again on just what we ship, so modules.dep (and its .bin /
         # alias indexes) name no module that is missing from the tree.
-        run(["depmod", "-b", scratch, kernel_release])
+        buildcache.run(["depmod", "-b", scratch, kernel_release])
         (modules / "capsa-load-order").write_text("".join(f"{module}\n" for module in chosen))
         (scratch / "lib/modules").rename(scratch / "modules")
         (scratch / "lib").rmdir()
@@ -629,7 +518,7 @@ def fetch_cloud_kernel(layout: Layout, *, force: bool, stages: Stages) -> Path:
         (scratch / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         shutil.rmtree(download)
         shutil.rmtree(unpacked)
-        publish(scratch, final)
+        buildcache.publish(scratch, final)
     stages.say(f"fetched {kernel_release}: {len(chosen)} modules")
     return final
 
@@ -655,10 +544,10 @@ def _extract_kernel_package(deb: Path, into: Path) -> str:
     return kernels[0].name.removeprefix("vmlinuz-")
 
 
-def install_cloud_kernel(layout: Layout, fetched: Path, stages: Stages) -> Path:
+def install_cloud_kernel(layout: Layout, fetched: Path, stages: buildcache.Stages) -> Path:
     link = layout.guest / "vmlinuz-cloud"
-    point_symlink(link, fetched / "vmlinuz")
-    point_symlink(layout.guest / "modules-cloud", fetched / "modules")
+    buildcache.point_symlink(link, fetched / "vmlinuz")
+    buildcache.point_symlink(layout.guest / "modules-cloud", fetched / "modules")
     stages.say(f"install: {link} -> {fetched / 'vmlinuz'}, modules-cloud -> {fetched / 'modules'}")
     return link
 
@@ -677,10 +566,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="make -j (default: all CPUs)")
     args = parser.parse_args(argv)
 
-    layout = Layout.from_environment()
-    stages = Stages()
+    layout = Layout.from_environment("kernel")
+    stages = buildcache.Stages()
     try:
-        with locked(layout.lock, stages):
+        with buildcache.locked(layout.lock, stages):
             remove_stale_staging(layout.cache, stages)
             if args.cloud:
                 result = fetch_cloud_kernel(layout, force=args.force, stages=stages)
@@ -690,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result = build_kernel(layout, args.fragment.resolve(), force=args.force, jobs=args.jobs, stages=stages)
                 install_kernel(layout, result, stages)
                 path = result / "vmlinux"
-    except KernelBuildError as exc:
+    except buildcache.BuildError as exc:
         print(f"build.py: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
