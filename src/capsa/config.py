@@ -223,14 +223,6 @@ class _Table:
 
         return self.get(key, (), convert)
 
-    def string(self, key: str, default: str) -> str:
-        def convert(k: str, v: Any) -> str:
-            if not isinstance(v, str):
-                raise self._fail(k, "a string")
-            return v
-
-        return self.get(key, default, convert)
-
 
 def _parse_hypervisor(table: Mapping[str, Any], where: str) -> HypervisorConfig:
     t = _Table(table, where, HypervisorConfig)
