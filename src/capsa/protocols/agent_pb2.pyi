@@ -160,6 +160,7 @@ class Storage(_message.Message):
     FSTYPE_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     MOUNT_POINT_FIELD_NUMBER: _builtins.int
+    SUBPATH_FIELD_NUMBER: _builtins.int
     driver: _builtins.str
     """"virtiofs", "9p", "blk", "local" """
     source: _builtins.str
@@ -168,6 +169,12 @@ class Storage(_message.Message):
     """virtiofs, 9p, ext4, tmpfs ..."""
     mount_point: _builtins.str
     """absolute path in the guest"""
+    subpath: _builtins.str
+    """A directory inside the share (relative, no ".."): the share is mounted
+    once per sandbox at mount_point, and this directory of it is bound
+    where the request needs it (a container's rootfs).  Empty: the share
+    itself is mounted at mount_point, per request.
+    """
     @_builtins.property
     def options(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -178,10 +185,11 @@ class Storage(_message.Message):
         fstype: _builtins.str = ...,
         options: _abc.Iterable[_builtins.str] | None = ...,
         mount_point: _builtins.str = ...,
+        subpath: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["driver", b"driver", "fstype", b"fstype", "mount_point", b"mount_point", "options", b"options", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["driver", b"driver", "fstype", b"fstype", "mount_point", b"mount_point", "options", b"options", "source", b"source", "subpath", b"subpath"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
