@@ -53,3 +53,7 @@ class AgentError(CapsaError):
 
 class StorageError(CapsaError):
     """Sharing a filesystem with the guest (virtio-fs, 9p) failed."""
+
+
+class HookError(CapsaError):
+    """An OCI hook (config.md "POSIX-platform Hooks") could not run or failed."""
