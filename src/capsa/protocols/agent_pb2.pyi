@@ -393,6 +393,33 @@ class StatsContainerRequest(_message.Message):
 Global___StatsContainerRequest: _TypeAlias = StatsContainerRequest  # noqa: Y015
 
 @_typing.final
+class UpdateContainerRequest(_message.Message):
+    """New cgroup limits for a running container (`runc update`): the OCI
+    linux.resources object (runtime-spec config-linux.md "Control groups") as
+    JSON, applied by `crun update --resources`.  The host grows the VM first.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTAINER_ID_FIELD_NUMBER: _builtins.int
+    RESOURCES_JSON_FIELD_NUMBER: _builtins.int
+    container_id: _builtins.str
+    resources_json: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        container_id: _builtins.str = ...,
+        resources_json: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_id", b"container_id", "resources_json", b"resources_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateContainerRequest: _TypeAlias = UpdateContainerRequest  # noqa: Y015
+
+@_typing.final
 class StatsContainerResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
