@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from capsa import __version__
-from capsa.cli import check, env, run, spec, version
+from capsa.cli import check, env, features, run, spec, version
 from capsa.cli.context import Context
 from capsa.cli.report import report_error, setup_logging
 from capsa.errors import CapsaError
@@ -26,6 +26,7 @@ VERBS: dict[str, ModuleType] = {
     "env": env,
     "check": check,
     "version": version,
+    "features": features,
 }
 
 
