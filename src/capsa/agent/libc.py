@@ -3,8 +3,10 @@
 The guest has no ``mount`` binary and no shell, and spawning one would cost
 startup time anyway, so mount(2), umount2(2), reboot(2) and
 prctl(PR_SET_CHILD_SUBREAPER) are called through libc with :mod:`ctypes`.
+The host side uses mount(2) and unshare(2) from here too
+(:mod:`capsa.storage.shared`: Python 3.11 has no ``os.unshare``).
 Constants are the x86-64/generic Linux values from ``<sys/mount.h>``,
-``<linux/reboot.h>`` and ``<linux/prctl.h>``.
+``<linux/reboot.h>``, ``<linux/prctl.h>`` and ``<linux/sched.h>``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ MS_STRICTATIME = 0x1000000
 # umount2(2) flags.
 MNT_FORCE = 0x1
 MNT_DETACH = 0x2
+
+# unshare(2) flag, <linux/sched.h>.
+CLONE_NEWNS = 0x00020000
 
 # reboot(2) command, <linux/reboot.h> LINUX_REBOOT_CMD_POWER_OFF.
 RB_POWER_OFF = 0x4321FEDC
@@ -75,6 +80,11 @@ def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "")
 def umount(target: str, flags: int = 0) -> None:
     """umount2(2)."""
     _check(_lib().umount2(target.encode(), ctypes.c_int(flags)), "umount", target)
+
+
+def unshare(flags: int) -> None:
+    """unshare(2); raises OSError carrying errno."""
+    _check(_lib().unshare(ctypes.c_int(flags)), "unshare")
 
 
 def power_off() -> None:

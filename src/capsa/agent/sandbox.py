@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import os
 import signal
 from collections.abc import Callable
 from typing import Any
 
-from capsa.agent import cgroup, clone, crun, spawn, storage
+from capsa.agent import cgroup, clone, crun, hotplug, spawn, storage
 from capsa.agent.container import Container, ContainerState, Process, Registry
 from capsa.agent.options import AgentOptions
 from capsa.agent.reaper import Reaper, exit_status
@@ -55,6 +56,9 @@ class Sandbox:
         self._reaper = reaper
         self._created = False
         self._mounts: list[str] = []
+        # Shares mounted once for every container (Storage.subpath):
+        # mount point -> (driver, tag) of the share mounted there.
+        self._shares: dict[str, tuple[str, str]] = {}
         self._counter = itertools.count(1)
         self._crun_version: str | None = None
         self._no_pivot: bool | None = None
@@ -77,6 +81,7 @@ class Sandbox:
         """CreateSandbox: hostname, sandbox-wide mounts, resolv.conf."""
         if self._created:
             raise WrongState("the sandbox already exists")
+        _refuse_subpath(storages)
         requests = [storage.mount_request(item) for item in storages]
         mounted: list[str] = []
         try:
@@ -86,7 +91,7 @@ class Sandbox:
         except BaseException:
             self._unmount_all(mounted)
             raise
-        self._mounts = mounted
+        self._mounts.extend(mounted)
         if self.options.guest:
             if hostname:
                 import socket
@@ -106,6 +111,7 @@ class Sandbox:
                 log.exception("destroying the sandbox: removing container %s failed", container.id)
         self._unmount_all(self._mounts)
         self._mounts = []
+        self._shares.clear()
         os.sync()
 
     # --- containers ------------------------------------------------------
@@ -120,6 +126,7 @@ class Sandbox:
         mounted: list[str] = []
         try:
             spec = crun.load_spec(spec_json)
+            _refuse_subpath(storages)
             os.makedirs(bundle, exist_ok=True)
             rootfs_path = self._mount_rootfs(rootfs, spec, os.path.join(bundle, "rootfs"), mounted)
             for item in storages:
@@ -152,10 +159,21 @@ class Sandbox:
     def _mount_rootfs(self, rootfs: pb.Storage, spec: dict[str, Any], default: str, mounted: list[str]) -> str:
         """Mount the rootfs Storage; without a driver it is already in the guest.
 
-        A driverless rootfs names a directory the guest already has (a
-        subdirectory of a sandbox-wide share, say): its mount_point, else the
-        spec's absolute root.path.
+        With a subpath, the share is mounted once for the sandbox at the
+        Storage's mount_point and its subpath is bound at ``default`` (the
+        container's own rootfs directory, unmounted with the container).
+        Without one, the share itself is mounted at ``default``.  A
+        driverless rootfs names a directory the guest already has: its
+        mount_point, else the spec's absolute root.path.
         """
+        if rootfs.driver and rootfs.subpath:
+            share_point = self._mount_share(rootfs)
+            request = storage.bind_request(storage.share_subpath(share_point, rootfs.subpath), default)
+            if not os.path.isdir(request.source):
+                raise InvalidArgument(f"the rootfs {rootfs.subpath!r} is not a directory of share {rootfs.source!r}")
+            storage.mount(request)
+            mounted.append(request.target)
+            return request.target
         if rootfs.driver:
             request = storage.mount_request(rootfs, default)
             storage.mount(request)
@@ -166,6 +184,26 @@ class Sandbox:
         if not isinstance(path, str) or not os.path.isabs(path):
             raise InvalidArgument("the rootfs has no storage driver and the spec's root.path is not absolute")
         return path
+
+    def _mount_share(self, share: pb.Storage) -> str:
+        """Mount ``share`` (without its subpath) unless this sandbox already did; return where it is.
+
+        A share stays mounted until DestroySandbox: a pod's containers come
+        and go, and the host adds their directories to the same share.
+        """
+        request = storage.mount_request(share)
+        key = (share.driver, share.source)
+        mounted = self._shares.get(request.target)
+        if mounted is not None:
+            if mounted != key:
+                raise InvalidArgument(
+                    f"{request.target} already holds share {mounted[1]!r} ({mounted[0]}), not {share.source!r}"
+                )
+            return request.target
+        storage.mount(request)
+        self._mounts.append(request.target)
+        self._shares[request.target] = key
+        return request.target
 
     async def start_container(self, container_id: str) -> None:
         """StartContainer: ``crun start`` lets the init exec the user's process."""
@@ -274,6 +312,32 @@ class Sandbox:
             await self._crun("resume", lambda log_file, _: crun.resume_argv(self.crun, log_file, container_id))
             if container.state is ContainerState.PAUSED:
                 container.state = ContainerState.RUNNING
+
+    async def update_container(self, container_id: str, resources_json: bytes) -> None:
+        """UpdateContainer: new cgroup limits through ``crun update --resources`` (runc's ``update``).
+
+        The host has grown the VM to fit first; CPUs and memory it
+        hot-plugged are onlined here, before limits that may name them (a
+        cpuset with the new CPU, say).
+        """
+        container = self.registry.get(container_id)
+        resources = crun.load_resources(resources_json)
+        async with container.lock:
+            if container.state is ContainerState.STOPPED:
+                raise WrongState(f"container {container_id} is stopped: there is no cgroup to update")
+            if self.options.guest:
+                hotplug.online_hotplugged()
+            resources_file = os.path.join(container.bundle, f"resources-{next(self._counter)}.json")
+            with open(resources_file, "w", encoding="utf-8") as file:
+                json.dump(resources, file)
+            try:
+                await self._crun(
+                    "update",
+                    lambda log_file, _: crun.update_argv(self.crun, log_file, container_id, resources_file),
+                )
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(resources_file)
 
     def stats(self, container_id: str) -> cgroup.CgroupStats:
         container = self.registry.get(container_id)
@@ -420,6 +484,13 @@ class Sandbox:
                 storage.unmount(target)
             except Exception as exc:
                 log.warning("%s", exc)
+
+
+def _refuse_subpath(storages: list[pb.Storage]) -> None:
+    """A subpath only has a meaning for a container's rootfs (see _mount_rootfs)."""
+    for item in storages:
+        if item.subpath:
+            raise InvalidArgument(f"storage {item.source!r}: a subpath is only supported for a container's rootfs")
 
 
 def _read_pid(pid_file: str) -> int:

@@ -10,6 +10,11 @@
   default 8 KiB makes every read a round trip).
 - ``blk``: ``source`` is a block device, ``fstype`` names its filesystem.
 - ``local``: a guest-local filesystem (``fstype``, default tmpfs).
+
+A ``subpath`` names a directory inside a share that the sandbox mounts
+once (Kata's shared-directory model, see :mod:`capsa.runtime.mounts`):
+:func:`share_subpath` checks it stays inside the share, and
+:func:`bind_request` binds it where the container needs it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import posixpath
 from dataclasses import dataclass
 
 from capsa.agent import libc
@@ -107,15 +113,34 @@ def mount_request(storage: pb.Storage, default_target: str = "") -> MountRequest
     raise InvalidArgument(f"unknown storage driver {driver!r} (virtiofs, 9p, blk, local)")
 
 
+def share_subpath(share_point: str, subpath: str) -> str:
+    """The guest path of ``subpath`` inside the share mounted at ``share_point``.
+
+    The host names a directory of its shared dir ("<cid>/rootfs"); it must
+    be relative and must not climb out with ``..``, or a request could bind
+    any guest directory as a container's rootfs.
+    """
+    if not subpath or subpath.startswith("/"):
+        raise InvalidArgument(f"storage subpath must be a relative path, got {subpath!r}")
+    parts = [part for part in subpath.split("/") if part not in ("", ".")]
+    if not parts or ".." in parts:
+        raise InvalidArgument(f"storage subpath {subpath!r} must name a directory inside the share")
+    return posixpath.join(share_point, *parts)
+
+
+def bind_request(source: str, target: str) -> MountRequest:
+    """A plain bind mount (mount(2) MS_BIND) of ``source`` at ``target``."""
+    return MountRequest(source, target, "", libc.MS_BIND)
+
+
 def mount(request: MountRequest) -> None:
     """Create the target directory and mount; StorageError names what failed."""
     try:
         os.makedirs(request.target, exist_ok=True)
         libc.mount(request.source, request.target, request.fstype, request.flags, request.data)
     except OSError as exc:
-        raise StorageError(
-            f"cannot mount {request.fstype} {request.source!r} at {request.target}: {os.strerror(exc.errno or 0)}"
-        ) from exc
+        what = f"{request.fstype} {request.source!r}" if request.fstype else f"bind of {request.source}"
+        raise StorageError(f"cannot mount {what} at {request.target}: {os.strerror(exc.errno or 0)}") from exc
 
 
 def unmount(target: str) -> None:

@@ -5,22 +5,40 @@ input fails in milliseconds and leaves nothing behind.  The checks follow the
 OCI runtime spec (config.md): ``root.path`` is relative to the bundle unless
 absolute; ``process`` is required for ``create``/``run``; ``process.args``
 is a non-empty array of strings.
+
+Namespaces (config-linux.md "Namespaces"): an absent entry means the
+container shares the runtime's namespace of that type, and an entry with a
+``path`` joins that namespace.  A container in a VM can share neither the
+host's network, nor its PID nor its IPC namespace (its processes live in
+another kernel), so :func:`check_namespaces` refuses both forms of asking
+for them, as Kata does ("Host networking requested, not supported").  A
+network namespace of its own on the host is where the VM's network attaches
+(DESIGN.md 7); its path is :attr:`Bundle.network_namespace`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from capsa.errors import BundleError
+from capsa.errors import BundleError, InvalidArgument
 
 # What runc and crun assume when process.env has no PATH.
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _MAX_SYMLINKS = 40
+
+# The namespaces a VM cannot share with the host: spec type -> /proc/<pid>/ns
+# file name, and the name a user knows it by.
+_VM_NAMESPACES = {"network": ("net", "network"), "pid": ("pid", "PID"), "ipc": ("ipc", "IPC")}
+
+# (st_dev, st_ino) of an nsfs file: what identifies a namespace (namespaces(7)).
+NamespaceId = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -30,6 +48,9 @@ class Bundle:
     path: Path
     spec: dict[str, Any]
     rootfs: Path
+    # The engine's network namespace (linux.namespaces "network" path), where
+    # the VM's network attaches; None: the container gets a new, empty one.
+    network_namespace: Path | None = None
 
     @property
     def process(self) -> dict[str, Any]:
@@ -65,9 +86,76 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
     if not isinstance(spec, dict):
         raise BundleError(f"{config_path}: expected a JSON object")
     _check_process(spec, config_path)
+    network_namespace = check_namespaces(spec, config_path)
     rootfs = _rootfs_path(spec, bundle, config_path)
     _check_executable(spec["process"], rootfs)
-    return Bundle(path=bundle, spec=spec, rootfs=rootfs)
+    return Bundle(path=bundle, spec=spec, rootfs=rootfs, network_namespace=network_namespace)
+
+
+def host_namespace_ids(kind: str) -> set[NamespaceId]:
+    """The host's namespace of ``kind`` (a /proc/<pid>/ns name): init's and ours.
+
+    Ours is the runtime's, which the engine means by an absent entry; init's
+    is the host's own.  A file that cannot be read (/proc/1 of another user
+    for a non-root caller) is left out.
+    """
+    found: set[NamespaceId] = set()
+    for pid in ("1", "self"):
+        with contextlib.suppress(OSError):
+            info = os.stat(f"/proc/{pid}/ns/{kind}")
+            found.add((info.st_dev, info.st_ino))
+    return found
+
+
+def check_namespaces(
+    spec: dict[str, Any],
+    where: Path,
+    host_ids: Callable[[str], set[NamespaceId]] = host_namespace_ids,
+    stat: Callable[[str], os.stat_result] = os.stat,
+) -> Path | None:
+    """Refuse the host's network, PID or IPC namespace; return the network namespace path, if any.
+
+    InvalidArgument for a namespace the VM cannot honour, BundleError for a
+    malformed entry or a path that does not exist.
+    """
+    linux = spec.get("linux")
+    if linux is None:
+        linux = {}
+    if not isinstance(linux, dict):
+        raise BundleError(f"{where}: linux: expected an object")
+    namespaces = linux.get("namespaces")
+    if namespaces is None:
+        namespaces = []
+    if not isinstance(namespaces, list):
+        raise BundleError(f"{where}: linux.namespaces: expected an array")
+    paths: dict[str, str] = {}
+    for index, entry in enumerate(namespaces):
+        if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
+            raise BundleError(f"{where}: linux.namespaces[{index}]: expected an object with a type")
+        path = entry.get("path", "")
+        if not isinstance(path, str):
+            raise BundleError(f"{where}: linux.namespaces[{index}].path: expected a string")
+        paths[entry["type"]] = path
+    network: Path | None = None
+    for kind, (proc_name, label) in _VM_NAMESPACES.items():
+        refusal = (
+            f"the host's {label} namespace cannot be shared with a container in a VM "
+            f"(use a {label} namespace of its own)"
+        )
+        if kind not in paths:
+            raise InvalidArgument(refusal)
+        path = paths[kind]
+        if not path:
+            continue
+        try:
+            info = stat(path)
+        except OSError as exc:
+            raise BundleError(f"{where}: {kind} namespace {path}: {os.strerror(exc.errno or 0)}") from exc
+        if (info.st_dev, info.st_ino) in host_ids(proc_name):
+            raise InvalidArgument(refusal)
+        if kind == "network":
+            network = Path(path)
+    return network
 
 
 def _check_process(spec: dict[str, Any], where: Path) -> None:

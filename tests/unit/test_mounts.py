@@ -1,0 +1,334 @@
+"""plan_mounts and container_request: which spec mounts the host binds into the shared dir, as data."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from capsa.errors import BundleError, InvalidArgument
+from capsa.protocols import agent_pb2 as pb
+from capsa.runtime.mounts import GUEST_SHARE_DIR, HostBind, container_request, is_host_bind, plan_mounts
+
+PODMAN_USERDATA = "/var/lib/containers/storage/overlay-containers/4f1c/userdata"
+DOCKER_DIR = "/var/lib/docker/containers/9a2e"
+ROOTFS = Path("/var/lib/containers/storage/overlay/abc/merged")
+
+
+def fake_stat(files: dict[str, int]) -> Any:
+    """os.stat over a made-up tree: path -> st_mode; anything else does not exist."""
+
+    def stat_(path: Path) -> os.stat_result:
+        mode = files.get(str(path))
+        if mode is None:
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return os.stat_result((mode, 1, 1, 1, 0, 0, 0, 0, 0, 0))
+
+    return stat_
+
+
+DIR = stat.S_IFDIR | 0o755
+FILE = stat.S_IFREG | 0o644
+CHR = stat.S_IFCHR | 0o666
+BLK = stat.S_IFBLK | 0o660
+
+
+def linux_mounts() -> list[dict[str, Any]]:
+    """The kernel filesystems both engines put in every spec."""
+    return [
+        {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+        {
+            "destination": "/dev/pts",
+            "type": "devpts",
+            "source": "devpts",
+            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
+        },
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+        {
+            "destination": "/sys/fs/cgroup",
+            "type": "cgroup2",
+            "source": "cgroup2",
+            "options": ["rprivate", "nosuid", "noexec", "nodev", "relatime", "ro"],
+        },
+    ]
+
+
+def podman_spec() -> dict[str, Any]:
+    """What `podman run -v /srv/data:/data -v /srv/conf.ini:/etc/app.ini:ro` writes (podman 4)."""
+
+    def userdata(name: str, destination: str, *extra: str) -> dict[str, Any]:
+        return {
+            "destination": destination,
+            "type": "bind",
+            "source": f"{PODMAN_USERDATA}/{name}",
+            "options": ["bind", "rprivate", *extra],
+        }
+
+    return {
+        "ociVersion": "1.0.2-dev",
+        "process": {"args": ["sh"], "cwd": "/"},
+        "root": {"path": str(ROOTFS)},
+        "hostname": "4f1c",
+        "mounts": [
+            *linux_mounts(),
+            userdata("shm", "/dev/shm", "nosuid", "noexec", "nodev"),
+            userdata("hostname", "/etc/hostname"),
+            userdata("resolv.conf", "/etc/resolv.conf"),
+            userdata("hosts", "/etc/hosts"),
+            userdata(".containerenv", "/run/.containerenv"),
+            {"destination": "/data", "type": "bind", "source": "/srv/data", "options": ["rbind", "rprivate"]},
+            {
+                "destination": "/etc/app.ini",
+                "type": "bind",
+                "source": "/srv/conf.ini",
+                "options": ["ro", "rprivate", "rbind"],
+            },
+        ],
+        "linux": {"namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "cgroup")]},
+    }
+
+
+PODMAN_FILES = {
+    f"{PODMAN_USERDATA}/shm": DIR,
+    f"{PODMAN_USERDATA}/hostname": FILE,
+    f"{PODMAN_USERDATA}/resolv.conf": FILE,
+    f"{PODMAN_USERDATA}/hosts": FILE,
+    f"{PODMAN_USERDATA}/.containerenv": FILE,
+    "/srv/data": DIR,
+    "/srv/conf.ini": FILE,
+}
+
+
+def docker_spec() -> dict[str, Any]:
+    """What `docker run -v /srv/data:/data:ro` writes (moby 24): rbind everywhere, mounts/shm for /dev/shm."""
+
+    def container_file(source: str, destination: str) -> dict[str, Any]:
+        return {
+            "destination": destination,
+            "type": "bind",
+            "source": f"{DOCKER_DIR}/{source}",
+            "options": ["rbind", "rprivate"],
+        }
+
+    return {
+        "ociVersion": "1.0.2-dev",
+        "process": {"args": ["sh"], "cwd": "/"},
+        "root": {"path": "/var/lib/docker/overlay2/77/merged"},
+        "mounts": [
+            *linux_mounts(),
+            container_file("mounts/shm", "/dev/shm"),
+            container_file("resolv.conf", "/etc/resolv.conf"),
+            container_file("hostname", "/etc/hostname"),
+            container_file("hosts", "/etc/hosts"),
+            {"destination": "/data", "type": "bind", "source": "/srv/data", "options": ["rbind", "ro", "rprivate"]},
+        ],
+    }
+
+
+DOCKER_FILES = {
+    f"{DOCKER_DIR}/mounts/shm": DIR,
+    f"{DOCKER_DIR}/resolv.conf": FILE,
+    f"{DOCKER_DIR}/hostname": FILE,
+    f"{DOCKER_DIR}/hosts": FILE,
+    "/srv/data": DIR,
+}
+
+
+def test_podman_spec() -> None:
+    spec = podman_spec()
+    before = copy.deepcopy(spec)
+    plan = plan_mounts(spec, "c1", ROOTFS, fake_stat(PODMAN_FILES))
+    assert spec == before  # input untouched
+
+    assert plan.rootfs == "c1/rootfs"
+    assert plan.binds[0] == HostBind(ROOTFS, "c1/rootfs", readonly=False, directory=True, recursive=True)
+    assert plan.binds[1:] == (
+        HostBind(Path(f"{PODMAN_USERDATA}/shm"), "c1/mounts/6", readonly=False, directory=True, recursive=False),
+        HostBind(Path(f"{PODMAN_USERDATA}/hostname"), "c1/mounts/7", readonly=False, directory=False, recursive=False),
+        HostBind(
+            Path(f"{PODMAN_USERDATA}/resolv.conf"), "c1/mounts/8", readonly=False, directory=False, recursive=False
+        ),
+        HostBind(Path(f"{PODMAN_USERDATA}/hosts"), "c1/mounts/9", readonly=False, directory=False, recursive=False),
+        HostBind(
+            Path(f"{PODMAN_USERDATA}/.containerenv"), "c1/mounts/10", readonly=False, directory=False, recursive=False
+        ),
+        HostBind(Path("/srv/data"), "c1/mounts/11", readonly=False, directory=True, recursive=True),
+        HostBind(Path("/srv/conf.ini"), "c1/mounts/12", readonly=True, directory=False, recursive=True),
+    )
+
+    mounts = plan.spec["mounts"]
+    # Kernel filesystems go to crun in the guest as they are.
+    assert mounts[:6] == linux_mounts()
+    # Bind sources become guest paths inside the share; destination and
+    # options (ro, propagation) stay for crun to apply in the guest.
+    assert mounts[9] == {
+        "destination": "/etc/hosts",
+        "type": "bind",
+        "source": f"{GUEST_SHARE_DIR}/c1/mounts/9",
+        "options": ["bind", "rprivate"],
+    }
+    assert mounts[12] == {
+        "destination": "/etc/app.ini",
+        "type": "bind",
+        "source": f"{GUEST_SHARE_DIR}/c1/mounts/12",
+        "options": ["ro", "rprivate", "rbind"],
+    }
+    # The rest of the spec is the engine's.
+    assert {k: v for k, v in plan.spec.items() if k != "mounts"} == {k: v for k, v in spec.items() if k != "mounts"}
+
+
+def test_docker_spec() -> None:
+    plan = plan_mounts(docker_spec(), "d", Path("/var/lib/docker/overlay2/77/merged"), fake_stat(DOCKER_FILES))
+    by_target = {bind.target: bind for bind in plan.binds}
+    assert sorted(by_target) == ["d/mounts/10", "d/mounts/6", "d/mounts/7", "d/mounts/8", "d/mounts/9", "d/rootfs"]
+    assert by_target["d/mounts/6"].directory and by_target["d/mounts/6"].recursive
+    assert not by_target["d/mounts/7"].directory
+    assert by_target["d/mounts/10"].readonly
+    assert not by_target["d/mounts/9"].readonly
+    assert [m["source"] for m in plan.spec["mounts"][6:]] == [f"{GUEST_SHARE_DIR}/d/mounts/{n}" for n in range(6, 11)]
+
+
+def test_guest_share_dir_is_the_callers() -> None:
+    plan = plan_mounts(podman_spec(), "c1", ROOTFS, fake_stat(PODMAN_FILES), "/mnt/share")
+    assert plan.spec["mounts"][9]["source"] == "/mnt/share/c1/mounts/9"
+    assert plan.guest_share_dir == "/mnt/share"
+
+
+@pytest.mark.parametrize(
+    ("mount", "expected"),
+    [
+        ({"type": "bind", "source": "/a", "destination": "/b"}, True),
+        ({"type": "none", "source": "/a", "destination": "/b", "options": ["rbind"]}, True),
+        ({"source": "/a", "destination": "/b", "options": ["ro", "bind"]}, True),
+        ({"type": "", "source": "/a", "destination": "/b", "options": ["nosuid,bind"]}, True),
+        ({"type": "tmpfs", "source": "tmpfs", "destination": "/b", "options": ["bind"]}, False),
+        ({"type": "proc", "source": "proc", "destination": "/proc"}, False),
+        ({"type": "cgroup", "source": "cgroup", "destination": "/sys/fs/cgroup", "options": ["ro"]}, False),
+        ({"source": "/a", "destination": "/b"}, False),
+    ],
+)
+def test_what_is_a_bind_mount(mount: dict[str, Any], expected: bool) -> None:
+    assert is_host_bind(mount) is expected
+
+
+def spec_with(*mounts: dict[str, Any]) -> dict[str, Any]:
+    return {"process": {"args": ["sh"]}, "root": {"path": "rootfs"}, "mounts": list(mounts)}
+
+
+def test_ro_rw_last_word_wins() -> None:
+    files = {"/a": DIR}
+    spec = spec_with(
+        {"destination": "/x", "type": "bind", "source": "/a", "options": ["ro", "rw"]},
+        {"destination": "/y", "type": "bind", "source": "/a", "options": ["rw,ro"]},
+    )
+    plan = plan_mounts(spec, "c", ROOTFS, fake_stat(files))
+    assert [bind.readonly for bind in plan.binds[1:]] == [False, True]
+
+
+def test_character_devices_under_dev_are_the_guests_own() -> None:
+    mount = {"destination": "/dev/fuse", "type": "bind", "source": "/dev/fuse", "options": ["bind"]}
+    plan = plan_mounts(spec_with(mount), "c", ROOTFS, fake_stat({"/dev/fuse": CHR}))
+    assert plan.binds[1:] == ()
+    assert plan.spec["mounts"] == [mount]
+
+
+def test_system_paths_are_the_guests_own() -> None:
+    mounts = [
+        {"destination": "/host/sys", "type": "bind", "source": "/sys", "options": ["rbind"]},
+        {"destination": "/host/proc/sys", "type": "bind", "source": "/proc/sys", "options": ["rbind", "ro"]},
+        {"destination": "/dev", "type": "bind", "source": "/dev", "options": ["rbind"]},
+        {"destination": "/dev/shm", "type": "bind", "source": "/dev/shm", "options": ["rbind"]},
+    ]
+    files = {"/sys": DIR, "/proc/sys": DIR, "/dev": DIR, "/dev/shm": DIR}
+    plan = plan_mounts(spec_with(*mounts), "c", ROOTFS, fake_stat(files))
+    assert plan.binds[1:] == ()
+    assert plan.spec["mounts"] == mounts
+
+
+def test_block_devices_are_refused() -> None:
+    mount = {"destination": "/dev/sdb", "type": "bind", "source": "/dev/sdb"}
+    with pytest.raises(InvalidArgument, match="block device /dev/sdb"):
+        plan_mounts(spec_with(mount), "c", ROOTFS, fake_stat({"/dev/sdb": BLK}))
+
+
+@pytest.mark.parametrize(
+    ("mode", "source", "message"),
+    [
+        (stat.S_IFSOCK | 0o660, "/run/docker.sock", "unix socket /run/docker.sock"),
+        (stat.S_IFIFO | 0o600, "/tmp/fifo", "FIFO /tmp/fifo"),
+        (CHR, "/tmp/null", "character device /tmp/null"),
+    ],
+)
+def test_what_cannot_cross_the_vm_boundary(mode: int, source: str, message: str) -> None:
+    mount = {"destination": "/x", "type": "bind", "source": source}
+    with pytest.raises(InvalidArgument, match=message):
+        plan_mounts(spec_with(mount), "c", ROOTFS, fake_stat({source: mode}))
+
+
+def test_a_missing_source_is_named() -> None:
+    spec = podman_spec()
+    files = dict(PODMAN_FILES)
+    del files["/srv/conf.ini"]
+    with pytest.raises(BundleError) as error:
+        plan_mounts(spec, "c1", ROOTFS, fake_stat(files))
+    assert str(error.value) == "mounts[12]: bind source /srv/conf.ini: no such file or directory"
+
+
+def test_an_unreadable_source_says_why() -> None:
+    def denied(path: Path) -> os.stat_result:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    with pytest.raises(BundleError, match="mounts\\[0\\]: bind source /a: Permission denied"):
+        plan_mounts(spec_with({"destination": "/x", "type": "bind", "source": "/a"}), "c", ROOTFS, denied)
+
+
+def test_relative_sources_are_relative_to_the_bundle() -> None:
+    spec = spec_with({"destination": "/x", "type": "bind", "source": "data/../files"})
+    plan = plan_mounts(spec, "c", ROOTFS, fake_stat({"/b/files": DIR}), bundle=Path("/b"))
+    assert plan.binds[1].source == Path("/b/files")
+    with pytest.raises(BundleError, match="relative"):
+        plan_mounts(spec, "c", ROOTFS, fake_stat({"/b/files": DIR}))
+
+
+@pytest.mark.parametrize(
+    "mounts",
+    [
+        "nope",
+        ["nope"],
+        [{"destination": "/x", "type": "bind"}],
+        [{"destination": "/x", "type": "bind", "source": ""}],
+    ],
+)
+def test_malformed_mounts(mounts: Any) -> None:
+    with pytest.raises(BundleError):
+        plan_mounts({"mounts": mounts}, "c", ROOTFS, fake_stat({}))
+
+
+def test_no_mounts_only_the_rootfs() -> None:
+    plan = plan_mounts({"process": {"args": ["sh"]}}, "c", ROOTFS, fake_stat({}))
+    assert [bind.target for bind in plan.binds] == ["c/rootfs"]
+    assert "mounts" not in plan.spec
+
+
+def test_the_container_id_is_a_path_component() -> None:
+    with pytest.raises(InvalidArgument):
+        plan_mounts({}, "../x", ROOTFS, fake_stat({}))
+
+
+@pytest.mark.parametrize(("shared_fs", "driver"), [("virtio-fs", "virtiofs"), ("virtio-9p", "9p")])
+def test_container_request(shared_fs: str, driver: str) -> None:
+    plan = plan_mounts(podman_spec(), "c1", ROOTFS, fake_stat(PODMAN_FILES))
+    request = container_request("c1", plan, shared_fs)
+    assert request.container_id == "c1"
+    assert json.loads(request.oci_spec_json) == plan.spec
+    assert request.rootfs == pb.Storage(
+        driver=driver, source="rootfs", fstype=driver, mount_point=GUEST_SHARE_DIR, subpath="c1/rootfs"
+    )
+    assert not request.storages
