@@ -1,0 +1,214 @@
+"""The host side of a sandbox's shared directory: bind mounts in a private mount namespace.
+
+One directory per sandbox (``<root>/<id>/shared/``) is what virtiofsd (or
+QEMU's 9p server) exports.  :func:`capsa.runtime.mounts.plan_mounts` says
+which host paths go into it; :class:`SharedDir` makes those bind mounts.
+
+They are made in a mount namespace of the proxy's own
+(:func:`enter_private_mount_namespace`), so no host process sees them and
+they vanish with the proxy and its virtiofsd, however those end: nothing to
+clean up on the host after a crash.
+
+Binds added after virtiofsd started (the containers of a pod that join an
+existing sandbox) must still reach it.  virtiofsd copies our namespace
+(unshare(CLONE_NEWNS)) and then makes it a slave (Debian's C virtiofsd:
+``mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL)``; see
+tests/integration/test_shared_dir.py, which checks it), so the shared
+directory is its own mount and MS_SHARED: mounts made under it here
+propagate into virtiofsd's copy (kernel Documentation/filesystems/
+sharedsubtree.rst).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from capsa.agent import libc
+from capsa.errors import StorageError
+from capsa.runtime.mounts import HostBind
+
+# statvfs(3) f_flag bits that bind remounts must repeat, and the mount(2)
+# flag each one stands for (a remount sets the per-mount flags it is given
+# and clears the others; runc keeps them the same way).
+_KEPT_FLAGS = (
+    (os.ST_NOSUID, libc.MS_NOSUID),
+    (os.ST_NODEV, libc.MS_NODEV),
+    (os.ST_NOEXEC, libc.MS_NOEXEC),
+    (os.ST_NOATIME, libc.MS_NOATIME),
+    (os.ST_NODIRATIME, libc.MS_NODIRATIME),
+    (os.ST_RELATIME, libc.MS_RELATIME),
+)
+
+
+def enter_private_mount_namespace() -> None:
+    """Move this process into a new mount namespace whose mounts propagate nowhere.
+
+    unshare(2) with CLONE_NEWNS, then every mount made private (MS_REC |
+    MS_PRIVATE on /): without that, a host whose / is shared (systemd's
+    default) would see our binds appear in its own namespace.  Call it
+    before the process starts threads: CLONE_NEWNS implies CLONE_FS, which
+    fails with EINVAL in a process whose threads share its filesystem info.
+    """
+    try:
+        libc.unshare(libc.CLONE_NEWNS)
+    except OSError as exc:
+        raise StorageError(f"cannot enter a private mount namespace: {os.strerror(exc.errno or 0)}") from exc
+    try:
+        libc.mount("none", "/", "", libc.MS_REC | libc.MS_PRIVATE)
+    except OSError as exc:
+        raise StorageError(f"cannot make / private in the new mount namespace: {os.strerror(exc.errno or 0)}") from exc
+
+
+class SharedDir:
+    """The directory a sandbox shares with its guest, and the binds made in it.
+
+    Meant for the proxy, in its private mount namespace: :meth:`create`
+    once, :meth:`apply` per container (the plan's binds), :meth:`release`
+    when a container goes, :meth:`destroy` at the end.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._applied: list[HostBind] = []
+        self._mounted_self = False
+
+    @property
+    def applied(self) -> tuple[HostBind, ...]:
+        return tuple(self._applied)
+
+    def create(self) -> None:
+        """Make the directory a mount of its own, MS_SHARED (see the module docstring)."""
+        try:
+            self.path.mkdir(mode=0o755, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _error("cannot create", self.path, exc) from exc
+        try:
+            libc.mount(str(self.path), str(self.path), "", libc.MS_BIND)
+        except OSError as exc:
+            raise _error("cannot bind-mount", self.path, exc) from exc
+        self._mounted_self = True
+        try:
+            libc.mount("none", str(self.path), "", libc.MS_SHARED)
+        except OSError as exc:
+            self.destroy()
+            raise _error("cannot make shared", self.path, exc) from exc
+
+    def apply(self, binds: Sequence[HostBind]) -> None:
+        """Make every bind (all or none: a failure undoes this call's binds); StorageError names the path."""
+        done: list[HostBind] = []
+        try:
+            for bind in binds:
+                self._bind(bind)
+                done.append(bind)
+        except BaseException:
+            self._unbind(done)
+            raise
+        self._applied.extend(done)
+
+    def release(self, binds: Sequence[HostBind]) -> None:
+        """Undo binds made by :meth:`apply` (a container left the sandbox); errors are StorageError."""
+        failed = self._unbind(binds)
+        released = {bind.target for bind in binds}
+        self._applied = [bind for bind in self._applied if bind.target not in released]
+        if failed:
+            raise StorageError(f"cannot unmount {', '.join(failed)}")
+
+    def destroy(self) -> None:
+        """Undo every bind and the directory's own mount; remove what :meth:`create` and :meth:`apply` made."""
+        failed = self._unbind(list(self._applied))
+        self._applied = []
+        if self._mounted_self:
+            try:
+                # MNT_DETACH takes whatever is still mounted below along.
+                libc.umount(str(self.path), libc.MNT_DETACH)
+                self._mounted_self = False
+            except OSError as exc:
+                failed.append(f"{self.path} ({os.strerror(exc.errno or 0)})")
+        if not failed:
+            with contextlib.suppress(OSError):
+                self.path.rmdir()
+        if failed:
+            raise StorageError(f"cannot unmount {', '.join(failed)}")
+
+    # --- one bind ------------------------------------------------------------
+
+    def _target(self, bind: HostBind) -> Path:
+        parts = bind.target.split("/")
+        if bind.target.startswith("/") or any(part in ("", ".", "..") for part in parts):
+            raise StorageError(f"bind target {bind.target!r} must be a plain relative path inside {self.path}")
+        return self.path.joinpath(*parts)
+
+    def _bind(self, bind: HostBind) -> None:
+        target = self._target(bind)
+        try:
+            target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            if bind.directory:
+                target.mkdir(mode=0o755, exist_ok=True)
+            else:
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+        except OSError as exc:
+            raise _error("cannot create mount point", target, exc) from exc
+        flags = libc.MS_BIND | (libc.MS_REC if bind.recursive else 0)
+        try:
+            libc.mount(str(bind.source), str(target), "", flags)
+        except OSError as exc:
+            _remove_mount_point(target, self.path)
+            raise StorageError(f"cannot bind {bind.source} at {target}: {os.strerror(exc.errno or 0)}") from exc
+        if not bind.readonly:
+            return
+        try:
+            # A bind takes the source's flags; making it read-only is a second
+            # call (mount(2) "Creating a bind mount"), on this mount only, as
+            # runc does for "ro" (recursive read-only is runc's "rro").
+            kept = os.statvfs(target).f_flag
+            remount = libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY
+            remount |= sum(flag for st_flag, flag in _KEPT_FLAGS if kept & st_flag)
+            libc.mount("none", str(target), "", remount)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                libc.umount(str(target), libc.MNT_DETACH)
+            _remove_mount_point(target, self.path)
+            raise StorageError(f"cannot make {target} read-only: {os.strerror(exc.errno or 0)}") from exc
+
+    def _unbind(self, binds: Sequence[HostBind]) -> list[str]:
+        """Unmount binds in reverse order and remove their mount points; return what failed."""
+        failed: list[str] = []
+        for bind in reversed(binds):
+            target = self._target(bind)
+            try:
+                libc.umount(str(target), libc.MNT_DETACH)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # EINVAL: not mounted (any more)
+                    failed.append(f"{target} ({os.strerror(exc.errno or 0)})")
+                    continue
+            _remove_mount_point(target, self.path)
+        return failed
+
+
+def _remove_mount_point(target: Path, top: Path) -> None:
+    """Remove an empty mount point and the empty directories above it, up to ``top``.
+
+    Never recursive: rmdir and unlink of an empty file only, so a bind that
+    is somehow still mounted (rmdir/unlink then fail with EBUSY) or a
+    directory with content is left alone rather than emptied.
+    """
+    with contextlib.suppress(OSError):
+        if target.is_dir() and not target.is_symlink():
+            target.rmdir()
+        elif target.stat().st_size == 0:
+            target.unlink()
+    parent = target.parent
+    while parent != top and top in parent.parents:
+        try:
+            parent.rmdir()
+        except OSError:
+            return
+        parent = parent.parent
+
+
+def _error(what: str, path: Path, exc: OSError) -> StorageError:
+    return StorageError(f"{what} {path}: {os.strerror(exc.errno or 0)}")
