@@ -1,15 +1,10 @@
 """The data the runtime hands to the VM and the agent, built by pure functions."""
 
-import json
-from pathlib import Path
 
 import pytest
 
-from capsa.cli.spec import default_spec
 from capsa.config import parse_config
 from capsa.errors import HypervisorError
-from capsa.runtime.bundle import Bundle
-from capsa.runtime.run import container_request
 from capsa.runtime.sandbox import choose_channel, kernel_cmdline
 
 
@@ -42,12 +37,3 @@ def test_kernel_cmdline_for_a_rootfs_image() -> None:
     assert "init=/init" in params and "rdinit=/init" not in params
 
 
-@pytest.mark.parametrize(("kind", "driver"), [("virtio-fs", "virtiofs"), ("virtio-9p", "9p")])
-def test_container_request_carries_the_spec_and_the_share(kind: str, driver: str) -> None:
-    spec = default_spec(["true"], terminal=False)
-    bundle = Bundle(path=Path("/b"), spec=spec, rootfs=Path("/b/rootfs"))
-    request = container_request("c1", bundle, kind)
-    assert json.loads(request.oci_spec_json) == spec
-    assert request.rootfs.driver == driver
-    assert request.rootfs.source == "rootfs"
-    assert request.rootfs.mount_point == "/run/capsa/containers/c1/rootfs"

@@ -6,9 +6,13 @@ import argparse
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from capsa.config import Config, load_config
 from capsa.runtime.state import DEFAULT_ROOT, StateStore
+
+if TYPE_CHECKING:
+    from capsa.runtime.lifecycle import Runtime
 
 
 @dataclass
@@ -35,3 +39,9 @@ class Context:
     @cached_property
     def store(self) -> StateStore:
         return StateStore(self.root)
+
+    @cached_property
+    def runtime(self) -> Runtime:
+        from capsa.runtime.lifecycle import Runtime  # the verbs that need no VM stay light
+
+        return Runtime(self.config, self.store, self.config_flag, self.debug or self.config.runtime.debug)

@@ -15,12 +15,24 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from capsa import __version__
-from capsa.cli import check, env, features, run, spec, version
+from capsa.cli import check, create, delete, env, features, kill, pause, ps, run, spec, start, state, version
+from capsa.cli import exec as exec_
+from capsa.cli import list as list_
 from capsa.cli.context import Context
 from capsa.cli.report import report_error, setup_logging
 from capsa.errors import CapsaError
 
 VERBS: dict[str, ModuleType] = {
+    "create": create,
+    "start": start,
+    "state": state,
+    "kill": kill,
+    "delete": delete,
+    "exec": exec_,
+    "ps": ps,
+    "list": list_,
+    "pause": pause,
+    "resume": pause,
     "run": run,
     "spec": spec,
     "env": env,

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
@@ -60,6 +62,11 @@ class AgentClient:
                 await asyncio.sleep(0.01)
         reader, writer = await asyncio.open_connection(sock=sock)
         return cls(Client(reader, writer), request_timeout)
+
+    @property
+    def connection(self) -> Client:
+        """The ttrpc connection underneath, for the proxy's forwarding."""
+        return self._client
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -124,6 +131,31 @@ class AgentClient:
     async def close_stdin(self, container_id: str, exec_id: str = "") -> None:
         await self._call("CloseStdin", pb.CloseStdinRequest(container_id=container_id, exec_id=exec_id), pb.Empty)
 
+    async def exec_process(self, container_id: str, exec_id: str, process: Mapping[str, Any]) -> None:
+        request = pb.ExecProcessRequest(
+            container_id=container_id, exec_id=exec_id, process_json=json.dumps(process).encode()
+        )
+        await self._call("ExecProcess", request, pb.Empty)
+
+    async def pause_container(self, container_id: str) -> None:
+        await self._call("PauseContainer", pb.PauseContainerRequest(container_id=container_id), pb.Empty)
+
+    async def resume_container(self, container_id: str) -> None:
+        await self._call("ResumeContainer", pb.ResumeContainerRequest(container_id=container_id), pb.Empty)
+
+    async def list_processes(self, container_id: str) -> list[int]:
+        request = pb.ListProcessesRequest(container_id=container_id)
+        return list((await self._call("ListProcesses", request, pb.ListProcessesResponse)).pids)
+
+    async def stats_container(self, container_id: str) -> pb.StatsContainerResponse:
+        request = pb.StatsContainerRequest(container_id=container_id)
+        return await self._call("StatsContainer", request, pb.StatsContainerResponse)
+
     async def tty_win_resize(self, container_id: str, exec_id: str, rows: int, columns: int) -> None:
         request = pb.TtyWinResizeRequest(container_id=container_id, exec_id=exec_id, row=rows, column=columns)
         await self._call("TtyWinResize", request, pb.Empty)
+
+    async def update_container(self, container_id: str, resources: Mapping[str, Any]) -> None:
+        """New cgroup limits (an OCI ``linux.resources`` object) for a container, by ``crun update`` in the guest."""
+        request = pb.UpdateContainerRequest(container_id=container_id, resources_json=json.dumps(resources).encode())
+        await self._call("UpdateContainer", request, pb.Empty)

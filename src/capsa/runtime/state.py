@@ -45,10 +45,13 @@ class ContainerState:
     bundle: str
     rootfs: str
     status: str = Status.CREATING
-    pid: int = 0  # the host process standing for the container
+    pid: int = 0  # the host process standing for the container: its capsa-shim
+    pid_start: int = 0  # its start time (runtime/pids.py), against PID reuse
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     owner: str = ""
     annotations: dict[str, str] = field(default_factory=dict)
+    proxy_pid: int = 0
+    proxy_start: int = 0
     hypervisor_pid: int = 0
     virtiofsd_pid: int = 0
 
@@ -103,7 +106,17 @@ class StateStore:
             raise CapsaError(f"{path}: unreadable state: {exc}") from exc
 
     def remove(self, container_id: str) -> None:
-        shutil.rmtree(self.dir(container_id), ignore_errors=True)
+        """Remove the container's directory, but never through a mount point.
+
+        ``shared/`` holds bind mounts of the container's rootfs and volumes in
+        the proxy's private mount namespace only; should one ever be visible
+        here, deleting through it would delete the user's files.
+        """
+        path = self.dir(container_id)
+        for dirpath, dirnames, _ in os.walk(path):
+            if any(os.path.ismount(os.path.join(dirpath, name)) for name in dirnames):
+                raise CapsaError(f"{dirpath} holds a mount point: not removing {path}")
+        shutil.rmtree(path, ignore_errors=True)
 
     @contextlib.contextmanager
     def locked(self, container_id: str) -> Iterator[None]:

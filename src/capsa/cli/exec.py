@@ -1,0 +1,129 @@
+"""``capsa exec``: run another process in a container.
+
+``capsa exec [--process FILE | ARGS...] [--tty] [--console-socket S]
+[--detach] [--pid-file F] [--cwd DIR] [--env K=V]... [--user UID[:GID]] ID``,
+as runc.  Without ``--process`` the new process starts from the
+container's own ``process`` (environment, user, capabilities...) with the
+given arguments and flags over it, as runc does.  In the foreground the
+exit status is the process's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from capsa.cli.context import Context
+from capsa.errors import InvalidArgument
+from capsa.runtime import execs, lifecycle
+
+
+def add_parser(verbs: Any, name: str) -> None:
+    p = verbs.add_parser(name, help="run a new process in a running container")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]")
+    p.add_argument("--process", "-p", default=None, help="the process as an OCI process JSON file")
+    p.add_argument("--tty", "-t", action="store_true", help="allocate a pseudo-TTY")
+    p.add_argument("--console-socket", default=None, help="unix socket that receives the pty master")
+    p.add_argument("--detach", "-d", action="store_true", help="return once the process runs")
+    p.add_argument("--pid-file", default=None, help="write the PID standing for the process here")
+    p.add_argument("--cwd", default=None, help="working directory in the container")
+    p.add_argument("--env", "-e", action="append", default=[], help="set an environment variable")
+    p.add_argument("--user", "-u", default=None, help="UID[:GID] to run as")
+    p.add_argument("--additional-gids", "-g", action="append", default=[], help="additional group IDs")
+    p.add_argument("--no-new-privs", action="store_true", help="set no_new_privileges")
+    p.add_argument("--cap", "-c", action="append", default=[], help="add a capability")
+    p.add_argument("--apparmor", default=None, help="accepted for runc compatibility")
+    p.add_argument("--process-label", default=None, help="accepted for runc compatibility")
+    p.add_argument("--preserve-fds", type=int, default=0, help="must be 0: not across a VM")
+    p.add_argument("--ignore-paused", action="store_true", help="accepted for runc compatibility")
+    p.set_defaults(execute=execute)
+
+
+def execute(args: argparse.Namespace, ctx: Context) -> int:
+    if args.preserve_fds:
+        raise InvalidArgument("--preserve-fds: file descriptors cannot be passed into a container in a VM")
+    process = _process(args, ctx)
+    request = execs.ExecRequest(
+        container_id=args.id,
+        process=process,
+        detach=args.detach,
+        pid_file=Path(args.pid_file).absolute() if args.pid_file else None,
+        console_socket=args.console_socket,
+    )
+    shim = execs.start_exec(ctx.runtime, request)
+    if args.detach:
+        return 0
+    return execs.wait_foreground(shim)
+
+
+def _process(args: argparse.Namespace, ctx: Context) -> dict[str, Any]:
+    if args.process:
+        return load_process(Path(args.process))
+    command = [a for a in args.command if a != "--"] if args.command else []
+    if not command:
+        raise InvalidArgument("exec: give a command, or --process FILE")
+    state = lifecycle.state_of(ctx.runtime, args.id)
+    try:
+        spec = json.loads((Path(state["bundle"]) / "config.json").read_text())
+        base = copy.deepcopy(spec.get("process") or {})
+    except (OSError, ValueError):
+        base = {}
+    return build_process(base, command, args)
+
+
+def build_process(base: dict[str, Any], command: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """runc's exec: the container's process, with the command and flags over it."""
+    process = dict(base)
+    process["args"] = command
+    process["terminal"] = bool(args.tty)
+    if args.cwd:
+        process["cwd"] = args.cwd
+    if args.env:
+        process["env"] = [*process.get("env", []), *args.env]
+    if args.user:
+        uid, _, gid = args.user.partition(":")
+        try:
+            process["user"] = {"uid": int(uid), "gid": int(gid or 0)}
+        except ValueError:
+            raise InvalidArgument(f"--user {args.user!r}: expected UID[:GID] as numbers") from None
+    if args.additional_gids:
+        user = process.setdefault("user", {"uid": 0, "gid": 0})
+        try:
+            user["additionalGids"] = [int(g) for g in args.additional_gids]
+        except ValueError:
+            raise InvalidArgument("--additional-gids: expected numbers") from None
+    if args.no_new_privs:
+        process["noNewPrivileges"] = True
+    if args.cap:
+        caps = process.setdefault("capabilities", {})
+        for kind in ("bounding", "effective", "permitted"):
+            caps[kind] = sorted({*caps.get(kind, []), *args.cap})
+    process.pop("consoleSize", None)
+    return process
+
+
+def load_process(path: Path) -> dict[str, Any]:
+    try:
+        process = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InvalidArgument(f"--process {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"--process {path}: cannot read: {exc}") from exc
+    except ValueError as exc:
+        raise InvalidArgument(f"--process {path}: not valid JSON: {exc}") from exc
+    if not isinstance(process, dict):
+        raise InvalidArgument(f"--process {path}: expected a JSON object")
+    args = process.get("args")
+    if not isinstance(args, list) or not args or not all(isinstance(a, str) for a in args):
+        raise InvalidArgument(f"--process {path}: args: expected a non-empty array of strings")
+    cwd = process.get("cwd", "/")
+    if not isinstance(cwd, str) or not cwd.startswith("/"):
+        raise InvalidArgument(f"--process {path}: cwd: expected an absolute path")
+    env = process.get("env", [])
+    if not isinstance(env, list) or not all(isinstance(e, str) for e in env):
+        raise InvalidArgument(f"--process {path}: env: expected an array of strings")
+    return process

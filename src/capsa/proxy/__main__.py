@@ -1,0 +1,5 @@
+import sys
+
+from capsa.proxy.main import main
+
+sys.exit(main())

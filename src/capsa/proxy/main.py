@@ -1,0 +1,89 @@
+"""``capsa-proxy``: started by ``capsa create`` (never by hand), one per VM.
+
+``capsa-proxy --root R --id ID [--hostname H] [--config F] [--debug] --ready-fd N``
+
+It reports on file descriptor N once: ``ok`` when ``proxy.sock`` serves, or
+the one-line reason it could not start (the caller prints it and cleans up).
+Its own log is ``<root>/<id>/proxy.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from capsa.cli.report import setup_logging
+from capsa.config import load_config
+from capsa.errors import CapsaError
+from capsa.proxy.launch import SOCKET_NAME
+from capsa.proxy.proxy import Proxy
+from capsa.proxy.service import build_server
+from capsa.runtime.daemon import ReadyPipe
+from capsa.storage.shared import enter_private_mount_namespace
+
+log = logging.getLogger("capsa.proxy")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="capsa-proxy")
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--id", required=True)
+    parser.add_argument("--hostname", default="")
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--ready-fd", type=int, default=-1)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    run_dir = Path(args.root) / args.id
+    ready = ReadyPipe(args.ready_fd)
+    try:
+        setup_logging(str(run_dir / "proxy.log"), "text", args.debug)
+        config = load_config(args.config)
+        # Before any thread exists: unshare(CLONE_NEWNS) refuses a process
+        # whose threads share its filesystem context.
+        enter_private_mount_namespace()
+    except CapsaError as exc:
+        ready.fail(str(exc))
+        return 1
+    return asyncio.run(_serve(Proxy(config, args.id, run_dir, args.hostname, args.debug), ready))
+
+
+async def _serve(proxy: Proxy, ready: ReadyPipe) -> int:
+    try:
+        await proxy.start()
+        listener = await build_server(proxy).serve_unix(str(proxy.run_dir / SOCKET_NAME))
+    except (CapsaError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        await proxy.stop()
+        ready.fail(str(exc))
+        return 1
+    except BaseException:
+        await proxy.stop()
+        ready.fail("the proxy failed to start (see proxy.log)")
+        raise
+    ready.ok()
+    try:
+        await proxy.run_until_done()
+    finally:
+        listener.close()
+        await proxy.stop()
+        _write_timings(proxy.sandbox.timings)
+    return 0
+
+
+def _write_timings(timings: dict[str, float]) -> None:
+    """For `capsa run`'s CAPSA_TIMINGS (runtime/run.py): the sandbox's phases."""
+    target = os.environ.get("CAPSA_TIMINGS")
+    if target:
+        with contextlib.suppress(OSError), open(f"{target}.proxy", "w") as f:
+            json.dump(timings, f)

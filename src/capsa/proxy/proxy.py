@@ -1,0 +1,130 @@
+"""capsa-proxy: the one process that owns a VM.
+
+It lives from ``capsa create`` to ``capsa delete``.  Starting, it enters a
+mount namespace of its own and makes ``<run_dir>/shared/``, the directory
+the guest sees through virtio-fs (or 9p): each container's rootfs and each
+host bind mount of its spec are bind-mounted in there
+(:mod:`capsa.runtime.mounts` plans them, :mod:`capsa.storage.shared` makes
+them).  Because the namespace belongs to the proxy and its children (QEMU,
+virtiofsd), those mounts are invisible to the rest of the host and vanish
+when the proxy does, however it ends: nothing to clean up after a crash.
+
+Then it boots the sandbox (:class:`capsa.runtime.sandbox.Sandbox`), keeps
+the agent connection, and serves ``proxy.sock`` (:mod:`capsa.proxy.service`)
+until the VM stops, ``Shutdown`` arrives or SIGTERM does.  QEMU and
+virtiofsd die with it (``PR_SET_PDEATHSIG``), so a proxy killed with
+SIGKILL takes its VM along.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+from capsa.config import Config
+from capsa.errors import CapsaError, HypervisorError
+from capsa.protocols import proxy_pb2
+from capsa.runtime.agent_client import AgentClient
+from capsa.runtime.bundle import load_bundle
+from capsa.runtime.mounts import container_request, plan_mounts
+from capsa.runtime.sandbox import Sandbox, SandboxSpec
+from capsa.storage.shared import SharedDir
+from capsa.ttrpc.client import Client
+
+log = logging.getLogger("capsa.proxy")
+
+SHARED_DIR_NAME = "shared"
+
+
+class Proxy:
+    def __init__(self, config: Config, sandbox_id: str, run_dir: Path, hostname: str = "", debug: bool = False) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.shared = SharedDir(run_dir / SHARED_DIR_NAME)
+        self.sandbox = Sandbox(
+            config,
+            SandboxSpec(id=sandbox_id, run_dir=run_dir, rootfs=self.shared.path, hostname=hostname),
+            debug=debug,
+        )
+        self._agent: AgentClient | None = None
+        self._done = asyncio.Event()
+        self.reason = ""
+
+    async def start(self) -> None:
+        """Make the shared directory and boot the VM; on failure everything started is stopped."""
+        self.shared.create()
+        self._agent = await self.sandbox.start()
+
+    def agent_connection(self) -> Client:
+        if self._agent is None:
+            raise CapsaError("the sandbox is not running")
+        return self._agent.connection
+
+    @property
+    def agent(self) -> AgentClient:
+        if self._agent is None:
+            raise CapsaError("the sandbox is not running")
+        return self._agent
+
+    async def create_container(self, container_id: str, bundle_path: str) -> None:
+        bundle = load_bundle(bundle_path)
+        plan = plan_mounts(bundle.spec, container_id, bundle.rootfs, os.stat, bundle=bundle.path)
+        await asyncio.to_thread(self.shared.apply, plan.binds)
+        await self.agent.create_container(container_request(container_id, plan, self.config.shared_fs.kind))
+
+    async def info(self) -> proxy_pb2.InfoResponse:
+        hypervisor = self.sandbox.hypervisor
+        virtiofsd = self.sandbox.virtiofsd
+        details = await self.agent.guest_details()
+        return proxy_pb2.InfoResponse(
+            proxy_pid=os.getpid(),
+            hypervisor_pid=(hypervisor.pid or 0) if hypervisor else 0,
+            virtiofsd_pid=(virtiofsd.pid or 0) if virtiofsd else 0,
+            guest_kernel=details.kernel_release,
+            vcpus=details.online_cpus,
+            memory_mib=details.mem_total_bytes >> 20,
+        )
+
+    async def resize(self, vcpus: int, memory_mib: int) -> tuple[int, int]:
+        hypervisor = self.sandbox.hypervisor
+        if hypervisor is None:
+            raise CapsaError("the sandbox is not running")
+        resize = getattr(hypervisor, "resize", None)
+        if resize is None:
+            raise HypervisorError("this hypervisor driver cannot resize a running VM")
+        result: tuple[int, int] = await resize(vcpus, memory_mib)
+        return result
+
+    def request_shutdown(self, reason: str) -> None:
+        if not self._done.is_set():
+            self.reason = reason
+            self._done.set()
+
+    async def run_until_done(self) -> None:
+        """Serve until Shutdown, SIGTERM/SIGINT, or the VM's end."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.request_shutdown, f"signal {signum}")
+        assert self.sandbox.hypervisor is not None
+        vm_exit = asyncio.ensure_future(self.sandbox.hypervisor.wait())
+        done = asyncio.ensure_future(self._done.wait())
+        try:
+            await asyncio.wait({vm_exit, done}, return_when=asyncio.FIRST_COMPLETED)
+            if vm_exit.done() and not done.done():
+                with contextlib.suppress(CapsaError):
+                    vm_exit.result()
+                self.request_shutdown("the VM stopped")
+        finally:
+            for task in (vm_exit, done):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, CapsaError):
+                    await task
+        log.info("proxy stopping: %s", self.reason)
+
+    async def stop(self) -> None:
+        self._agent = None
+        await self.sandbox.stop()

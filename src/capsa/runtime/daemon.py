@@ -1,0 +1,119 @@
+"""Starting capsa's own long-lived processes (proxy, shim) and hearing back.
+
+Both are started the same way: ``python -m capsa.<part>`` in a session of
+their own, told the write end of a pipe (``--ready-fd N``), on which they
+send exactly one line: ``ok`` once they serve, or the one-line reason they
+cannot.  The caller waits for that line (or their death, or a timeout), so
+that its own exit status and error message tell the whole story.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from capsa.errors import CapsaError
+from capsa.runtime import pids
+
+
+@dataclass(frozen=True)
+class Started:
+    pid: int
+    start_time: int
+    process: subprocess.Popen[bytes]
+
+
+def start(
+    module: str,
+    args: Sequence[str],
+    *,
+    output: Path,
+    timeout: float,
+    inherit_stdio: bool = False,
+) -> Started:
+    """Run ``python -m module args --ready-fd N``; return once it said ``ok``.
+
+    ``inherit_stdio``: the child keeps our stdin, stdout and stderr (a shim
+    relays the container's stdio through them); otherwise stdin is /dev/null
+    and stdout/stderr go to ``output``, so that no pipe of the engine's stays
+    open in a process that outlives the container.
+    """
+    read_end, write_end = os.pipe()
+    argv = [sys.executable, "-m", module, *args, "--ready-fd", str(write_end)]
+    name = module.rsplit(".", 1)[-1]
+    log_fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        if inherit_stdio:
+            proc = subprocess.Popen(argv, pass_fds=(write_end,), start_new_session=True)
+        else:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                pass_fds=(write_end,),
+                start_new_session=True,
+            )
+    except OSError as exc:
+        os.close(read_end)
+        raise CapsaError(f"cannot start capsa-{name}: {exc.strerror}") from exc
+    finally:
+        os.close(write_end)
+        os.close(log_fd)
+    started = Started(proc.pid, pids.start_time(proc.pid) or 0, proc)
+    try:
+        line = read_line(read_end, timeout)
+    finally:
+        os.close(read_end)
+    if line == "ok":
+        return started
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    proc.wait()
+    raise CapsaError(line or f"capsa-{name} did not start within {timeout:.0f} s (see {output})")
+
+
+def read_line(fd: int, timeout: float) -> str:
+    """One line from ``fd``, or what arrived before EOF or the timeout."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        readable, _, _ = select.select([fd], [], [], left)
+        if not readable:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+class ReadyPipe:
+    """The child's side: send the one line to whoever started us."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def _send(self, line: str) -> None:
+        if self._fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.write(self._fd, line.replace("\n", " ").encode() + b"\n")
+            os.close(self._fd)
+        self._fd = -1
+
+    def ok(self) -> None:
+        self._send("ok")
+
+    def fail(self, message: str) -> None:
+        self._send(message or "failed to start")

@@ -1,0 +1,92 @@
+"""Extra processes in a running container (runc ``exec``), and waiting on shims.
+
+An exec gets a shim of its own, like the container's init: it inherits the
+stdio of ``capsa exec`` (or sends a pty over ``--console-socket``), starts
+the process through the proxy (``ExecProcess``), relays, and exits with the
+process's status.  ``--detach`` returns once the process runs; the shim's
+PID goes to ``--pid-file``.  In the foreground, ``capsa exec`` waits for its
+shim and passes on the signals it receives, as runc does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from capsa.errors import WrongState
+from capsa.runtime import daemon
+from capsa.runtime.container import current_status
+from capsa.runtime.ids import validate_id
+from capsa.runtime.lifecycle import SHIM_START_TIMEOUT, Runtime, write_pid_file
+from capsa.runtime.state import Status
+from capsa.shim.relay import FORWARDED_SIGNALS
+
+
+@dataclass
+class ExecRequest:
+    container_id: str
+    process: dict[str, Any]
+    detach: bool = False
+    pid_file: Path | None = None
+    console_socket: str | None = None
+
+
+def start_exec(rt: Runtime, request: ExecRequest) -> daemon.Started:
+    """Start the process's shim; return once the process runs in the guest."""
+    container_id = validate_id(request.container_id)
+    state = rt.store.load(container_id)
+    status = current_status(state)
+    if status == Status.PAUSED:
+        raise WrongState("cannot exec in a paused container")
+    if status not in (Status.RUNNING, Status.CREATED):
+        raise WrongState(f"cannot exec in a {status} container")
+    terminal = bool(request.process.get("terminal"))
+    if terminal and request.detach and not request.console_socket:
+        raise WrongState("cannot allocate a pseudo-TTY for a detached exec without --console-socket")
+    run_dir = rt.store.dir(container_id)
+    exec_id = secrets.token_hex(8)
+    process_file = run_dir / f"exec-{exec_id}.json"
+    process_file.write_text(json.dumps(request.process))
+    args = [*rt.helper_args(), "--id", container_id, "--exec-id", exec_id, "--process", str(process_file)]
+    if request.console_socket:
+        args += ["--console-socket", request.console_socket]
+    elif terminal:
+        args.append("--terminal")
+    try:
+        shim = daemon.start(
+            "capsa.shim", args, output=run_dir / f"exec-{exec_id}.out", timeout=SHIM_START_TIMEOUT, inherit_stdio=True
+        )
+    finally:
+        process_file.unlink(missing_ok=True)
+    if request.pid_file is not None:
+        write_pid_file(request.pid_file, shim.pid)
+    return shim
+
+
+def wait_foreground(shim: daemon.Started) -> int:
+    """Wait for our shim, passing it the signals we get; its status as a shell reports it."""
+    with _forwarding_signals(shim.pid):
+        code = shim.process.wait()
+    return 128 - code if code < 0 else code
+
+
+@contextmanager
+def _forwarding_signals(pid: int) -> Iterator[None]:
+    def forward(signum: int, frame: object) -> None:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    forwarded = (*FORWARDED_SIGNALS, signal.SIGWINCH)
+    previous = {sig: signal.signal(sig, forward) for sig in forwarded}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

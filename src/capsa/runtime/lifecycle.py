@@ -1,0 +1,320 @@
+"""The container lifecycle behind runc's verbs (runtime.md "Lifecycle", "Operations").
+
+Engines drive a runtime as separate short-lived commands: ``create`` leaves
+the container created (VM booted, process made but not started) and
+returns; ``start``, ``state``, ``kill``, ``exec``, ``delete`` come later.
+Between them, two processes hold the container (docs/architecture.md):
+
+- capsa-proxy owns the VM; every later command reaches the agent through it;
+- capsa-shim stands for the container's process; its PID is the one
+  engines wait on, and it exits with the process's status.
+
+Every command that changes a container holds its lock (``state.py``), so
+concurrent commands on one container queue and commands on different
+containers never meet.  ``create`` checks everything it can on the host
+before it claims the ID, and any failure after the claim tears down what
+it started and removes the state directory: bad input leaves nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from capsa.config import Config
+from capsa.errors import CapsaError, InvalidArgument, WrongState
+from capsa.proxy.launch import SHUTDOWN_TIMEOUT, ProxyClient, start_proxy
+from capsa.runtime import daemon, hooks, pids
+from capsa.runtime.bundle import Bundle, load_bundle
+from capsa.runtime.container import current_status, oci_state, with_proxy
+from capsa.runtime.ids import validate_id
+from capsa.runtime.sandbox import check_guest_files, run_dir_ok
+from capsa.runtime.state import ContainerState, StateStore, Status
+
+log = logging.getLogger("capsa.lifecycle")
+
+#: Extra time a proxy may take beyond the agent's connect timeout: the first
+#: sandbox of a configuration also makes the VM template.
+PROXY_START_SLACK = 120.0
+SHIM_START_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What every operation needs: the configuration and the state store."""
+
+    config: Config
+    store: StateStore
+    config_flag: str | None = None
+    debug: bool = False
+
+    def helper_args(self) -> list[str]:
+        args = ["--root", str(self.store.root)]
+        if self.config_flag:
+            args += ["--config", self.config_flag]
+        if self.debug:
+            args.append("--debug")
+        return args
+
+
+@dataclass
+class CreateRequest:
+    container_id: str
+    bundle: Path
+    pid_file: Path | None = None
+    console_socket: str | None = None
+    preserve_fds: int = 0
+    # `capsa run` in the foreground: the shim uses our own terminal.
+    foreground: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Created:
+    state: ContainerState
+    shim: daemon.Started
+
+
+def create(rt: Runtime, request: CreateRequest) -> Created:
+    container_id = validate_id(request.container_id)
+    bundle = load_bundle(request.bundle)
+    if request.preserve_fds > 0:
+        raise InvalidArgument("--preserve-fds: file descriptors cannot be passed into a container in a VM")
+    if bundle.terminal and not request.console_socket and not request.foreground:
+        raise InvalidArgument("cannot allocate a pseudo-TTY without a console socket (use --console-socket)")
+    if request.console_socket and not bundle.terminal:
+        raise InvalidArgument("--console-socket given but process.terminal is false")
+    check_guest_files(rt.config)
+    run_dir_ok(rt.store.dir(container_id))
+    run_dir = rt.store.claim(container_id)
+    state = ContainerState(
+        id=container_id,
+        bundle=str(bundle.path),
+        rootfs=str(bundle.rootfs),
+        annotations=bundle.annotations,
+        owner=_owner(),
+    )
+    try:
+        with rt.store.locked(container_id):
+            rt.store.save(state)
+            shim = _create_locked(rt, request, bundle, state, run_dir)
+    except BaseException:
+        _teardown(rt, state)
+        rt.store.remove(container_id)
+        raise
+    return Created(state, shim)
+
+
+def _create_locked(
+    rt: Runtime, request: CreateRequest, bundle: Bundle, state: ContainerState, run_dir: Path
+) -> daemon.Started:
+    config = rt.config
+    proxy = start_proxy(
+        run_dir,
+        state.id,
+        str(bundle.spec.get("hostname", "")),
+        rt.config_flag,
+        rt.debug,
+        timeout=config.agent.connect_timeout + PROXY_START_SLACK,
+    )
+    state.proxy_pid, state.proxy_start = proxy.pid, proxy.start_time
+    rt.store.save(state)
+
+    async def create_in_vm(client: ProxyClient) -> None:
+        await client.create_container(state.id, bundle.path)
+        info = await client.info()
+        state.hypervisor_pid, state.virtiofsd_pid = info.hypervisor_pid, info.virtiofsd_pid
+
+    with_proxy(run_dir, config.agent.request_timeout, create_in_vm)
+    args = [*rt.helper_args(), "--id", state.id]
+    if request.console_socket:
+        args += ["--console-socket", request.console_socket]
+    elif bundle.terminal:
+        args.append("--terminal")
+    shim = daemon.start("capsa.shim", args, output=run_dir / "shim.out", timeout=SHIM_START_TIMEOUT, inherit_stdio=True)
+    state.pid, state.pid_start = shim.pid, shim.start_time
+    state.status = Status.CREATED
+    rt.store.save(state)
+    # runtime.md "Lifecycle" step 5-6: these hooks run once the environment
+    # exists and before the user's process starts.  They run on the host.
+    for stage in ("prestart", "createRuntime", "createContainer"):
+        hooks.run_hooks(bundle.spec, stage, oci_state(state, Status.CREATED))
+    if request.pid_file is not None:
+        write_pid_file(request.pid_file, shim.pid)
+    return shim
+
+
+def start(rt: Runtime, container_id: str) -> None:
+    with rt.store.locked(validate_id(container_id)):
+        state = rt.store.load(container_id)
+        status = current_status(state)
+        if status != Status.CREATED:
+            raise WrongState(_start_refusal(status))
+        spec = _spec(state)
+        hooks.run_hooks(spec, "startContainer", oci_state(state, status))
+
+        async def start_in_vm(client: ProxyClient) -> None:
+            await client.agent.start_container(state.id)
+
+        with_proxy(rt.store.dir(container_id), rt.config.agent.request_timeout, start_in_vm)
+        state.status = Status.RUNNING
+        rt.store.save(state)
+        hooks.run_hooks_warn(spec, "poststart", oci_state(state, Status.RUNNING))
+
+
+def _start_refusal(status: str) -> str:
+    if status == Status.RUNNING or status == Status.PAUSED:
+        return "cannot start an already running container"
+    if status == Status.STOPPED:
+        return "cannot start a container that has stopped"
+    return f"cannot start a container in the {status} state"
+
+
+def state_of(rt: Runtime, container_id: str) -> dict[str, Any]:
+    return oci_state(rt.store.load(validate_id(container_id)))
+
+
+def list_states(rt: Runtime) -> list[dict[str, Any]]:
+    states = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in sorted(rt.store.root.iterdir()):
+            if not entry.is_dir():
+                continue
+            with contextlib.suppress(CapsaError):
+                states.append(oci_state(rt.store.load(entry.name)))
+    return states
+
+
+def kill(rt: Runtime, container_id: str, signum: int, all_processes: bool = False) -> None:
+    state = rt.store.load(validate_id(container_id))
+    if current_status(state) == Status.STOPPED:
+        # containerd's runc shim matches these words.
+        raise WrongState("container not running")
+
+    async def signal_in_vm(client: ProxyClient) -> None:
+        await client.agent.signal_process(state.id, "", signum, all=all_processes)
+
+    with_proxy(rt.store.dir(container_id), rt.config.agent.request_timeout, signal_in_vm)
+
+
+def delete(rt: Runtime, container_id: str, force: bool = False) -> None:
+    container_id = validate_id(container_id)
+    with rt.store.locked(container_id):
+        state = rt.store.load(container_id)
+        status = current_status(state)
+        if status not in (Status.STOPPED, Status.CREATED) and not force:
+            raise WrongState(f"cannot delete container {container_id} that is not stopped: {status}")
+        if status != Status.STOPPED and pids.alive(state.pid, state.pid_start):
+            # The process goes first, so that its shim reports a kill, not a lost VM.
+            with contextlib.suppress(CapsaError):
+                kill(rt, container_id, signal.SIGKILL, all_processes=True)
+            pids.wait_gone(state.pid, state.pid_start, 5.0)
+        spec = _spec(state, missing_ok=True)
+        _teardown(rt, state)
+        state.status = Status.STOPPED
+        hooks.run_hooks_warn(spec, "poststop", oci_state(state, Status.STOPPED))
+        rt.store.remove(container_id)
+
+
+def _teardown(rt: Runtime, state: ContainerState) -> None:
+    """Stop the VM and the shim, however far create got.  Never raises."""
+    if pids.alive(state.proxy_pid, state.proxy_start):
+
+        async def shutdown(client: ProxyClient) -> None:
+            await client.shutdown()
+
+        try:
+            with_proxy(rt.store.dir(state.id), 5.0, shutdown)
+        except (CapsaError, OSError) as exc:
+            log.debug("proxy shutdown request failed: %s", exc)
+            pids.kill(state.proxy_pid, state.proxy_start, signal.SIGTERM)
+        if not pids.wait_gone(state.proxy_pid, state.proxy_start, SHUTDOWN_TIMEOUT):
+            log.warning("capsa-proxy %d did not stop in time: killing it", state.proxy_pid)
+            # QEMU and virtiofsd die with it (PR_SET_PDEATHSIG).
+            pids.kill(state.proxy_pid, state.proxy_start)
+            pids.wait_gone(state.proxy_pid, state.proxy_start, 5.0)
+    # With its VM gone the shim reports a lost process and exits.
+    if not pids.wait_gone(state.pid, state.pid_start, 5.0):
+        pids.kill(state.pid, state.pid_start)
+
+
+def pause(rt: Runtime, container_id: str) -> None:
+    _transition(rt, container_id, Status.RUNNING, Status.PAUSED, "pause_container")
+
+
+def resume(rt: Runtime, container_id: str) -> None:
+    _transition(rt, container_id, Status.PAUSED, Status.RUNNING, "resume_container")
+
+
+def _transition(rt: Runtime, container_id: str, before: str, after: str, call: str) -> None:
+    with rt.store.locked(validate_id(container_id)):
+        state = rt.store.load(container_id)
+        status = current_status(state)
+        if status != before:
+            raise WrongState(f"container {container_id} is {status}, not {before}")
+
+        async def in_vm(client: ProxyClient) -> None:
+            await getattr(client.agent, call)(state.id)
+
+        with_proxy(rt.store.dir(container_id), rt.config.agent.request_timeout, in_vm)
+        state.status = after
+        rt.store.save(state)
+
+
+def processes(rt: Runtime, container_id: str) -> list[int]:
+    """The PIDs of the container's processes, as the guest numbers them."""
+    state = _running(rt, container_id, "ps")
+
+    async def in_vm(client: ProxyClient) -> list[int]:
+        return await client.agent.list_processes(state.id)
+
+    return with_proxy(rt.store.dir(container_id), rt.config.agent.request_timeout, in_vm)
+
+
+def _running(rt: Runtime, container_id: str, what: str) -> ContainerState:
+    state = rt.store.load(validate_id(container_id))
+    status = current_status(state)
+    if status not in (Status.RUNNING, Status.PAUSED, Status.CREATED):
+        raise WrongState(f"cannot {what} a container that is {status}")
+    return state
+
+
+def _spec(state: ContainerState, missing_ok: bool = False) -> dict[str, Any]:
+    """The bundle's spec, for its hooks (engines keep the bundle until after delete)."""
+    path = Path(state.bundle) / "config.json"
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        if missing_ok:
+            return {}
+        raise CapsaError(f"{path}: cannot read the container's spec: {exc}") from exc
+    return spec if isinstance(spec, dict) else {}
+
+
+def write_pid_file(path: Path, pid: int) -> None:
+    """Atomically, as runc does: engines poll for the file and read it whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(str(pid))
+    os.replace(tmp, path)
+
+
+def _owner() -> str:
+    with contextlib.suppress(KeyError, OSError):
+        return getpass.getuser()
+    return str(os.getuid())
+
+
+def stats(rt: Runtime, container_id: str) -> Any:
+    state = _running(rt, container_id, "get stats of")
+
+    async def in_vm(client: ProxyClient) -> Any:
+        return await client.agent.stats_container(state.id)
+
+    return with_proxy(rt.store.dir(container_id), rt.config.agent.request_timeout, in_vm)

@@ -1,0 +1,127 @@
+"""``capsa-shim``: the host process that stands for one process in the guest.
+
+``capsa-shim --root R --id ID [--exec-id E --process FILE] [--terminal]
+[--console-socket PATH] --ready-fd N``
+
+Started by ``capsa create`` (the container's init) or ``capsa exec`` (an
+extra process), never by hand.  Engines treat the PID in ``--pid-file`` as
+the container's process: conmon and containerd's runc shim are child
+subreapers, so when ``capsa create`` exits the shim becomes their child,
+and its exit status is what they report.  Hence the shim:
+
+- keeps the stdio it inherited from ``capsa create``/``exec`` (the engine's
+  pipes), or with ``--console-socket`` makes a host pty, sends its master to
+  the engine exactly as runc does and relays through the slave side;
+- lives exactly as long as the guest process, exits with its status (the
+  exit code, or 128+N for signal N; 255 when the VM itself went away), and
+  forwards the signals it receives to it.
+
+It reaches the agent through ``proxy.sock``; its log is ``shim.log`` (or
+``exec-E.log``) in the container's state directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from capsa.cli.report import setup_logging
+from capsa.config import load_config
+from capsa.errors import AgentError, CapsaError
+from capsa.proxy.launch import ProxyClient
+from capsa.runtime.daemon import ReadyPipe
+from capsa.shim import console
+from capsa.shim.relay import ProcessIO, raw_terminal, relay
+
+log = logging.getLogger("capsa.shim")
+
+#: The exit status when the process's fate is unknown because its VM is gone.
+VM_LOST_STATUS = 255
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="capsa-shim")
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--id", required=True)
+    parser.add_argument("--exec-id", default="")
+    parser.add_argument("--process", default=None, help="the exec's OCI process JSON")
+    parser.add_argument("--terminal", action="store_true")
+    parser.add_argument("--console-socket", default=None)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--ready-fd", type=int, default=-1)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    run_dir = Path(args.root) / args.id
+    ready = ReadyPipe(args.ready_fd)
+    try:
+        name = f"exec-{args.exec_id}.log" if args.exec_id else "shim.log"
+        setup_logging(str(run_dir / name), "text", args.debug)
+        config = load_config(args.config)
+        process: dict[str, Any] | None = None
+        if args.process:
+            process = json.loads(Path(args.process).read_text())
+    except (CapsaError, OSError, ValueError) as exc:
+        ready.fail(str(exc))
+        return 1
+    if os.getsid(0) != os.getpid():
+        os.setsid()  # no signals from the caller's terminal; a session to own a pty
+    return asyncio.run(serve(run_dir, args, config.agent.request_timeout, process, ready))
+
+
+async def serve(
+    run_dir: Path,
+    args: argparse.Namespace,
+    request_timeout: float,
+    process: dict[str, Any] | None,
+    ready: ReadyPipe,
+) -> int:
+    try:
+        proxy = await ProxyClient.connect(run_dir, request_timeout)
+    except CapsaError as exc:
+        ready.fail(str(exc))
+        return 1
+    try:
+        try:
+            if process is not None:
+                await proxy.agent.exec_process(args.id, args.exec_id, process)
+            io = _process_io(args)
+        except CapsaError as exc:
+            ready.fail(str(exc))
+            return 1
+        ready.ok()
+        with raw_terminal(io.winsize_fd if io.terminal and not args.console_socket else None):
+            try:
+                return await relay(proxy.agent, args.id, args.exec_id, io)
+            except AgentError as exc:
+                log.error("lost the process: %s", exc)
+                return VM_LOST_STATUS
+    finally:
+        with contextlib.suppress(CapsaError, OSError):
+            await proxy.aclose()
+
+
+def _process_io(args: argparse.Namespace) -> ProcessIO:
+    if args.console_socket:
+        master, slave = console.open_pty()
+        try:
+            console.send_console(args.console_socket, master, os.ttyname(slave))
+        finally:
+            os.close(master)
+        console.take_controlling_terminal(slave)
+        return ProcessIO(stdin=slave, stdout=slave, stderr=slave, terminal=True, winsize_fd=slave)
+    if args.terminal:
+        # `capsa run -t` in the foreground: the caller's terminal is ours.
+        return ProcessIO(terminal=True, winsize_fd=0 if os.isatty(0) else None)
+    return ProcessIO()
