@@ -10,12 +10,14 @@ for a genuine bug, and even then ``--debug`` is needed to see it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
 
 from capsa import __version__
-from capsa.cli import check, create, delete, env, features, kill, pause, ps, run, spec, start, state, version
+from capsa.cli import check, create, delete, env, events, features, kill, pause, ps, run, spec, start, state, version
 from capsa.cli import exec as exec_
 from capsa.cli import list as list_
 from capsa.cli.context import Context
@@ -33,6 +35,7 @@ VERBS: dict[str, ModuleType] = {
     "list": list_,
     "pause": pause,
     "resume": pause,
+    "events": events,
     "run": run,
     "spec": spec,
     "env": env,
@@ -83,6 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `capsa list | head`: the reader left; so do we, quietly, as a Unix tool does.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:

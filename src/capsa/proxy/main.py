@@ -25,7 +25,7 @@ from capsa.errors import CapsaError
 from capsa.proxy.launch import SOCKET_NAME
 from capsa.proxy.proxy import Proxy
 from capsa.proxy.service import build_server
-from capsa.runtime.daemon import ReadyPipe
+from capsa.runtime.daemon import ReadyPipe, set_process_name
 from capsa.storage.shared import enter_private_mount_namespace
 
 log = logging.getLogger("capsa.proxy")
@@ -44,6 +44,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    set_process_name("capsa-proxy")
     run_dir = Path(args.root) / args.id
     ready = ReadyPipe(args.ready_fd)
     try:

@@ -10,6 +10,7 @@ that its own exit status and error message tell the whole story.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import select
 import subprocess
@@ -21,6 +22,9 @@ from pathlib import Path
 
 from capsa.errors import CapsaError
 from capsa.runtime import pids
+
+# prctl(2): PR_SET_NAME = 15 (linux/prctl.h).
+_PR_SET_NAME = 15
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,12 @@ def read_line(fd: int, timeout: float) -> str:
             break
         data += chunk
     return data.decode(errors="replace").strip()
+
+
+def set_process_name(name: str) -> None:
+    """Show as ``name`` in ps/top (the kernel's comm, 15 bytes), not as one more python3."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 class ReadyPipe:

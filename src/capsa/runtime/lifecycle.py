@@ -91,6 +91,7 @@ def create(rt: Runtime, request: CreateRequest) -> Created:
         raise InvalidArgument("cannot allocate a pseudo-TTY without a console socket (use --console-socket)")
     if request.console_socket and not bundle.terminal:
         raise InvalidArgument("--console-socket given but process.terminal is false")
+    hooks.validate_hooks(bundle.spec)
     check_guest_files(rt.config)
     run_dir_ok(rt.store.dir(container_id))
     run_dir = rt.store.claim(container_id)

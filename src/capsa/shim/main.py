@@ -37,7 +37,7 @@ from capsa.cli.report import setup_logging
 from capsa.config import load_config
 from capsa.errors import AgentError, CapsaError
 from capsa.proxy.launch import ProxyClient
-from capsa.runtime.daemon import ReadyPipe
+from capsa.runtime.daemon import ReadyPipe, set_process_name
 from capsa.shim import console
 from capsa.shim.relay import ProcessIO, raw_terminal, relay
 
@@ -63,6 +63,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    set_process_name("capsa-shim")
     run_dir = Path(args.root) / args.id
     ready = ReadyPipe(args.ready_fd)
     try:
@@ -116,7 +117,7 @@ def _process_io(args: argparse.Namespace) -> ProcessIO:
     if args.console_socket:
         master, slave = console.open_pty()
         try:
-            console.send_console(args.console_socket, master, os.ttyname(slave))
+            console.send_console(args.console_socket, master)
         finally:
             os.close(master)
         console.take_controlling_terminal(slave)

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import signal
-import struct
 import termios
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -26,6 +24,7 @@ from dataclasses import dataclass
 
 from capsa.errors import AgentError, CapsaError
 from capsa.runtime.agent_client import AgentClient
+from capsa.shim.console import window_size
 
 # runc forwards every signal to a foreground container except these.
 _NOT_FORWARDED = {signal.SIGCHLD, signal.SIGWINCH, signal.SIGURG, signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE}
@@ -169,16 +168,6 @@ def write_all(fd: int, data: bytes) -> None:
         except (BrokenPipeError, OSError):
             return  # the reader went away: the output has nowhere to go
         view = view[written:]
-
-
-def window_size(fd: int) -> tuple[int, int]:
-    """(rows, columns) of the terminal on ``fd``; (0, 0) if it is none."""
-    try:
-        packed = fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8)
-    except OSError:
-        return 0, 0
-    rows, columns, _, _ = struct.unpack("HHHH", packed)
-    return rows, columns
 
 
 @contextlib.contextmanager
