@@ -28,6 +28,7 @@ packages=(
     python3 python3-venv
     linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio kmod xz-utils
     busybox-static erofs-utils e2fsprogs zstd lz4 iproute2 procps psmisc
+    podman conmon docker.io containerd runc  # the engines tests/e2e drives (Podman 4.3, Docker 20.10, containerd 1.6)
 )
 missing=()
 for p in "${packages[@]}"; do

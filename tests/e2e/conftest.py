@@ -1,0 +1,123 @@
+"""Fixtures for the engine tests: one private instance of each engine per module,
+the runtime under test behind an argv-logging wrapper, and a session-wide
+sweep that ends whatever the runtime left running.
+
+``CAPSA_E2E_RUNTIME`` picks the runtime (default ``/usr/local/bin/capsa``;
+``runc`` proves the harness itself). ``CAPSA_E2E_ARGV_LOG=FILE`` keeps the
+log of every runtime invocation the engines made.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from e2e_engines import Containerd, Docker, Podman
+from e2e_support import (
+    BUSYBOX,
+    Runtime,
+    kill_pids,
+    make_oci_archive,
+    make_rootfs,
+    make_rootfs_tar,
+    runtime_binary,
+    session_processes,
+    unmount_under,
+)
+
+TOOLS = ("podman", "conmon", "/usr/bin/docker", "dockerd", "containerd", "ctr", "containerd-shim-runc-v2")
+
+
+def e2e_unready() -> str | None:
+    """Why the engine tests cannot run here, or None when they can."""
+    if os.geteuid() != 0:
+        return "needs root"
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        return f"missing {', '.join(missing)}: run scripts/setup.sh"
+    if not BUSYBOX.exists():
+        return "busybox-static is not installed"
+    binary = runtime_binary()
+    if not (binary.exists() and os.access(binary, os.X_OK)):
+        return f"the runtime {binary} is not installed"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    e2e = [item for item in items if "e2e" in item.keywords]
+    reason = e2e_unready() if e2e else None
+    if reason is None:
+        return
+    if os.environ.get("CI"):
+        # In CI a missing engine is a broken setup, not a reason to pass quietly.
+        raise pytest.UsageError(f"engine tests cannot run: {reason}")
+    for item in e2e:
+        item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Iterator[Path]:
+    # Short: the runtime's sockets live below it.
+    path = Path(tempfile.mkdtemp(prefix="e", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        kill_pids([p.pid for p in session_processes(path, [str(path)])])
+        unmount_under([path])
+        keep = os.environ.get("CAPSA_E2E_ARGV_LOG")
+        if keep and (path / "argv.log").exists():
+            shutil.copy(path / "argv.log", keep)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def runtime(session_dir: Path) -> Runtime:
+    return Runtime(runtime_binary(), session_dir)
+
+
+@pytest.fixture(scope="session")
+def rootfs(session_dir: Path) -> Path:
+    path = session_dir / "rootfs"
+    make_rootfs(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def image_tar(session_dir: Path, rootfs: Path) -> Path:
+    tar = session_dir / "busybox.tar"
+    make_rootfs_tar(rootfs, tar)
+    return tar
+
+
+@pytest.fixture(scope="module")
+def podman(runtime: Runtime, session_dir: Path, image_tar: Path) -> Iterator[Podman]:
+    engine = Podman(runtime, session_dir, image_tar)
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope="module")
+def docker(runtime: Runtime, session_dir: Path, image_tar: Path) -> Iterator[Docker]:
+    engine = Docker(runtime, session_dir, image_tar)
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope="module")
+def containerd(runtime: Runtime, session_dir: Path, image_tar: Path) -> Iterator[Containerd]:
+    engine = Containerd(runtime, session_dir, namespace="e2e", tag="containerd")
+    try:
+        archive = session_dir / "busybox-oci.tar"
+        make_oci_archive(image_tar, archive, "localhost/e2e-busybox:latest")
+        engine.ctr("images", "import", str(archive), timeout=120).check()
+        yield engine
+    finally:
+        engine.stop()

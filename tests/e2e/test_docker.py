@@ -1,0 +1,75 @@
+"""Docker 20.10 (dockerd, containerd 1.6 and its runc shim) driving the runtime
+under test, registered with ``dockerd --add-runtime``."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from e2e_engines import Docker
+from e2e_support import Runtime, assert_nothing_left, expected_kernel_release, run_in_pty
+
+pytestmark = [pytest.mark.e2e, pytest.mark.vm, pytest.mark.slow]
+
+
+def docker_run(docker: Docker, *args: str) -> list[str]:
+    return ["run", "--runtime", docker.runtime_name, "--network", "none", *args]
+
+
+def test_run_rm_prints_guest_kernel(docker: Docker, runtime: Runtime) -> None:
+    result = docker(*docker_run(docker, "--rm", docker.image, "uname", "-r")).check()
+    assert result.out == expected_kernel_release(runtime)
+
+
+@pytest.mark.parametrize("code", [0, 7])
+def test_exit_code(docker: Docker, code: int) -> None:
+    assert docker(*docker_run(docker, "--rm", docker.image, "sh", "-c", f"exit {code}")).code == code
+
+
+def test_interactive_tty(docker: Docker) -> None:
+    """``docker run -it``: a shell on a pty of the caller's size, typed into."""
+    result = run_in_pty(
+        docker.argv(*docker_run(docker, "-it", "--rm", docker.image, "sh")),
+        rows=29,
+        cols=97,
+        send=[("# ", "tty; stty size; exit 3\r")],
+    )
+    assert result.code == 3, result.output
+    assert "/dev/pts/0" in result.output
+    assert "29 97" in result.output
+
+
+def test_detached_exec_and_stop(docker: Docker) -> None:
+    cid = (
+        docker(*docker_run(docker, "-d", docker.image, "sh", "-c", 'trap "" TERM; while :; do sleep 1; done'))
+        .check()
+        .out
+    )
+    try:
+        assert docker("exec", cid, "echo", "from exec").check().out == "from exec"
+        assert docker("exec", "-i", cid, "cat", input="piped\n").check().stdout == "piped\n"
+        assert docker("exec", cid, "sh", "-c", "exit 5").code == 5
+        began = time.monotonic()
+        docker("stop", "--time", "2", cid).check()
+        assert time.monotonic() - began >= 2
+        assert docker.inspect(cid, "{{.State.ExitCode}}") == "137"
+    finally:
+        docker("rm", "--force", cid).check()
+
+
+def test_stop_delivers_term(docker: Docker) -> None:
+    cid = (
+        docker(*docker_run(docker, "-d", docker.image, "sh", "-c", 'trap "exit 42" TERM; while :; do sleep 1; done'))
+        .check()
+        .out
+    )
+    try:
+        docker("stop", "--time", "20", cid).check()
+        assert docker.inspect(cid, "{{.State.ExitCode}}") == "42"
+    finally:
+        docker("rm", "--force", cid).check()
+
+
+def test_nothing_left(docker: Docker) -> None:
+    assert docker("ps", "--all", "--quiet").check().out == ""
+    assert_nothing_left(docker.runtime, docker.runtime_root, docker.needles, engine_words=("containerd-shim",))

@@ -1,0 +1,141 @@
+"""Podman 4.3 (through conmon) driving the runtime under test, as a user would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+from e2e_engines import Podman
+from e2e_support import Runtime, assert_nothing_left, expected_kernel_release, run_in_pty, vm_process, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.vm, pytest.mark.slow]
+
+NET = ("--network", "none")
+TICKER = 'trap "echo got-usr1" USR1; i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.2; done'
+
+
+def ticks(podman: Podman, cid: str) -> int:
+    return podman("logs", cid, timeout=60).check().stdout.count("tick ")
+
+
+def test_run_prints_guest_kernel_with_loopback_only(podman: Podman, runtime: Runtime) -> None:
+    result = podman(
+        "run", "--rm", *NET, podman.image, "sh", "-c", "uname -r; tail -n +3 /proc/net/dev | cut -d: -f1"
+    ).check()
+    lines = result.stdout.split()
+    assert lines[0] == expected_kernel_release(runtime)
+    assert lines[1:] == ["lo"]
+
+
+@pytest.mark.parametrize("code", [0, 7])
+def test_exit_code(podman: Podman, code: int) -> None:
+    assert podman("run", "--rm", *NET, podman.image, "sh", "-c", f"exit {code}").code == code
+
+
+def test_stdin(podman: Podman) -> None:
+    text = "".join(f"line {i}\n" for i in range(20000))  # ~200 KB: more than any pipe buffer
+    result = podman("run", "--rm", "-i", *NET, podman.image, "sh", "-c", "cat; echo done", input=text).check()
+    assert result.stdout == text + "done\n"
+
+
+def test_tty(podman: Podman) -> None:
+    result = run_in_pty(
+        podman.argv("run", "--rm", "-t", *NET, podman.image, "sh", "-c", "tty; stty size"),
+        rows=33,
+        cols=101,
+        env=podman.env,
+    )
+    assert result.code == 0, result.output
+    assert "/dev/pts/0" in result.output
+    assert "33 101" in result.output
+
+
+def test_stop_sends_term_then_kill(podman: Podman) -> None:
+    handles = podman("run", "-d", *NET, podman.image, "sh", "-c", 'trap "exit 42" TERM; while :; do sleep 1; done')
+    ignores = podman("run", "-d", *NET, podman.image, "sh", "-c", 'trap "" TERM; while :; do sleep 1; done')
+    handles_id, ignores_id = handles.check().out, ignores.check().out
+    try:
+        podman("stop", "--time", "10", handles_id).check()
+        assert podman.inspect(handles_id, "{{.State.ExitCode}}") == "42"
+        began = time.monotonic()
+        podman("stop", "--time", "2", ignores_id).check()
+        assert time.monotonic() - began >= 2
+        assert podman.inspect(ignores_id, "{{.State.ExitCode}}") == "137"
+    finally:
+        podman("rm", "--force", "--time", "0", handles_id, ignores_id)
+
+
+@pytest.fixture(scope="class")
+def ticker(podman: Podman) -> Iterator[str]:
+    """A detached container that prints a tick five times a second, removed
+    when the class that uses it is done."""
+    cid = podman("run", "-d", *NET, podman.image, "sh", "-c", TICKER).check().out
+    try:
+        wait_until(lambda: ticks(podman, cid) > 0, 60, "the container's first output")
+        yield cid
+    finally:
+        podman("rm", "--force", "--time", "0", cid)
+
+
+class TestRunning:
+    """One detached container, shared by the checks that need it running."""
+
+    def test_exec(self, podman: Podman, ticker: str) -> None:
+        assert podman("exec", ticker, "echo", "from exec").check().out == "from exec"
+        assert podman("exec", "-i", ticker, "cat", input="piped\n").check().stdout == "piped\n"
+        assert podman("exec", ticker, "sh", "-c", "exit 5").code == 5
+
+    def test_exec_tty(self, podman: Podman, ticker: str) -> None:
+        result = run_in_pty(
+            podman.argv("exec", "-t", ticker, "sh", "-c", "tty; stty size"), rows=21, cols=77, env=podman.env
+        )
+        assert result.code == 0, result.output
+        assert "/dev/pts/" in result.output and "21 77" in result.output
+
+    def test_kill_signal(self, podman: Podman, ticker: str) -> None:
+        podman("kill", "--signal", "USR1", ticker).check()
+        wait_until(lambda: "got-usr1" in podman("logs", ticker).stdout, 30, "the USR1 trap's output")
+        assert podman.inspect(ticker, "{{.State.Status}}") == "running"
+
+    def test_pause_unpause(self, podman: Podman, ticker: str) -> None:
+        podman("pause", ticker).check()
+        try:
+            assert podman.inspect(ticker, "{{.State.Status}}") == "paused"
+            time.sleep(1)  # output already on its way may still land
+            frozen = ticks(podman, ticker)
+            time.sleep(2)
+            assert ticks(podman, ticker) == frozen, "the container kept running while paused"
+        finally:
+            podman("unpause", ticker).check()
+        assert podman.inspect(ticker, "{{.State.Status}}") == "running"
+        wait_until(lambda: ticks(podman, ticker) > frozen, 30, "output after unpause")
+
+
+def test_rm_force(podman: Podman, runtime: Runtime) -> None:
+    cid = podman("run", "-d", *NET, podman.image, "sleep", "1000").check().out
+    podman("rm", "--force", cid).check()
+    assert podman("ps", "--all", "--quiet", "--no-trunc").check().stdout.split() == []
+    assert cid not in runtime.listed(podman.runtime_root)
+
+
+def test_killed_vm(podman: Podman, runtime: Runtime) -> None:
+    """kill -9 of the VM (under runc: of the container's init): Podman sees the
+    container exit non-zero, and rm cleans up."""
+    cid = podman("run", "-d", *NET, podman.image, "sleep", "1000").check().out
+    try:
+        pid = int(podman.inspect(cid, "{{.State.Pid}}"))
+        os.kill(vm_process(runtime, runtime.session, cid, pid), signal.SIGKILL)
+        code = podman("wait", cid, timeout=60).check().out
+        assert int(code) != 0
+        assert podman.inspect(cid, "{{.State.Status}}") in ("exited", "stopped")
+    finally:
+        podman("rm", "--force", "--time", "0", cid).check()
+    assert cid not in runtime.listed(podman.runtime_root)
+
+
+def test_nothing_left(podman: Podman, runtime: Runtime) -> None:
+    assert podman("ps", "--all", "--quiet").check().out == ""
+    assert_nothing_left(runtime, podman.runtime_root, podman.needles, engine_words=("conmon",))
