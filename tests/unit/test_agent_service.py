@@ -198,6 +198,13 @@ def main(argv):
         os.rmdir(state)
     elif command in ("pause", "resume"):
         os.killpg(pid, signal.SIGSTOP if command == "pause" else signal.SIGCONT)
+    elif command == "update":
+        resources = json.load(open(opts["--resources"]))
+        limit = resources.get("memory", {}).get("limit")
+        if limit is not None and 0 <= limit < 4096:
+            fail("write `memory.max`: Device or resource busy")
+        with open(os.path.join(state, "resources.json"), "w") as f:
+            json.dump(resources, f)
     else:
         fail(f"unknown command {command}")
 
@@ -606,6 +613,30 @@ def test_resize_without_a_terminal_is_a_precondition_failure(agent: Agent) -> No
         resize = pb.TtyWinResizeRequest(container_id="notty", row=30, column=100)
         await expect_error(Code.FAILED_PRECONDITION, empty(client, "TtyWinResize", resize))
         await remove(client, "notty")
+
+    run(agent, scenario)
+
+
+def test_update_hands_the_resources_to_crun_and_passes_its_errors_back(agent: Agent) -> None:
+    resources = {"memory": {"limit": 256 << 20}, "cpu": {"quota": 50000, "period": 100000}}
+
+    async def scenario(client: Client) -> None:
+        await create(client, agent, "upd", "sleep", "30")
+        await empty(client, "StartContainer", pb.StartContainerRequest(container_id="upd"))
+        request = pb.UpdateContainerRequest(container_id="upd", resources_json=json.dumps(resources).encode())
+        await empty(client, "UpdateContainer", request)
+        assert json.loads((agent.crun_root / "upd" / "resources.json").read_text()) == resources
+        # crun's refusal comes back in crun's words.
+        refused = pb.UpdateContainerRequest(container_id="upd", resources_json=b'{"memory": {"limit": 1}}')
+        assert "memory.max" in await expect_error(Code.UNKNOWN, empty(client, "UpdateContainer", refused))
+        bad = pb.UpdateContainerRequest(container_id="upd", resources_json=b"[1]")
+        assert "JSON object" in await expect_error(Code.INVALID_ARGUMENT, empty(client, "UpdateContainer", bad))
+        unknown = pb.UpdateContainerRequest(container_id="nope", resources_json=b"{}")
+        await expect_error(Code.NOT_FOUND, empty(client, "UpdateContainer", unknown))
+        # No resources file is left behind in the bundle.
+        assert (agent.state_dir / "containers" / "upd").is_dir()
+        assert not list(agent.state_dir.rglob("resources-*.json"))
+        await remove(client, "upd")
 
     run(agent, scenario)
 

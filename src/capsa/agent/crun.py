@@ -93,6 +93,26 @@ def resume_argv(crun: Crun, log_file: str, container_id: str) -> list[str]:
     return [*crun.base(log_file), "resume", container_id]
 
 
+def update_argv(crun: Crun, log_file: str, container_id: str, resources_file: str) -> list[str]:
+    """``crun update --resources FILE``: new cgroup limits from an OCI ``linux.resources`` JSON.
+
+    The file, not crun's per-value flags: crun reads only the file when one
+    is given, and its flags cannot say -1 (unlimited) or every field.
+    """
+    return [*crun.base(log_file), "update", f"--resources={resources_file}", container_id]
+
+
+def load_resources(resources_json: bytes) -> dict[str, Any]:
+    """Parse the OCI ``linux.resources`` object (config-linux.md "Control groups") the host sent."""
+    try:
+        resources = json.loads(resources_json)
+    except ValueError as exc:
+        raise BundleError(f"the resources are not valid JSON: {exc}") from exc
+    if not isinstance(resources, dict):
+        raise BundleError("the resources must be a JSON object (an OCI linux.resources)")
+    return resources
+
+
 def version_argv(crun: Crun) -> list[str]:
     return [crun.binary, "--version"]
 

@@ -152,6 +152,7 @@ class AgentService:
             "PauseContainer": (pb.PauseContainerRequest, self.pause_container),
             "ResumeContainer": (pb.ResumeContainerRequest, self.resume_container),
             "StatsContainer": (pb.StatsContainerRequest, self.stats_container),
+            "UpdateContainer": (pb.UpdateContainerRequest, self.update_container),
             "ExecProcess": (pb.ExecProcessRequest, self.exec_process),
             "SignalProcess": (pb.SignalProcessRequest, self.signal_process),
             "WaitProcess": (pb.WaitProcessRequest, self.wait_process),
@@ -233,6 +234,10 @@ class AgentService:
             memory_limit_bytes=stats.memory_limit_bytes,
             pids_current=stats.pids_current,
         )
+
+    async def update_container(self, request: pb.UpdateContainerRequest) -> pb.Empty:
+        await _uninterrupted(self.sandbox.update_container(request.container_id, request.resources_json))
+        return pb.Empty()
 
     async def list_processes(self, request: pb.ListProcessesRequest) -> pb.ListProcessesResponse:
         return pb.ListProcessesResponse(pids=self.sandbox.pids(request.container_id))
