@@ -31,6 +31,10 @@ MACHINE_TYPES = ("q35", "microvm")
 SHARED_FS_KINDS = ("virtio-fs", "virtio-9p")
 AGENT_CHANNELS = ("auto", "vsock", "serial")
 BOOT_MODES = ("cold", "template")
+#: QEMU's q35 limit without an IOMMU with x2APIC interrupt remapping.
+MAX_VCPUS = 240
+#: Without max_memory_mib, a VM may grow to this many times default_memory_mib.
+DEFAULT_MAX_MEMORY_FACTOR = 4
 
 
 def guest_dir() -> Path:
@@ -40,6 +44,37 @@ def guest_dir() -> Path:
 
 def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR)
+
+
+def max_vcpus_for(hv: HypervisorConfig, host_cpus: int) -> int:
+    """The most vCPUs a VM may grow to: ``max_vcpus``, else the host's CPUs; pure.
+
+    Never below ``default_vcpus`` (a VM starts with that many) nor above
+    :data:`MAX_VCPUS`.  More vCPUs than host CPUs only adds contention.
+    """
+    wanted = hv.max_vcpus or host_cpus
+    return max(hv.default_vcpus, min(wanted, MAX_VCPUS))
+
+
+def max_memory_mib_for(hv: HypervisorConfig, host_memory_mib: int) -> int:
+    """The most RAM a VM may grow to: ``max_memory_mib``, else
+    :data:`DEFAULT_MAX_MEMORY_FACTOR` times ``default_memory_mib`` capped by
+    the host's RAM; never below ``default_memory_mib``.  Pure."""
+    wanted = hv.max_memory_mib or min(DEFAULT_MAX_MEMORY_FACTOR * hv.default_memory_mib, host_memory_mib)
+    return max(hv.default_memory_mib, wanted)
+
+
+def host_cpus() -> int:
+    """CPUs this process may run on (sched_getaffinity(2)), the host's for a VM's purposes."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except OSError:
+        return os.cpu_count() or 1
+
+
+def host_memory_mib() -> int:
+    """The host's physical RAM (sysconf(3) _SC_PHYS_PAGES x _SC_PAGE_SIZE)."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
 
 
 @dataclass(frozen=True)
@@ -54,6 +89,10 @@ class HypervisorConfig:
     firmware: Path | None = None
     default_vcpus: int = 1
     default_memory_mib: int = 1024
+    # How far `capsa update` may grow a VM by CPU and memory hot-plug; 0
+    # picks the default (see max_vcpus_for / max_memory_mib_for).
+    max_vcpus: int = 0
+    max_memory_mib: int = 0
     extra_args: tuple[str, ...] = ()
     # template: restore a saved, booted VM (capsa.hypervisor.template),
     # booting cold whenever that fails; cold: boot every VM.  Template is
@@ -227,7 +266,7 @@ class _Table:
 def _parse_hypervisor(table: Mapping[str, Any], where: str) -> HypervisorConfig:
     t = _Table(table, where, HypervisorConfig)
     d = HypervisorConfig()
-    return HypervisorConfig(
+    hv = HypervisorConfig(
         path=t.path("path", d.path),
         machine_type=t.choice("machine_type", d.machine_type, MACHINE_TYPES),
         accelerator=t.choice("accelerator", d.accelerator, ACCELERATORS),
@@ -236,11 +275,20 @@ def _parse_hypervisor(table: Mapping[str, Any], where: str) -> HypervisorConfig:
         image=t.optional_path("image", d.image),
         kernel_params=t.strings("kernel_params"),
         firmware=t.optional_path("firmware", d.firmware),
-        default_vcpus=t.integer("default_vcpus", d.default_vcpus, 1, 240),
+        default_vcpus=t.integer("default_vcpus", d.default_vcpus, 1, MAX_VCPUS),
         default_memory_mib=t.integer("default_memory_mib", d.default_memory_mib, 128, 1 << 20),
+        max_vcpus=t.integer("max_vcpus", d.max_vcpus, 0, MAX_VCPUS),
+        max_memory_mib=t.integer("max_memory_mib", d.max_memory_mib, 0, 1 << 22),
         extra_args=t.strings("extra_args"),
         boot=t.choice("boot", d.boot, BOOT_MODES),
     )
+    if hv.max_vcpus and hv.max_vcpus < hv.default_vcpus:
+        raise ConfigError(f"{where}.max_vcpus: {hv.max_vcpus} is less than default_vcpus ({hv.default_vcpus})")
+    if hv.max_memory_mib and hv.max_memory_mib < hv.default_memory_mib:
+        raise ConfigError(
+            f"{where}.max_memory_mib: {hv.max_memory_mib} is less than default_memory_mib ({hv.default_memory_mib})"
+        )
+    return hv
 
 
 def _parse_shared_fs(table: Mapping[str, Any], where: str) -> SharedFsConfig:

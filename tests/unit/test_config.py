@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from capsa.config import Config, load_config, parse_config
+from capsa.config import Config, load_config, max_memory_mib_for, max_vcpus_for, parse_config
 from capsa.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,6 +54,10 @@ def test_environment_variable_names_the_file(monkeypatch: pytest.MonkeyPatch, tm
         ('[runtime]\ndebug = "yes"\n', r"runtime\.debug: expected true or false"),
         ('[hypervisor]\nboot = "warm"\n', r"hypervisor\.boot: expected one of 'cold', 'template'"),
         ("[hypervisor\n", r"not valid TOML"),
+        ("[hypervisor]\nmax_vcpus = 500\n", r"hypervisor\.max_vcpus: expected an integer from 0 to 240"),
+        ("[hypervisor]\ndefault_vcpus = 4\nmax_vcpus = 2\n", r"hypervisor\.max_vcpus: 2 is less than default_vcpus"),
+        ("[hypervisor]\nmax_memory_mib = 512\n", r"hypervisor\.max_memory_mib: 512 is less than default_memory_mib"),
+        ('[hypervisor]\nmax_memory_mib = "4G"\n', r"hypervisor\.max_memory_mib: expected an integer"),
     ],
 )
 def test_bad_values_name_the_file_and_key(tmp_path: Path, text: str, message: str) -> None:
@@ -77,3 +81,21 @@ def test_guest_dir_override(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_boot_mode() -> None:
     assert Config().hypervisor.boot == "template"
     assert parse_config({"hypervisor": {"boot": "cold"}}).hypervisor.boot == "cold"
+
+
+def test_hotplug_maxima_default_to_the_host() -> None:
+    hv = Config().hypervisor
+    assert (hv.max_vcpus, hv.max_memory_mib) == (0, 0)
+    assert max_vcpus_for(hv, host_cpus=8) == 8
+    assert max_vcpus_for(hv, host_cpus=1000) == 240  # QEMU's q35 limit
+    assert max_memory_mib_for(hv, host_memory_mib=65536) == 4 * 1024  # 4x default_memory_mib
+    assert max_memory_mib_for(hv, host_memory_mib=2048) == 2048  # capped by the host's RAM
+    assert max_memory_mib_for(hv, host_memory_mib=512) == 1024  # never below the boot size
+
+
+def test_hotplug_maxima_from_the_file() -> None:
+    hv = parse_config({"hypervisor": {"default_vcpus": 2, "max_vcpus": 4, "max_memory_mib": 8192}}).hypervisor
+    assert max_vcpus_for(hv, host_cpus=1) == 4
+    assert max_memory_mib_for(hv, host_memory_mib=1024) == 8192
+    # A host with fewer CPUs than a VM starts with still gets that VM.
+    assert max_vcpus_for(parse_config({"hypervisor": {"default_vcpus": 4}}).hypervisor, host_cpus=2) == 4
