@@ -9,7 +9,7 @@ import pytest
 
 from capsa.errors import HypervisorError
 from capsa.hypervisor.base import NinePShare, SerialChannel, VirtioFsShare, VMConfig, VsockChannel
-from capsa.hypervisor.qemu import escape_option, nvdimm_size, qemu_argv
+from capsa.hypervisor.qemu import dimm_mib, escape_option, nvdimm_size, ospm_outcome, qemu_argv
 
 RUN = Path("/run/capsa/c1")
 MiB = 1 << 20
@@ -210,6 +210,8 @@ def test_extra_args_come_last() -> None:
         ({"shares": (NinePShare("", Path("/a")),)}, "tag"),
         ({"shares": (NinePShare("t" * 37, Path("/a")),)}, "tag"),
         ({"shares": (NinePShare("t", Path("/a")), VirtioFsShare("t", Path("/s")))}, "unique"),
+        ({"max_memory_mib": 512}, "max_memory"),
+        ({"max_memory_mib": 2048, "machine_type": "microvm", "agent_channel": VsockChannel(guest_cid=7)}, "q35"),
     ],
 )
 def test_config_rejects_nonsense(overrides: dict[str, Any], complaint: str) -> None:
@@ -222,3 +224,64 @@ def test_vsock_cid_range() -> None:
         VsockChannel(guest_cid=2)
     with pytest.raises(HypervisorError, match="CID"):
         VsockChannel(guest_cid=0xFFFFFFFF)
+
+
+def test_cpu_hotplug_room_is_maxcpus() -> None:
+    args = argv(config(vcpus=1, max_vcpus=4))
+    assert values(args, "-smp") == ["1,maxcpus=4"]
+    # Hot-plugged vCPUs get host threads of their own only with MTTCG.
+    assert values(args, "-accel") == ["tcg,thread=multi"]
+
+
+def test_memory_hotplug_room_is_dimm_slots_and_maxmem() -> None:
+    args = argv(config(memory_mib=1024, max_memory_mib=4096))
+    assert values(args, "-m") == ["1024M,slots=6,maxmem=4096M"]
+    # No hot-plug room when the maximum is the boot size.
+    assert values(argv(config(memory_mib=1024, max_memory_mib=1024)), "-m") == ["1024M"]
+    assert values(argv(config(memory_mib=1024)), "-m") == ["1024M"]
+
+
+def test_memory_hotplug_and_a_rootfs_nvdimm_share_the_device_memory() -> None:
+    args = argv(config(rootfs_image=Path("/img"), initrd=None, max_memory_mib=2048), rootfs_image_bytes=64 * MiB)
+    assert values(args, "-m") == ["1024M,slots=7,maxmem=2112M"]
+
+
+def test_hotplug_room_is_in_the_template_argv() -> None:
+    # The template key hashes the argv: a template made for other maxima is not restored.
+    templated = config(templated=True, memory_file=Path("/t/memory"), max_vcpus=2, max_memory_mib=4096)
+    args = argv(templated)
+    assert values(args, "-smp") == ["1,maxcpus=2"]
+    assert values(args, "-m") == ["1024M,slots=6,maxmem=4096M"]
+    assert "memory-backend-file,id=mem,size=1024M,mem-path=/t/memory,share=on" in values(args, "-object")
+
+
+@pytest.mark.parametrize(
+    ("wanted", "room", "size"),
+    [
+        (1, 3072, 128),  # whole memory blocks
+        (128, 3072, 128),
+        (129, 3072, 256),
+        (3000, 3000, 2944),  # the last block that fits
+    ],
+)
+def test_dimm_sizes_are_whole_memory_blocks(wanted: int, room: int, size: int) -> None:
+    assert dimm_mib(wanted, room) == size
+
+
+def test_no_dimm_when_not_one_block_fits() -> None:
+    with pytest.raises(HypervisorError, match="128 MiB blocks"):
+        dimm_mib(100, 127)
+
+
+def test_ospm_status_says_when_the_guest_took_a_device() -> None:
+    infos = [
+        {"device": "dimm0", "slot": "0", "slot-type": "DIMM", "source": 1, "status": 0},
+        {"device": "dimm1", "slot": "1", "slot-type": "DIMM", "source": 0, "status": 0},  # no _OST yet
+        {"slot": "2", "slot-type": "DIMM", "source": 0, "status": 0},  # empty slot
+        {"device": "cpu-0-1-0", "slot": "1", "slot-type": "CPU", "source": 1, "status": 0x80},  # in progress
+        {"device": "cpu-0-2-0", "slot": "2", "slot-type": "CPU", "source": 1, "status": 0x81},  # failed
+    ]
+    done, failed = ospm_outcome(infos, {"dimm0", "dimm1", "cpu-0-1-0", "cpu-0-2-0"})
+    assert done == {"dimm0"}
+    assert failed == ["cpu-0-2-0 (_OST status 0x81)"]
+    assert ospm_outcome(infos, {"dimm1"}) == (set(), [])

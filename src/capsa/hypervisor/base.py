@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from capsa.errors import HypervisorError
 
@@ -34,6 +35,17 @@ AGENT_PORT_ID = "agent-port"
 #: Root ports a templated q35 VM keeps free for devices plugged after a
 #: restore (the container's virtio-fs share), named ``hotplug0``, ...
 HOTPLUG_SLOTS = 1
+
+#: DIMM slots a VM with memory hot-plug has: each growth plugs one DIMM.
+#: vhost-user backends (virtiofsd) map every RAM region; without the
+#: CONFIGURE_MEM_SLOTS protocol feature they take 8, of which q35's RAM below
+#: 4 GiB uses 2, so 6 DIMMs work with any backend.
+MEMORY_SLOTS = 6
+
+#: Hot-plugged memory comes in multiples of the guest's memory block (the
+#: x86-64 sparsemem section, 128 MiB): Linux onlines whole blocks only
+#: (Documentation/admin-guide/mm/memory-hotplug.rst, "Memory Blocks").
+MEMORY_BLOCK_MIB = 128
 
 #: Default AF_VSOCK port of the agent (kernel parameter ``capsa.vsock_port``).
 DEFAULT_VSOCK_PORT = 1024
@@ -114,8 +126,12 @@ class VMConfig:
     accelerator: str
     machine_type: str = "q35"
     vcpus: int = 1
+    #: CPUs the VM can grow to by hot-plug (``-smp maxcpus``).
     max_vcpus: int = 1
     memory_mib: int = 512
+    #: RAM the VM can grow to by hot-plugging DIMMs (``-m maxmem``); None:
+    #: no memory hot-plug.  q35 only.
+    max_memory_mib: int | None = None
     #: At most one of ``initrd`` and ``rootfs_image``; neither boots the
     #: kernel alone (the accelerator probe does that).
     initrd: Path | None = None
@@ -150,6 +166,14 @@ class VMConfig:
             raise HypervisorError(f"vcpus {self.vcpus} and max_vcpus {self.max_vcpus}: need 1 <= vcpus <= max_vcpus")
         if self.memory_mib < 64:
             raise HypervisorError(f"memory {self.memory_mib} MiB is too small for a guest kernel (at least 64)")
+        if self.max_memory_mib is not None:
+            if self.max_memory_mib < self.memory_mib:
+                raise HypervisorError(
+                    f"memory {self.memory_mib} MiB and max_memory {self.max_memory_mib} MiB: need memory <= max_memory"
+                )
+            if self.machine_type != "q35":
+                # microvm has no ACPI memory hot-plug controller for DIMMs.
+                raise HypervisorError("memory hot-plug (max_memory_mib) needs machine type q35")
         if self.initrd is not None and self.rootfs_image is not None:
             raise HypervisorError("a VM boots from an initrd or a rootfs image, not both")
         if self.templated and (self.machine_type != "q35" or not isinstance(self.agent_channel, SerialChannel)):
@@ -176,6 +200,13 @@ class VMConfig:
     def vmm_log(self) -> Path:
         """Where the VMM's own stderr goes; its last line explains a failed start."""
         return self.run_dir / "vmm.log"
+
+
+class VMSize(NamedTuple):
+    """A running VM's size: its vCPUs and its RAM in MiB."""
+
+    vcpus: int
+    memory_mib: int
 
 
 class Hypervisor(abc.ABC):
@@ -222,3 +253,16 @@ class Hypervisor(abc.ABC):
     @abc.abstractmethod
     async def resume(self) -> None:
         """Run the vCPUs again after :meth:`pause`."""
+
+    @abc.abstractmethod
+    async def resize(self, vcpus: int, memory_mib: int) -> VMSize:
+        """Grow the VM to at least ``vcpus`` vCPUs and ``memory_mib`` MiB of RAM; return its new size.
+
+        Only grows: a smaller value than the VM has leaves that part as it
+        is (taking CPUs or memory back from a running guest needs its
+        cooperation and can fail; no caller needs it).  Growing past the
+        VM's ``max_vcpus`` / ``max_memory_mib`` is an error, and so is any
+        growth on a VMM or machine without hot-plug.  Returns once the guest
+        kernel has taken the new hardware (memory online; CPUs present,
+        which the agent onlines).
+        """

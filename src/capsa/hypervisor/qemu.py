@@ -51,10 +51,13 @@ from capsa.hypervisor.base import (
     AGENT_PORT_ID,
     AGENT_PORT_NAME,
     HOTPLUG_SLOTS,
+    MEMORY_BLOCK_MIB,
+    MEMORY_SLOTS,
     Hypervisor,
     SerialChannel,
     VirtioFsShare,
     VMConfig,
+    VMSize,
 )
 from capsa.hypervisor.process import last_line, spawn, terminate
 
@@ -66,6 +69,10 @@ log = logging.getLogger("capsa.hypervisor.qemu")
 # noisier report on the user's stderr.  Left alone if someone set a level.
 if logging.getLogger("qemu.qmp").level == logging.NOTSET:
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+#: How long a guest may take to handle hot-plugged CPUs and memory (under
+#: TCG, onlining a few hundred MiB takes a fraction of a second).
+DEFAULT_RESIZE_TIMEOUT = 30.0
 
 #: How long QEMU may take from exec to answering QMP before it is killed.
 #: Machine setup is fast; this only catches a VMM that hangs.
@@ -116,14 +123,39 @@ def _accelerator(config: VMConfig) -> list[str]:
     return ["-accel", accel, "-cpu", "max"]
 
 
+def memory_hotplug(config: VMConfig) -> bool:
+    """Whether the VM can grow its RAM by hot-plugged DIMMs."""
+    return config.max_memory_mib is not None and config.max_memory_mib > config.memory_mib
+
+
+def shared_memory(config: VMConfig) -> bool:
+    """Whether guest RAM must be shareable (an fd another process can map).
+
+    virtiofsd maps all of it (vhost-user protocol, "Memory regions"), and a
+    templated VM keeps it in a file; hot-plugged DIMMs must follow suit.
+    """
+    return config.templated or any(isinstance(share, VirtioFsShare) for share in config.shares)
+
+
 def _memory(config: VMConfig, nvdimm_bytes: int | None) -> list[str]:
+    """``-m``: the boot RAM, and the slots and room above it for memory devices.
+
+    Hot-plugged DIMMs (:meth:`QemuHypervisor.resize`) and the rootfs NVDIMM
+    are both memory devices: each takes a slot and its size of ``maxmem``.
+    """
     size = f"{config.memory_mib}M"
-    args = ["-m", size]
+    slots = 0
+    maxmem = config.memory_mib
+    if memory_hotplug(config):
+        assert config.max_memory_mib is not None
+        slots += MEMORY_SLOTS
+        maxmem = config.max_memory_mib
     if nvdimm_bytes is not None:
-        # An NVDIMM is hot-pluggable memory: it needs a slot and room above RAM.
-        extra_mib = nvdimm_bytes >> 20
-        args = ["-m", f"{size},slots=1,maxmem={config.memory_mib + extra_mib}M"]
-    return args
+        slots += 1
+        maxmem += nvdimm_bytes >> 20
+    if not slots:
+        return ["-m", size]
+    return ["-m", f"{size},slots={slots},maxmem={maxmem}M"]
 
 
 def _boot(config: VMConfig, console_params: tuple[str, ...]) -> list[str]:
@@ -232,6 +264,49 @@ def _rootfs_image(config: VMConfig, image_bytes: int | None) -> list[str]:
     ]
 
 
+def dimm_mib(wanted_mib: int, room_mib: int) -> int:
+    """The DIMM to plug for ``wanted_mib`` more RAM with ``room_mib`` left under maxmem; pure.
+
+    Rounded up to whole memory blocks (:data:`MEMORY_BLOCK_MIB`), or down
+    when that does not fit; a HypervisorError when not one block fits.
+    """
+    blocks = -(-wanted_mib // MEMORY_BLOCK_MIB)
+    blocks = min(blocks, room_mib // MEMORY_BLOCK_MIB)
+    if blocks < 1:
+        raise HypervisorError(
+            f"cannot add {wanted_mib} MiB: memory grows in {MEMORY_BLOCK_MIB} MiB blocks and {room_mib} MiB are left"
+        )
+    return blocks * MEMORY_BLOCK_MIB
+
+
+# _OST arguments (ACPI 6.4, 6.3.5): the event handled, and how it went.
+_OST_DEVICE_CHECK = 1  # QEMU announces an inserted CPU or DIMM as Device Check
+_OST_SUCCESS = 0
+_OST_INSERT_IN_PROGRESS = 0x80
+
+
+def ospm_outcome(infos: list[dict[str, Any]], devices: set[str]) -> tuple[set[str], list[str]]:
+    """Which of ``devices`` the guest reported inserted, and which it reported failing; pure.
+
+    ``infos`` is QMP ``query-acpi-ospm-status``: per CPU and DIMM slot, the
+    last ``_OST`` the guest evaluated (``source`` 0 and ``status`` 0 until it
+    evaluated one).  The guest reports a hot-add as source Device Check and
+    status 0 once done (0x80: still in progress).
+    """
+    done: set[str] = set()
+    failed: list[str] = []
+    for info in infos:
+        device = info.get("device")
+        if device not in devices or info.get("source") != _OST_DEVICE_CHECK:
+            continue
+        status = info.get("status")
+        if status == _OST_SUCCESS:
+            done.add(device)
+        elif status != _OST_INSERT_IN_PROGRESS:
+            failed.append(f"{device} (_OST status {status:#x})" if isinstance(status, int) else str(device))
+    return done, sorted(failed)
+
+
 def nvdimm_size(image_bytes: int) -> int:
     """The image size rounded up to the NVDIMM alignment."""
     return -(-image_bytes // _NVDIMM_ALIGN) * _NVDIMM_ALIGN
@@ -251,7 +326,7 @@ def qemu_argv(config: VMConfig, *, qmp_fd: int, rootfs_image_bytes: int | None =
     suffix = _device_suffix(config.machine_type)
     # A templated VM always has it: the clone's virtio-fs share is plugged
     # after restore, and the saved RAM must live in the same kind of block.
-    memory_backend = config.templated or any(isinstance(share, VirtioFsShare) for share in config.shares)
+    memory_backend = shared_memory(config)
     nvdimm_bytes = rootfs_image_bytes if config.rootfs_image is not None else None
     console_args, console_params = _console_and_agent(config)
 
@@ -446,6 +521,123 @@ class QemuHypervisor(Hypervisor):
 
     async def resume(self) -> None:
         await self._execute("cont")
+
+    # --- resize: CPU and memory hot-plug --------------------------------------
+
+    async def resize(self, vcpus: int, memory_mib: int, timeout: float = DEFAULT_RESIZE_TIMEOUT) -> VMSize:
+        """Grow to at least ``vcpus`` and ``memory_mib`` (see :meth:`Hypervisor.resize`).
+
+        CPUs: QMP ``query-hotpluggable-cpus`` lists the free CPU slots of
+        ``-smp maxcpus`` with the properties (socket, core, thread) that
+        ``device_add`` of their CPU model needs.  Memory: one ``pc-dimm``
+        per growth, backed by a new memory backend (``object-add``), in
+        multiples of :data:`MEMORY_BLOCK_MIB`; the last step is rounded down
+        to fit ``maxmem``, so the result can fall short of ``memory_mib`` by
+        less than a block.  Both announce themselves to the guest through
+        ACPI (q35's CPU and memory hot-plug controllers); this returns once
+        the guest reported each device handled through ``_OST`` (ACPI 6.4,
+        6.3.5; QMP ``query-acpi-ospm-status``) or ``timeout`` passed.
+        """
+        config = self.config
+        if vcpus < 1 or memory_mib < 1:
+            raise HypervisorError(f"cannot resize VM {config.name} to {vcpus} vCPUs and {memory_mib} MiB")
+        current = await self.size()
+        grow_cpus = max(0, vcpus - current.vcpus)
+        grow_mib = max(0, memory_mib - current.memory_mib)
+        if not grow_cpus and not grow_mib:
+            return current
+        if config.machine_type != "q35":
+            raise HypervisorError(f"VM {config.name} is a {config.machine_type}, which has no CPU or memory hot-plug")
+        if vcpus > config.max_vcpus:
+            raise HypervisorError(
+                f"VM {config.name} cannot grow to {vcpus} vCPUs: its maximum is {config.max_vcpus} "
+                "(hypervisor.max_vcpus)"
+            )
+        max_memory = config.max_memory_mib if memory_hotplug(config) else config.memory_mib
+        assert max_memory is not None
+        if memory_mib > max_memory:
+            raise HypervisorError(
+                f"VM {config.name} cannot grow to {memory_mib} MiB: its maximum is {max_memory} MiB "
+                "(hypervisor.max_memory_mib)"
+            )
+        plugged: list[tuple[str, str]] = []  # (slot type, device id) to wait for
+        if grow_cpus:
+            plugged += await self._plug_cpus(grow_cpus)
+        if grow_mib:
+            plugged += await self._plug_memory(dimm_mib(grow_mib, max_memory - current.memory_mib))
+        await self._wait_ospm(plugged, timeout)
+        return await self.size()
+
+    async def size(self) -> VMSize:
+        """The VM's vCPUs (QMP ``query-cpus-fast``) and RAM: boot RAM plus
+        plugged DIMMs (``query-memory-devices``; the rootfs NVDIMM is not RAM)."""
+        cpus = await self._execute("query-cpus-fast")
+        devices = await self._execute("query-memory-devices")
+        dimm_bytes = sum(d["data"]["size"] for d in devices if d.get("type") == "dimm")
+        return VMSize(len(cpus), self.config.memory_mib + (dimm_bytes >> 20))
+
+    async def _plug_cpus(self, count: int) -> list[tuple[str, str]]:
+        slots = await self._execute("query-hotpluggable-cpus")
+        free = sorted(
+            (slot for slot in slots if "qom-path" not in slot),
+            key=lambda slot: tuple(sorted(slot["props"].items())),
+        )
+        if len(free) < count:
+            raise HypervisorError(f"VM {self.config.name} has {len(free)} free CPU slots, not {count}")
+        plugged = []
+        for slot in free[:count]:
+            props = slot["props"]
+            # Unique per slot, so a later resize never meets an id in use.
+            device_id = "cpu-" + "-".join(f"{props[k]}" for k in ("socket-id", "core-id", "thread-id") if k in props)
+            await self._execute("device_add", {"driver": slot["type"], "id": device_id, **props})
+            plugged.append(("CPU", device_id))
+        return plugged
+
+    async def _plug_memory(self, size_mib: int) -> list[tuple[str, str]]:
+        devices = await self._execute("query-memory-devices")
+        used = {d["data"].get("id") for d in devices}
+        index = next(i for i in range(len(used) + 1) if f"dimm{i}" not in used)
+        backend = f"dimm{index}-mem"
+        memory: dict[str, object] = {"qom-type": "memory-backend-ram", "id": backend, "size": size_mib << 20}
+        if shared_memory(self.config):
+            # Like the boot RAM: virtiofsd must be able to map it too.
+            memory.update({"qom-type": "memory-backend-memfd", "share": True})
+        await self._execute("object-add", memory)
+        try:
+            await self._execute("device_add", {"driver": "pc-dimm", "id": f"dimm{index}", "memdev": backend})
+        except HypervisorError:
+            with contextlib.suppress(HypervisorError):
+                await self._execute("object-del", {"id": backend})
+            raise
+        return [("DIMM", f"dimm{index}")]
+
+    async def _wait_ospm(self, plugged: list[tuple[str, str]], timeout: float) -> None:
+        """Wait until the guest's ACPI driver handled every plugged device (``_OST`` reported).
+
+        QEMU records the last ``_OST`` of each CPU and DIMM slot; Linux
+        evaluates it when it has added the device (drivers/acpi/scan.c,
+        ``acpi_device_hotplug``), after onlining hot-added memory when
+        auto-online is on.  Status 0 is success (ACPI 6.4, table 6.179).
+        """
+        if not plugged:
+            return
+        wanted = {device for _, device in plugged}
+        deadline = time.monotonic() + timeout
+        delay = 0.01
+        while True:
+            infos = await self._execute("query-acpi-ospm-status")
+            done, failed = ospm_outcome(infos, wanted)
+            if failed:
+                raise HypervisorError(f"the guest of VM {self.config.name} refused {', '.join(failed)}")
+            if done == wanted:
+                return
+            if time.monotonic() > deadline:
+                missing = ", ".join(sorted(wanted - set(done)))
+                raise HypervisorError(
+                    f"the guest of VM {self.config.name} did not take the hot-plugged {missing} within {timeout:.0f} s"
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
     async def _execute(self, command: str, arguments: dict[str, object] | None = None) -> Any:
         qmp = self._qmp
