@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from capsa.config import Config
+from capsa.config import Config, host_cpus, host_memory_mib, max_memory_mib_for, max_vcpus_for
 from capsa.errors import CapsaError, GuestImageError, HypervisorError
 from capsa.hypervisor import template
 from capsa.hypervisor.accel import resolve_accelerator
@@ -119,6 +119,11 @@ def vm_config(
 ) -> VMConfig:
     hv = config.hypervisor
     vcpus = spec.vcpus or hv.default_vcpus
+    memory_mib = spec.memory_mib or hv.default_memory_mib
+    # Room to grow by hot-plug (`capsa update`); microvm has none.
+    hotplug = hv.machine_type == "q35"
+    max_vcpus = max(vcpus, max_vcpus_for(hv, host_cpus())) if hotplug else vcpus
+    max_memory_mib = max(memory_mib, max_memory_mib_for(hv, host_memory_mib())) if hotplug else None
     return VMConfig(
         name=spec.id,
         run_dir=spec.run_dir,
@@ -126,8 +131,9 @@ def vm_config(
         machine_type=hv.machine_type,
         accelerator=accelerator,
         vcpus=vcpus,
-        max_vcpus=vcpus,
-        memory_mib=spec.memory_mib or hv.default_memory_mib,
+        max_vcpus=max_vcpus,
+        memory_mib=memory_mib,
+        max_memory_mib=max_memory_mib,
         kernel=hv.kernel,
         initrd=None if hv.image is not None else hv.initrd,
         rootfs_image=hv.image,
