@@ -3,23 +3,30 @@ capsa, and a check that nothing (process, mount, file) outlives a test."""
 
 from __future__ import annotations
 
+import array
 import contextlib
+import ctypes
 import json
 import os
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from capsa.cli.spec import default_spec
 from capsa.config import load_config
 
 BUSYBOX = Path("/bin/busybox")
 APPLETS = ["sh", "cat", "echo", "true", "false", "uname", "sleep", "kill", "grep", "wc", "head", "ls", "env", "id"]
+APPLETS += ["stty", "hostname", "pwd", "tty"]
 
 
 def guest_ready() -> str | None:
@@ -72,6 +79,34 @@ class Capsa:
     def run(self, container_id: str, *args: str, input: str | None = None) -> Result:
         return self("run", "--bundle", str(self.bundle), *args, container_id, input=input)
 
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "capsa", "--root", str(self.root), *args]
+
+    def popen(
+        self,
+        *args: str,
+        stdin: int | IO[Any] | None = None,
+        stdout: int | IO[Any] | None = None,
+        stderr: int | IO[Any] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """capsa with the stdio the caller chooses (what an engine hands `create` or `exec`)."""
+        return subprocess.Popen(
+            self.argv(*args),
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
+            stdout=subprocess.DEVNULL if stdout is None else stdout,
+            stderr=subprocess.PIPE if stderr is None else stderr,
+            cwd=self.bundle,
+        )
+
+    def state(self, container_id: str) -> dict[str, Any]:
+        result = self("state", container_id)
+        assert result.code == 0, result.stderr
+        state: dict[str, Any] = json.loads(result.stdout)
+        return state
+
+    def status(self, container_id: str) -> str:
+        return str(self.state(container_id)["status"])
+
 
 def make_rootfs(rootfs: Path) -> None:
     (rootfs / "bin").mkdir(parents=True)
@@ -113,3 +148,104 @@ def kill_leftovers(root: Path) -> None:
         if needle in cmdline and b"pytest" not in cmdline and int(pid) != os.getpid():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@contextlib.contextmanager
+def subreaper() -> Iterator[None]:
+    """Make this process a child subreaper, as conmon and containerd's runc shim are.
+
+    `capsa create` exits and leaves the shim behind; with this, the shim (and
+    any other orphan of ours) becomes our child, so its exit status can be
+    read with waitpid, which is how an engine learns the container's status.
+    Orphans still unreaped at the end are reaped; the flag is cleared again.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+
+
+def wait_child(pid: int, timeout: float) -> int:
+    """Wait for a child (or adopted orphan); its status as a shell reports it (128+N for signal N)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            code = os.waitstatus_to_exitcode(status)
+            return 128 - code if code < 0 else code
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"process {pid} still runs after {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def is_running(pid: int) -> bool:
+    """A live process (a zombie that nobody reaped yet is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class ConsoleSocket:
+    """The engine's end of `--console-socket`: receives the pty master over SCM_RIGHTS (runc docs/terminals.md)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(str(path))
+        self._sock.listen(1)
+
+    def receive(self, timeout: float = 60) -> tuple[str, int]:
+        """The message body (the master's file name) and the master fd."""
+        self._sock.settimeout(timeout)
+        conn, _ = self._sock.accept()
+        with conn:
+            conn.settimeout(timeout)
+            fds = array.array("i")
+            body, ancdata, _, _ = conn.recvmsg(4096, socket.CMSG_SPACE(fds.itemsize))
+            for level, kind, data in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+        assert len(fds) == 1, f"expected one fd, got {list(fds)}"
+        return body.decode(), fds[0]
+
+    def close(self) -> None:
+        self._sock.close()
+        self.path.unlink(missing_ok=True)
+
+
+def read_until(fd: int, marker: bytes, timeout: float = 60) -> bytes:
+    """Read from ``fd`` until ``marker`` shows up; everything read so far."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while marker not in data:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no {marker!r} within {timeout:.0f} s; got {data[-500:]!r}")
+        readable, _, _ = select.select([fd], [], [], left)
+        if readable:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the pty's other side is gone
+                chunk = b""
+            if not chunk:
+                raise EOFError(f"EOF before {marker!r}; got {data[-500:]!r}")
+            data += chunk
+    return data
