@@ -46,13 +46,15 @@ def oci_state(state: ContainerState, status: str | None = None) -> dict[str, Any
     """The state object of runtime.md "State", plus runc's rootfs/created/owner.
 
     ``pid`` is the shim's: the host process that stands for the container
-    (runc reports 0 once the container stopped).
+    (runc reports 0 once the container stopped).  The create hooks see
+    ``creating`` with the PID already set, as runc's do.
     """
     status = status or current_status(state)
+    live = (Status.CREATING, Status.CREATED, Status.RUNNING, Status.PAUSED)
     return {
         "ociVersion": OCI_VERSION,
         "id": state.id,
-        "pid": state.pid if status in (Status.CREATED, Status.RUNNING, Status.PAUSED) else 0,
+        "pid": state.pid if status in live else 0,
         "status": status,
         "bundle": state.bundle,
         "rootfs": state.rootfs,

@@ -145,8 +145,9 @@ def _create_locked(
     rt.store.save(state)
     # runtime.md "Lifecycle" step 5-6: these hooks run once the environment
     # exists and before the user's process starts.  They run on the host.
+    # The create operation has not finished, so they see "creating" (as runc's do).
     for stage in ("prestart", "createRuntime", "createContainer"):
-        hooks.run_hooks(bundle.spec, stage, oci_state(state, Status.CREATED))
+        hooks.run_hooks(bundle.spec, stage, oci_state(state, Status.CREATING))
     if request.pid_file is not None:
         write_pid_file(request.pid_file, shim.pid)
     return shim
