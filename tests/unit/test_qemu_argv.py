@@ -268,9 +268,16 @@ def test_dimm_sizes_are_whole_memory_blocks(wanted: int, room: int, size: int) -
     assert dimm_mib(wanted, room) == size
 
 
-def test_no_dimm_when_not_one_block_fits() -> None:
+def test_no_dimm_when_not_one_block_fits_or_no_slot_is_free() -> None:
     with pytest.raises(HypervisorError, match="128 MiB blocks"):
         dimm_mib(100, 127)
+    with pytest.raises(HypervisorError, match="memory slots are in use"):
+        dimm_mib(128, 1024, free_slots=0)
+
+
+def test_the_last_free_slot_takes_all_the_room_left() -> None:
+    assert dimm_mib(100, 2000, free_slots=2) == 128
+    assert dimm_mib(100, 2000, free_slots=1) == 1920
 
 
 def test_ospm_status_says_when_the_guest_took_a_device() -> None:

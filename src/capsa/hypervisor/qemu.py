@@ -264,13 +264,19 @@ def _rootfs_image(config: VMConfig, image_bytes: int | None) -> list[str]:
     ]
 
 
-def dimm_mib(wanted_mib: int, room_mib: int) -> int:
+def dimm_mib(wanted_mib: int, room_mib: int, free_slots: int = MEMORY_SLOTS) -> int:
     """The DIMM to plug for ``wanted_mib`` more RAM with ``room_mib`` left under maxmem; pure.
 
     Rounded up to whole memory blocks (:data:`MEMORY_BLOCK_MIB`), or down
-    when that does not fit; a HypervisorError when not one block fits.
+    when that does not fit.  The last free slot takes all the room left, so
+    the maximum stays reachable however the growth came in steps.  A
+    HypervisorError when not one block fits or no slot is free.
     """
+    if free_slots < 1:
+        raise HypervisorError(f"cannot add {wanted_mib} MiB: all {MEMORY_SLOTS} memory slots are in use")
     blocks = -(-wanted_mib // MEMORY_BLOCK_MIB)
+    if free_slots == 1:
+        blocks = max(blocks, room_mib // MEMORY_BLOCK_MIB)
     blocks = min(blocks, room_mib // MEMORY_BLOCK_MIB)
     if blocks < 1:
         raise HypervisorError(
@@ -564,7 +570,7 @@ class QemuHypervisor(Hypervisor):
         if grow_cpus:
             plugged += await self._plug_cpus(grow_cpus)
         if grow_mib:
-            plugged += await self._plug_memory(dimm_mib(grow_mib, max_memory - current.memory_mib))
+            plugged += await self._plug_memory(grow_mib, max_memory - current.memory_mib)
         await self._wait_ospm(plugged, timeout)
         return await self.size()
 
@@ -593,9 +599,10 @@ class QemuHypervisor(Hypervisor):
             plugged.append(("CPU", device_id))
         return plugged
 
-    async def _plug_memory(self, size_mib: int) -> list[tuple[str, str]]:
+    async def _plug_memory(self, wanted_mib: int, room_mib: int) -> list[tuple[str, str]]:
         devices = await self._execute("query-memory-devices")
-        used = {d["data"].get("id") for d in devices}
+        used = {d["data"].get("id") for d in devices if d.get("type") == "dimm"}
+        size_mib = dimm_mib(wanted_mib, room_mib, MEMORY_SLOTS - len(used))
         index = next(i for i in range(len(used) + 1) if f"dimm{i}" not in used)
         backend = f"dimm{index}-mem"
         memory: dict[str, object] = {"qom-type": "memory-backend-ram", "id": backend, "size": size_mib << 20}
