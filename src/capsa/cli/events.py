@@ -45,13 +45,17 @@ def parse_duration(text: str) -> float:
 
 def execute(args: argparse.Namespace, ctx: Context) -> int:
     interval = parse_duration(args.interval)
+    first = True
     while True:
         try:
             stats = lifecycle.stats(ctx.runtime, args.id)
         except CapsaError:
-            if args.stats:
+            # An unknown or stopped container is an error, as runc's; one that
+            # stops while we watch ends the stream.
+            if args.stats or first:
                 raise
-            return 0  # the container stopped (or its VM went): the stream ends, as runc's does
+            return 0
+        first = False
         print(events.encode(events.stats_event(args.id, stats)), flush=True)
         if args.stats:
             return 0
