@@ -1,7 +1,8 @@
 """``capsa delete [--force] ID``: stop the container's VM and forget it.
 
 A stopped or created container is deleted as is; a running or paused one
-only with ``--force`` (its processes get SIGKILL first).  ``poststop``
+only with ``--force`` (its processes get SIGKILL first).  As runc,
+``--force`` of a container that does not exist succeeds.  ``poststop``
 hooks run on the host afterwards.
 """
 
@@ -11,6 +12,7 @@ import argparse
 from typing import Any
 
 from capsa.cli.context import Context
+from capsa.errors import ContainerNotFound
 from capsa.runtime import lifecycle
 
 
@@ -22,5 +24,11 @@ def add_parser(verbs: Any, name: str) -> None:
 
 
 def execute(args: argparse.Namespace, ctx: Context) -> int:
-    lifecycle.delete(ctx.runtime, args.id, force=args.force)
+    try:
+        lifecycle.delete(ctx.runtime, args.id, force=args.force)
+    except ContainerNotFound:
+        # runc: deleting a container that is already gone is no error with
+        # --force, so that an engine's cleanup can be repeated.
+        if not args.force:
+            raise
     return 0
