@@ -75,13 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     log_format = "json" if _flag_value(argv, "--log-format") == "json" else "text"
+    logging_ready = False
     try:
         args = build_parser().parse_args(argv)
         setup_logging(args.log, args.log_format, args.debug)
+        logging_ready = True
         ctx = Context.from_args(args)
         code: int = args.execute(args, ctx)
         return code
     except CapsaError as exc:
+        if not logging_ready:
+            # A usage error (say, a flag an engine passes that we lack) comes
+            # before the log is set up; containerd reads the error from the log.
+            with contextlib.suppress(CapsaError):
+                setup_logging(_flag_value(argv, "--log"), log_format, False)
         report_error(str(exc), log_format)
         return exc.exit_code
     except KeyboardInterrupt:
