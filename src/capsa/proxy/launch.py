@@ -42,9 +42,10 @@ def start_proxy(
     timeout: float,
 ) -> daemon.Started:
     """Start the proxy and return once it serves; raise with its reason if it cannot."""
-    args = ["--root", str(run_dir.parent), "--id", container_id]
+    # "--id=ID": runc's IDs may begin with "-", which argparse would take for a flag.
+    args = ["--root", str(run_dir.parent), f"--id={container_id}"]
     if hostname:
-        args += ["--hostname", hostname]
+        args.append(f"--hostname={hostname}")
     if config_flag:
         args += ["--config", config_flag]
     if debug:

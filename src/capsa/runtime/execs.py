@@ -54,7 +54,7 @@ def start_exec(rt: Runtime, request: ExecRequest) -> daemon.Started:
     exec_id = secrets.token_hex(8)
     process_file = run_dir / f"exec-{exec_id}.json"
     process_file.write_text(json.dumps(request.process))
-    args = [*rt.helper_args(), "--id", container_id, "--exec-id", exec_id, "--process", str(process_file)]
+    args = [*rt.helper_args(), f"--id={container_id}", "--exec-id", exec_id, "--process", str(process_file)]
     if request.console_socket:
         args += ["--console-socket", request.console_socket]
     elif terminal:

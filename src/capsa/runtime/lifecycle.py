@@ -134,7 +134,7 @@ def _create_locked(
         state.hypervisor_pid, state.virtiofsd_pid = info.hypervisor_pid, info.virtiofsd_pid
 
     with_proxy(run_dir, config.agent.request_timeout, create_in_vm)
-    args = [*rt.helper_args(), "--id", state.id]
+    args = [*rt.helper_args(), f"--id={state.id}"]  # an ID may begin with "-"
     if request.console_socket:
         args += ["--console-socket", request.console_socket]
     elif bundle.terminal:
