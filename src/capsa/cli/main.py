@@ -17,7 +17,23 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from capsa import __version__
-from capsa.cli import check, create, delete, env, events, features, kill, pause, ps, run, spec, start, state, version
+from capsa.cli import (
+    check,
+    create,
+    delete,
+    env,
+    events,
+    features,
+    kill,
+    pause,
+    ps,
+    run,
+    spec,
+    start,
+    state,
+    update,
+    version,
+)
 from capsa.cli import exec as exec_
 from capsa.cli import list as list_
 from capsa.cli.context import Context
@@ -35,6 +51,7 @@ VERBS: dict[str, ModuleType] = {
     "list": list_,
     "pause": pause,
     "resume": pause,
+    "update": update,
     "events": events,
     "run": run,
     "spec": spec,

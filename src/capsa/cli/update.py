@@ -114,5 +114,5 @@ def resources_from_args(args: argparse.Namespace, stdin: IO[bytes]) -> dict[str,
 
 def execute(args: argparse.Namespace, ctx: Context) -> int:
     resources = resources_from_args(args, sys.stdin.buffer)
-    lifecycle.update(ctx.runtime, args.id, resources)  # type: ignore[attr-defined]  # the lead's, being wired
+    lifecycle.update(ctx.runtime, args.id, resources)
     return 0

@@ -26,7 +26,7 @@ import signal
 from pathlib import Path
 
 from capsa.config import Config
-from capsa.errors import CapsaError, HypervisorError
+from capsa.errors import CapsaError
 from capsa.protocols import proxy_pb2
 from capsa.runtime.agent_client import AgentClient
 from capsa.runtime.bundle import load_bundle
@@ -74,7 +74,12 @@ class Proxy:
         bundle = load_bundle(bundle_path)
         plan = plan_mounts(bundle.spec, container_id, bundle.rootfs, os.stat, bundle=bundle.path)
         await asyncio.to_thread(self.shared.apply, plan.binds)
-        await self.agent.create_container(container_request(container_id, plan, self.config.shared_fs.kind))
+        try:
+            await self.agent.create_container(container_request(container_id, plan, self.config.shared_fs.kind))
+        except BaseException:
+            with contextlib.suppress(CapsaError):
+                self.shared.release(plan.binds)
+            raise
 
     async def info(self) -> proxy_pb2.InfoResponse:
         hypervisor = self.sandbox.hypervisor
@@ -93,11 +98,8 @@ class Proxy:
         hypervisor = self.sandbox.hypervisor
         if hypervisor is None:
             raise CapsaError("the sandbox is not running")
-        resize = getattr(hypervisor, "resize", None)
-        if resize is None:
-            raise HypervisorError("this hypervisor driver cannot resize a running VM")
-        result: tuple[int, int] = await resize(vcpus, memory_mib)
-        return result
+        size = await hypervisor.resize(vcpus, memory_mib)
+        return size.vcpus, size.memory_mib
 
     def request_shutdown(self, reason: str) -> None:
         if not self._done.is_set():
@@ -128,3 +130,7 @@ class Proxy:
     async def stop(self) -> None:
         self._agent = None
         await self.sandbox.stop()
+        # Not needed for the host's sake (the binds live in our namespace and
+        # go with it), but it leaves shared/ empty for `delete` to remove.
+        with contextlib.suppress(CapsaError):
+            self.shared.destroy()

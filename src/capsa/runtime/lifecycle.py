@@ -28,13 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capsa.config import Config
+from capsa.config import Config, host_cpus, host_memory_mib, max_memory_mib_for, max_vcpus_for
 from capsa.errors import CapsaError, InvalidArgument, WrongState
 from capsa.proxy.launch import SHUTDOWN_TIMEOUT, ProxyClient, start_proxy
 from capsa.runtime import daemon, hooks, pids
 from capsa.runtime.bundle import Bundle, load_bundle
 from capsa.runtime.container import current_status, oci_state, with_proxy
 from capsa.runtime.ids import validate_id
+from capsa.runtime.mounts import plan_mounts
+from capsa.runtime.resources import vm_size
 from capsa.runtime.sandbox import check_guest_files, run_dir_ok
 from capsa.runtime.state import ContainerState, StateStore, Status
 
@@ -92,6 +94,8 @@ def create(rt: Runtime, request: CreateRequest) -> Created:
     if request.console_socket and not bundle.terminal:
         raise InvalidArgument("--console-socket given but process.terminal is false")
     hooks.validate_hooks(bundle.spec)
+    # The proxy plans them again where it binds them; here a bad mount fails before a VM boots.
+    plan_mounts(bundle.spec, container_id, bundle.rootfs, os.stat, bundle=bundle.path)
     check_guest_files(rt.config)
     run_dir_ok(rt.store.dir(container_id))
     run_dir = rt.store.claim(container_id)
@@ -278,6 +282,26 @@ def processes(rt: Runtime, container_id: str) -> list[int]:
         return await client.agent.list_processes(state.id)
 
     return with_proxy(rt.store.dir(container_id), rt.config.agent.request_timeout, in_vm)
+
+
+def update(rt: Runtime, container_id: str, resources: dict[str, Any]) -> None:
+    """New limits for the container's cgroup, after growing its VM to hold them (never shrinking it)."""
+    state = _running(rt, container_id, "update")
+    hv = rt.config.hypervisor
+    size = vm_size(
+        resources,
+        hv.default_vcpus,
+        hv.default_memory_mib,
+        max_vcpus=max_vcpus_for(hv, host_cpus()),
+        max_memory_mib=max_memory_mib_for(hv, host_memory_mib()),
+    )
+
+    async def in_vm(client: ProxyClient) -> None:
+        # First the VM: the agent onlines hot-added CPUs as it applies the limits.
+        await client.resize(size.vcpus, size.memory_mib)
+        await client.agent.update_container(state.id, resources)
+
+    with_proxy(rt.store.dir(container_id), rt.config.agent.request_timeout, in_vm)
 
 
 def _running(rt: Runtime, container_id: str, what: str) -> ContainerState:
