@@ -277,10 +277,13 @@ def make_rootfs_tar(rootfs: Path, tar: Path) -> None:
             t.add(entry, arcname=entry.name)
 
 
-def make_oci_archive(rootfs_tar: Path, archive: Path, ref: str) -> None:
+def make_oci_archive(
+    rootfs_tar: Path, archive: Path, ref: str, *, entrypoint: list[str] | None = None, cmd: list[str] | None = None
+) -> None:
     """An OCI image layout (image-spec v1.0, ``image-layout.md``) in a tar, for
     ``ctr images import``: one uncompressed layer, a config, a manifest, and
-    an index naming the manifest ``ref``."""
+    an index naming the manifest ``ref``. The config's ``Cmd`` is ``sh``
+    unless ``cmd`` says otherwise; ``entrypoint`` sets ``Entrypoint``."""
     import hashlib
 
     def blob(data: bytes) -> tuple[str, int, bytes]:
@@ -292,7 +295,11 @@ def make_oci_archive(rootfs_tar: Path, archive: Path, ref: str) -> None:
         {
             "architecture": "amd64",
             "os": "linux",
-            "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["sh"]},
+            "config": {
+                "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                "Cmd": ["sh"] if cmd is None else cmd,
+                **({"Entrypoint": entrypoint} if entrypoint is not None else {}),
+            },
             "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
         }
     ).encode()
