@@ -89,12 +89,15 @@ class Capsa:
         stdout: int | IO[Any] | None = None,
         stderr: int | IO[Any] | None = None,
     ) -> subprocess.Popen[bytes]:
-        """capsa with the stdio the caller chooses (what an engine hands `create` or `exec`)."""
+        """capsa with the stdio the caller chooses (what an engine hands `create` or `exec`); /dev/null by default.
+
+        Not pipes unless the caller drains them: a shim inherits them and outlives the command.
+        """
         return subprocess.Popen(
             self.argv(*args),
             stdin=subprocess.DEVNULL if stdin is None else stdin,
             stdout=subprocess.DEVNULL if stdout is None else stdout,
-            stderr=subprocess.PIPE if stderr is None else stderr,
+            stderr=subprocess.DEVNULL if stderr is None else stderr,
             cwd=self.bundle,
         )
 

@@ -194,6 +194,22 @@ def test_exec_foreground_detached_and_from_a_process_file(capsa: Capsa, tmp_path
     assert from_file.code == 0, from_file.stderr
     assert from_file.stdout.splitlines() == ["from-a-file", "/tmp", "1000", "1001"]
 
+    flags = capsa(
+        "exec",
+        "--cwd",
+        "/tmp",
+        "--env",
+        "COLOUR=teal",
+        "--user",
+        "1000:1002",
+        "ex",
+        "sh",
+        "-c",
+        "pwd; echo $COLOUR; id -u; id -g",
+    )
+    assert flags.code == 0, flags.stderr
+    assert flags.stdout.splitlines() == ["/tmp", "teal", "1000", "1002"]
+
     # The container's own process was never disturbed.
     assert capsa.status("ex") == "running"
     delete(capsa, "ex", "--force")
@@ -380,6 +396,29 @@ def test_run_in_the_foreground_passes_sigterm_to_the_container(capsa: Capsa, tmp
     # run deletes the container when it exits.
     assert capsa("state", "rf").code != 0
     eventually(lambda: leftovers(capsa.root) == [], "nothing left after run", 15)
+
+
+def test_exec_in_the_foreground_passes_sigterm_to_its_process(capsa: Capsa, tmp_path: Path) -> None:
+    capsa.spec(["sleep", "600"])
+    shim = create(capsa, "xf")
+    start(capsa, "xf")
+    out = tmp_path / "out"
+    script = "trap 'echo got-term; exit 9' TERM; echo ready; while :; do sleep 0.2; done"
+    with open(out, "wb") as o:
+        proc = capsa.popen("exec", "xf", "sh", "-c", script, stdout=o)
+    try:
+        wait_for_text(out, "ready\n")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=EXIT_TIMEOUT) == 9
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert out.read_text() == "ready\ngot-term\n"
+    # Only the exec's process got it.
+    assert capsa.status("xf") == "running"
+    delete(capsa, "xf", "--force")
+    assert wait_child(shim, EXIT_TIMEOUT) == 137
 
 
 def test_killing_qemu_stops_the_container(capsa: Capsa) -> None:
