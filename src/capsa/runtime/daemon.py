@@ -78,10 +78,34 @@ def start(
         os.close(read_end)
     if line == "ok":
         return started
+    try:
+        # No line at all: it died before it could say why (a usage error, an
+        # import error), or it hangs.  Its output file goes with the state
+        # directory, so its last line goes into our message.
+        exited: int | None = proc.wait(timeout=0 if line else 2)
+    except subprocess.TimeoutExpired:
+        exited = None
     with contextlib.suppress(ProcessLookupError):
         proc.kill()
     proc.wait()
-    raise CapsaError(line or f"capsa-{name} did not start within {timeout:.0f} s (see {output})")
+    if line:
+        raise CapsaError(line)
+    tail = last_line(output)
+    why = f": {tail}" if tail else ""
+    if exited is not None:
+        raise CapsaError(f"capsa-{name} exited with status {exited} before it was ready{why}")
+    raise CapsaError(f"capsa-{name} did not start within {timeout:.0f} s{why}")
+
+
+def last_line(path: Path, limit: int = 300) -> str:
+    """The last non-empty line of a helper's output file, shortened."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1].strip()[:limit] if lines else ""
 
 
 def read_line(fd: int, timeout: float) -> str:
