@@ -324,3 +324,13 @@ def test_an_id_that_begins_with_a_dash_is_valid_as_in_runc(capsa: Capsa, tmp_pat
     finally:
         capsa("delete", "--force", "--", "-rf")
     assert_no_container(capsa, "-rf")
+
+
+@pytest.mark.vm
+def test_create_that_fails_inside_the_guest_leaves_nothing(capsa: Capsa) -> None:
+    """The host's checks pass (the file exists), crun in the booted VM refuses it: the VM goes too."""
+    (capsa.bundle / "rootfs" / "bin" / "notexec").write_text("plain text\n")
+    capsa.spec(["/bin/notexec"])
+    result = capsa("create", "--bundle", str(capsa.bundle), "guestfail")
+    assert_refused(result, "Permission denied")
+    assert_no_container(capsa, "guestfail")
