@@ -344,8 +344,14 @@ def test_pause_stops_the_clock_and_resume_restarts_it(capsa: Capsa, tmp_path: Pa
     result = capsa("pause", "pz")
     assert result.code == 0, result.stderr
     assert capsa.status("pz") == "paused"
-    time.sleep(1)  # what was written before the freeze may still be on its way
+    # What was written before the freeze may still be on its way: wait until
+    # nothing arrives for a second (a running counter prints ten lines a second).
     before = file_text(out)
+    for _ in range(15):
+        time.sleep(1)
+        before, previous = file_text(out), before
+        if before == previous:
+            break
     time.sleep(3)
     assert file_text(out) == before, "the counter advanced while paused"
     assert is_running(shim)
