@@ -1,0 +1,119 @@
+"""Pods through Kubernetes' CRI: containerd 1.6's CRI plugin driven over gRPC
+(``cri/api.proto``), with the ``capsa`` runtime handler (``containerd-shim-capsa-v2``:
+one VM per pod) and with ``runc`` (``io.containerd.runc.v2``), which proves the
+harness: the same steps, the host's kernel instead of a VM.
+
+``CAPSA_E2E_SHIM`` names the capsa shim binary (default: the venv's
+``containerd-shim-capsa-v2``); without one the capsa cases are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cri import api_pb2 as cri
+from cri.harness import BUSYBOX_IMAGE, SUBNET, ShimContainerd, capsa_shim, host_boot_id, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.vm, pytest.mark.slow]
+
+HANDLERS = ["runc", "capsa"]
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+SLEEP = ["sleep", "3600"]
+
+
+@pytest.fixture(scope="module")
+def k(session_dir: Path, image_tar: Path) -> Iterator[ShimContainerd]:
+    engine = ShimContainerd(session_dir, image_tar, capsa_shim())
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(params=HANDLERS)
+def handler(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    if name == "capsa" and capsa_shim() is None:
+        pytest.skip("containerd-shim-capsa-v2 is not installed (set CAPSA_E2E_SHIM or reinstall capsa)")
+    return name
+
+
+def start_containers(k: ShimContainerd, pod_id: str, pod: cri.PodSandboxConfig, n: int) -> list[str]:
+    ids = [k.create_container(pod_id, pod, f"c{i}", SLEEP) for i in range(1, n + 1)]
+    for cid in ids:
+        k.call("StartContainer", cri.StartContainerRequest(container_id=cid))
+    return ids
+
+
+def test_version(k: ShimContainerd) -> None:
+    version = k.call("Version", cri.VersionRequest(version="v1"))
+    assert version.runtime_name == "containerd"
+    assert version.runtime_api_version == "v1"
+    assert k.images.ImageStatus(cri.ImageStatusRequest(image=cri.ImageSpec(image=BUSYBOX_IMAGE))).image.id
+
+
+def test_pod_of_two_containers(k: ShimContainerd, handler: str) -> None:
+    """RunPodSandbox, two containers, ExecSync in each: one kernel for the pod
+    (the guest's under capsa, with exactly one QEMU; the host's under runc),
+    then StopPodSandbox/RemovePodSandbox leave nothing behind."""
+    with k.pod(f"two-{handler}", handler) as (pod_id, pod):
+        status = k.call("PodSandboxStatus", cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id)).status
+        assert status.state == cri.SANDBOX_READY
+        assert status.runtime_handler == handler
+        assert status.network.ip.startswith(SUBNET.rsplit(".", 1)[0] + "."), status.network.ip
+
+        ids = start_containers(k, pod_id, pod, 2)
+        for cid in ids:
+            assert k.container_state(cid) == cri.CONTAINER_RUNNING
+        listed = k.call("ListContainers", cri.ListContainersRequest(filter=cri.ContainerFilter(pod_sandbox_id=pod_id)))
+        assert sorted(c.id for c in listed.containers) == sorted(ids)
+        assert {c.state for c in listed.containers} == {cri.CONTAINER_RUNNING}
+
+        boot_ids = []
+        for cid in ids:
+            result = k.exec_sync(cid, ["cat", BOOT_ID])
+            assert result.exit_code == 0, result.stderr
+            boot_ids.append(result.stdout.decode().strip())
+        assert boot_ids[0] == boot_ids[1]
+
+        # ExecSync passes output and the exit code through.
+        result = k.exec_sync(ids[1], ["sh", "-c", "echo out; echo err >&2; exit 7"])
+        assert (result.exit_code, result.stdout, result.stderr) == (7, b"out\n", b"err\n")
+
+        qemus = k.qemus()
+        if handler == "capsa":
+            assert boot_ids[0] != host_boot_id(), "the containers run on the host's kernel"
+            assert len(qemus) == 1, f"not one QEMU for the pod: {[str(q) for q in qemus]}"
+        else:
+            assert boot_ids[0] == host_boot_id()
+            assert qemus == []
+
+    assert pod_id not in [p.id for p in k.call("ListPodSandbox", cri.ListPodSandboxRequest()).items]
+    left = k.wait_nothing_left()
+    assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)
+
+
+def test_killed_vm_stops_every_container(k: ShimContainerd, handler: str) -> None:
+    """SIGKILL to the pod's QEMU: containerd sees every container of the pod exit,
+    and removing the pod cleans up the rest."""
+    if handler != "capsa":
+        pytest.skip("runc has no VM to kill")
+    with k.pod("killed", handler) as (pod_id, pod):
+        ids = start_containers(k, pod_id, pod, 2)
+        qemus = k.qemus()
+        assert len(qemus) == 1, f"not one QEMU for the pod: {[str(q) for q in qemus]}"
+        os.kill(qemus[0].pid, signal.SIGKILL)
+        wait_for(
+            lambda: all(k.container_state(cid) == cri.CONTAINER_EXITED for cid in ids),
+            60,
+            "every container of the pod to exit",
+        )
+        status = k.call("PodSandboxStatus", cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id)).status
+        assert status.state == cri.SANDBOX_NOTREADY
+    left = k.wait_nothing_left()
+    assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)
