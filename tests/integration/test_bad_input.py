@@ -160,6 +160,7 @@ def test_create_with_a_missing_bundle(capsa: Capsa) -> None:
         (["--preserve-fds", "2"], ["--preserve-fds"]),
         (["--preserve-fds", "two"], ["--preserve-fds"]),
         (["--no-such-flag"], ["--no-such-flag"]),
+        (["--pid-file", "/nonexistent/dir/pid"], ["--pid-file", "no such directory"]),
     ],
 )
 def test_create_refuses_bad_flags(capsa: Capsa, flags: list[str], words: list[str]) -> None:
@@ -277,6 +278,7 @@ def test_wrong_states_change_nothing(capsa: Capsa, tmp_path: Path, adopt_orphans
     bad_process.write_text('{"args": "sh"}')
     refused_and_unchanged(capsa, "ws", ["exec", "--process", str(bad_process), "ws"], "--process", "args")
     refused_and_unchanged(capsa, "ws", ["exec", "--tty", "--detach", "ws", "sh"], "console")
+    refused_and_unchanged(capsa, "ws", ["exec", "--detach", "--pid-file", "/nonexistent/p", "ws", "true"], "--pid-file")
     log = tmp_path / "log.json"
     before = capsa.state("ws")
     json_refusal = capsa("--log", str(log), "--log-format", "json", "start", "ws")

@@ -24,7 +24,7 @@ from capsa.errors import WrongState
 from capsa.runtime import daemon
 from capsa.runtime.container import current_status
 from capsa.runtime.ids import validate_id
-from capsa.runtime.lifecycle import SHIM_START_TIMEOUT, Runtime, write_pid_file
+from capsa.runtime.lifecycle import SHIM_START_TIMEOUT, Runtime, check_pid_file, write_pid_file
 from capsa.runtime.state import Status
 from capsa.shim.relay import FORWARDED_SIGNALS
 
@@ -41,6 +41,7 @@ class ExecRequest:
 def start_exec(rt: Runtime, request: ExecRequest) -> daemon.Started:
     """Start the process's shim; return once the process runs in the guest."""
     container_id = validate_id(request.container_id)
+    check_pid_file(request.pid_file)
     state = rt.store.load(container_id)
     status = current_status(state)
     if status == Status.PAUSED:

@@ -89,6 +89,7 @@ def create(rt: Runtime, request: CreateRequest) -> Created:
     bundle = load_bundle(request.bundle)
     if request.preserve_fds > 0:
         raise InvalidArgument("--preserve-fds: file descriptors cannot be passed into a container in a VM")
+    check_pid_file(request.pid_file)
     if bundle.terminal and not request.console_socket and not request.foreground:
         raise InvalidArgument("cannot allocate a pseudo-TTY without a console socket (use --console-socket)")
     if request.console_socket and not bundle.terminal:
@@ -324,11 +325,21 @@ def _spec(state: ContainerState, missing_ok: bool = False) -> dict[str, Any]:
     return spec if isinstance(spec, dict) else {}
 
 
+def check_pid_file(path: Path | None) -> None:
+    """Refuse a --pid-file we could not write, before anything starts."""
+    if path is not None and not path.parent.is_dir():
+        raise InvalidArgument(f"--pid-file {path}: no such directory {path.parent}")
+
+
 def write_pid_file(path: Path, pid: int) -> None:
     """Atomically, as runc does: engines poll for the file and read it whole."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(str(pid))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(str(pid))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CapsaError(f"--pid-file {path}: cannot write: {exc.strerror}") from exc
 
 
 def _owner() -> str:
