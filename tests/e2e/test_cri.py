@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from cri import api_pb2 as cri
 from cri.harness import BUSYBOX_IMAGE, SUBNET, ShimContainerd, capsa_shim, host_boot_id, wait_for
 

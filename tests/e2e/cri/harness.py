@@ -44,20 +44,20 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cri import api_pb2 as cri
+from cri import api_pb2_grpc as cri_grpc
 from e2e_engines import _short_dir, _stop_daemon, _tail, _wait_daemon
 from e2e_support import (
     MARK_VAR,
     Proc,
     Result,
+    expected_kernel_release,
     kill_pids,
     make_oci_archive,
     run,
     session_processes,
     unmount_under,
 )
-
-from cri import api_pb2 as cri
-from cri import api_pb2_grpc as cri_grpc
 
 K8S_NAMESPACE = "k8s.io"
 PAUSE_IMAGE = "localhost/cri-e2e-pause:latest"
@@ -271,7 +271,9 @@ class ShimContainerd:
         except grpc.RpcError as e:
             code = e.code() if isinstance(e, grpc.Call) else None
             details = e.details() if isinstance(e, grpc.Call) else str(e)
-            raise AssertionError(f"CRI {method} failed: {code}: {details}\ncontainerd log:\n{_tail(self.log)}") from None
+            raise AssertionError(
+                f"CRI {method} failed: {code}: {details}\ncontainerd log:\n{_tail(self.log)}"
+            ) from None
 
     def pod_config(self, name: str) -> Any:
         uid = secrets.token_hex(8)
@@ -406,3 +408,14 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval:
 
 def host_boot_id() -> str:
     return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+class _Capsa:
+    capsa = True
+
+
+def kernel_release(runtime: str) -> str:
+    """What ``uname -r`` prints in a container of ``runtime`` ("runc" or "capsa")."""
+    if runtime == "runc":
+        return os.uname().release
+    return expected_kernel_release(_Capsa())  # type: ignore[arg-type]  # it reads only .capsa

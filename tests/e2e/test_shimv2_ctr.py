@@ -1,0 +1,159 @@
+"""``ctr`` against containerd 1.6 with ``--runtime io.containerd.capsa.v2``: containerd's
+own ttrpc client is the peer of capsa's shim v2 (Task service, events), for run,
+exit codes, exec, kill, pause/resume, metrics, ps, a terminal, and a VM killed
+under a running task. Each case also runs with ``io.containerd.runc.v2``, which
+proves the harness (the host's kernel instead of the guest's).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cri.harness import (
+    BUSYBOX_IMAGE,
+    CAPSA_RUNTIME,
+    RUNC_RUNTIME,
+    ShimContainerd,
+    capsa_shim,
+    kernel_release,
+    wait_for,
+)
+from e2e_support import run_in_pty
+
+pytestmark = [pytest.mark.e2e, pytest.mark.vm, pytest.mark.slow]
+
+NS = "shimv2"
+TRAP_LOOP = 'trap "exit 42" TERM; while :; do sleep 1; done'
+
+
+@pytest.fixture(scope="module")
+def k(session_dir: Path, image_tar: Path) -> Iterator[ShimContainerd]:
+    engine = ShimContainerd(session_dir, image_tar, capsa_shim())
+    try:
+        engine.import_busybox(NS)
+        yield engine
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(params=["runc", "capsa"])
+def runtime(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    if name == "capsa" and capsa_shim() is None:
+        pytest.skip("containerd-shim-capsa-v2 is not installed (set CAPSA_E2E_SHIM or reinstall capsa)")
+    return name
+
+
+def ctr_run(k: ShimContainerd, runtime: str, *args: str) -> list[str]:
+    if runtime == "runc":
+        return ["run", "--runtime", RUNC_RUNTIME, "--runc-root", str(k.runc_root), *args]
+    return ["run", "--runtime", CAPSA_RUNTIME, *args]
+
+
+def task_status(k: ShimContainerd, cid: str) -> str:
+    for line in k.ctr(NS, "tasks", "ls", timeout=30).check().stdout.splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0] == cid:
+            return fields[-1]
+    return "absent"
+
+
+def test_run_prints_kernel_and_exit_code(k: ShimContainerd, runtime: str) -> None:
+    image = BUSYBOX_IMAGE
+    result = k.ctr(NS, *ctr_run(k, runtime, "--rm", image, f"u-{runtime}", "uname", "-r")).check()
+    assert result.out == kernel_release(runtime)
+    assert k.ctr(NS, *ctr_run(k, runtime, "--rm", image, f"x-{runtime}", "sh", "-c", "exit 3")).code == 3
+    assert task_status(k, f"u-{runtime}") == "absent"
+
+
+def test_exec_ps_metrics_pause_kill(k: ShimContainerd, runtime: str) -> None:
+    cid = f"d-{runtime}"
+    image = BUSYBOX_IMAGE
+    k.ctr(NS, *ctr_run(k, runtime, "--detach", image, cid, "sh", "-c", TRAP_LOOP)).check()
+    try:
+        assert task_status(k, cid) == "RUNNING"
+
+        result = k.ctr(NS, "tasks", "exec", "--exec-id", "e1", cid, "sh", "-c", "echo from exec; exit 3")
+        assert (result.code, result.out) == (3, "from exec"), result.stderr
+
+        ps = k.ctr(NS, "tasks", "ps", cid).check().stdout.splitlines()
+        assert ps[0].split()[0] == "PID" and len(ps) >= 2, ps
+
+        metrics = k.ctr(NS, "tasks", "metrics", cid).check().stdout
+        assert "METRIC" in metrics and "memory" in metrics, metrics
+
+        k.ctr(NS, "tasks", "pause", cid).check()
+        assert task_status(k, cid) == "PAUSED"
+        k.ctr(NS, "tasks", "resume", cid).check()
+        assert task_status(k, cid) == "RUNNING"
+        result = k.ctr(NS, "tasks", "exec", "--exec-id", "e2", cid, "echo", "resumed")
+        assert (result.code, result.out) == (0, "resumed"), result.stderr
+
+        k.ctr(NS, "tasks", "kill", "--signal", "SIGTERM", cid).check()
+        wait_for(lambda: task_status(k, cid) == "STOPPED", 60, "the task to stop")
+        k.ctr(NS, "tasks", "delete", cid).check()
+        assert task_status(k, cid) == "absent"
+    finally:
+        k.ctr(NS, "tasks", "delete", "--force", cid)
+        k.ctr(NS, "containers", "delete", cid)
+
+
+def test_terminal(k: ShimContainerd, runtime: str) -> None:
+    image = BUSYBOX_IMAGE
+    argv = k.ctr_argv(NS, *ctr_run(k, runtime, "-t", "--rm", image, f"t-{runtime}", "sh"))
+    result = run_in_pty(
+        argv,
+        rows=33,
+        cols=101,
+        send=[("# ", "stty size; tty; echo $((6*7))\n"), ("42", "exit 5\n")],
+        timeout=120,
+        env=k.env,
+    )
+    assert "33 101" in result.output, result.output
+    assert "/dev/pts/" in result.output or "/dev/console" in result.output, result.output
+    assert result.code == 5, result.output
+
+
+def test_killed_vm_ends_the_task(k: ShimContainerd, runtime: str) -> None:
+    """SIGKILL to the VM's QEMU under a running task and a running exec: both end,
+    containerd sees the task stopped, delete cleans up, nothing is left."""
+    if runtime != "capsa":
+        pytest.skip("runc has no VM to kill")
+    cid = "killed"
+    image = BUSYBOX_IMAGE
+    k.ctr(NS, *ctr_run(k, runtime, "--detach", image, cid, "sh", "-c", TRAP_LOOP)).check()
+    exec_proc = subprocess.Popen(
+        k.ctr_argv(NS, "tasks", "exec", "--exec-id", "long", cid, "sleep", "3600"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: len(k.ctr(NS, "tasks", "ps", cid).stdout.splitlines()) >= 3, 60, "the exec to run")
+        qemus = k.qemus()
+        assert len(qemus) == 1, f"not one QEMU for the task: {[str(q) for q in qemus]}"
+        os.kill(qemus[0].pid, signal.SIGKILL)
+        wait_for(lambda: task_status(k, cid) == "STOPPED", 60, "the task to stop")
+        assert exec_proc.wait(timeout=60) != 0
+        k.ctr(NS, "tasks", "delete", cid).check()
+        k.ctr(NS, "containers", "delete", cid).check()
+    finally:
+        if exec_proc.poll() is None:
+            exec_proc.kill()
+            exec_proc.wait()
+        k.ctr(NS, "tasks", "delete", "--force", cid)
+        k.ctr(NS, "containers", "delete", cid)
+    left = k.wait_nothing_left()
+    assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)
+
+
+def test_nothing_left(k: ShimContainerd) -> None:
+    assert k.ctr(NS, "containers", "ls", "--quiet").check().out == ""
+    left = k.wait_nothing_left()
+    assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)
