@@ -127,7 +127,7 @@ class Podman:
 
     def stop(self) -> None:
         with contextlib.suppress(AssertionError):
-            self("rm", "--all", "--force", "--time", "0", timeout=120)
+            self("rm", "--all", "--force", "--time", "0", timeout=60)
         kill_pids([p.pid for p in session_processes(self.runtime.session, self.needles)])
         unmount_under([self.dir])
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -159,12 +159,15 @@ class Containerd:
             '[metrics]\n  address = ""\n'
         )
         self.proc: subprocess.Popen[bytes] | None = None
+        # The runc shims inherit TMPDIR: their console sockets then live here too.
+        (self.dir / "tmp").mkdir()
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 ["containerd", "--config", str(config)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
+                env={**os.environ, "TMPDIR": str(self.dir / "tmp")},
                 start_new_session=True,
             )
         try:
@@ -185,13 +188,14 @@ class Containerd:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            tasks = self.ctr("tasks", "ls", "--quiet", timeout=30)
-            for task in tasks.stdout.split() if tasks.code == 0 else []:
-                self.ctr("tasks", "kill", "--signal", "SIGKILL", task, timeout=30)
-                self.ctr("tasks", "delete", "--force", task, timeout=60)
-            containers = self.ctr("containers", "ls", "--quiet", timeout=30)
-            for container in containers.stdout.split() if containers.code == 0 else []:
-                self.ctr("containers", "delete", container, timeout=60)
+            with contextlib.suppress(AssertionError):
+                tasks = self.ctr("tasks", "ls", "--quiet", timeout=30)
+                for task in tasks.stdout.split() if tasks.code == 0 else []:
+                    self.ctr("tasks", "kill", "--signal", "SIGKILL", task, timeout=30)
+                    self.ctr("tasks", "delete", "--force", task, timeout=60)
+                containers = self.ctr("containers", "ls", "--quiet", timeout=30)
+                for container in containers.stdout.split() if containers.code == 0 else []:
+                    self.ctr("containers", "delete", container, timeout=60)
         _stop_daemon(self.proc)
         # The runc shims outlive containerd by design; ours name our socket.
         kill_pids([p.pid for p in session_processes(self.runtime.session, self.needles)])
@@ -263,9 +267,12 @@ class Docker:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            ids = self("ps", "--all", "--quiet", timeout=30)
-            if ids.code == 0 and ids.stdout.split():
-                self("rm", "--force", *ids.stdout.split(), timeout=120)
+            # A container the runtime left stuck must not keep the rest of the
+            # clean-up from running: bounded, and failures only noted.
+            with contextlib.suppress(AssertionError):
+                ids = self("ps", "--all", "--quiet", timeout=30)
+                if ids.code == 0 and ids.stdout.split():
+                    self("rm", "--force", *ids.stdout.split(), timeout=60)
         _stop_daemon(self.proc)
         self.containerd.stop()
         kill_pids([p.pid for p in session_processes(self.runtime.session, self.needles)])

@@ -3,6 +3,7 @@ under test, registered with ``dockerd --add-runtime``."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -28,12 +29,17 @@ def test_exit_code(docker: Docker, code: int) -> None:
 
 def test_interactive_tty(docker: Docker) -> None:
     """``docker run -it``: a shell on a pty of the caller's size, typed into."""
-    result = run_in_pty(
-        docker.argv(*docker_run(docker, "-it", "--rm", docker.image, "sh")),
-        rows=29,
-        cols=97,
-        send=[("# ", "tty; stty size; exit 3\r")],
-    )
+    try:
+        result = run_in_pty(
+            docker.argv(*docker_run(docker, "-it", "--rm", "--name", "e2e-it", docker.image, "sh")),
+            rows=29,
+            cols=97,
+            send=[("# ", "tty; stty size; exit 3\r")],
+            timeout=90,
+        )
+    finally:
+        with contextlib.suppress(AssertionError):  # keep the test's own failure, if any
+            docker("rm", "--force", "e2e-it", timeout=60)
     assert result.code == 3, result.output
     assert "/dev/pts/0" in result.output
     assert "29 97" in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -42,12 +43,17 @@ def test_stdin(podman: Podman) -> None:
 
 
 def test_tty(podman: Podman) -> None:
-    result = run_in_pty(
-        podman.argv("run", "--rm", "-t", *NET, podman.image, "sh", "-c", "tty; stty size"),
-        rows=33,
-        cols=101,
-        env=podman.env,
-    )
+    try:
+        result = run_in_pty(
+            podman.argv("run", "--rm", "-t", "--name", "e2e-t", *NET, podman.image, "sh", "-c", "tty; stty size"),
+            rows=33,
+            cols=101,
+            env=podman.env,
+            timeout=90,
+        )
+    finally:
+        with contextlib.suppress(AssertionError):  # keep the test's own failure, if any
+            podman("rm", "--force", "--time", "0", "--ignore", "e2e-t", timeout=60)
     assert result.code == 0, result.output
     assert "/dev/pts/0" in result.output
     assert "33 101" in result.output
