@@ -27,6 +27,14 @@ def test_exit_code(docker: Docker, code: int) -> None:
     assert docker(*docker_run(docker, "--rm", docker.image, "sh", "-c", f"exit {code}")).code == code
 
 
+def test_missing_command(docker: Docker) -> None:
+    """The runtime's error reaches the user through containerd's runc shim (the
+    last error line of the runtime's JSON log), and Docker maps "not found" to 127."""
+    result = docker(*docker_run(docker, "--rm", docker.image, "/no/such/command"))
+    assert result.code == 127, result.stderr
+    assert "/no/such/command" in result.stderr
+
+
 def test_interactive_tty(docker: Docker) -> None:
     """``docker run -it``: a shell on a pty of the caller's size, typed into."""
     try:
@@ -43,6 +51,20 @@ def test_interactive_tty(docker: Docker) -> None:
     assert result.code == 3, result.output
     assert "/dev/pts/0" in result.output
     assert "29 97" in result.output
+
+
+def test_exec_tty(docker: Docker) -> None:
+    cid = docker(*docker_run(docker, "-d", docker.image, "sleep", "1000")).check().out
+    try:
+        # (Docker 20.10 leaves an exec's terminal at 0x0 even with runc: no size check.)
+        result = run_in_pty(
+            docker.argv("exec", "-it", cid, "sh"), send=[("# ", "tty; echo typed-$((6*7)); exit 4\r")], timeout=90
+        )
+        assert result.code == 4, result.output
+        assert "/dev/pts/" in result.output and "typed-42" in result.output
+    finally:
+        with contextlib.suppress(AssertionError):
+            docker("rm", "--force", cid, timeout=60)
 
 
 def test_detached_exec_and_stop(docker: Docker) -> None:

@@ -36,6 +36,14 @@ def test_exit_code(podman: Podman, code: int) -> None:
     assert podman("run", "--rm", *NET, podman.image, "sh", "-c", f"exit {code}").code == code
 
 
+def test_missing_command(podman: Podman) -> None:
+    """The runtime's error reaches the user through conmon's JSON log, and Podman
+    maps "not found" to 127 (``podman run`` exit status convention)."""
+    result = podman("run", "--rm", *NET, podman.image, "/no/such/command")
+    assert result.code == 127, result.stderr
+    assert "/no/such/command" in result.stderr
+
+
 def test_stdin(podman: Podman) -> None:
     text = "".join(f"line {i}\n" for i in range(20000))  # ~200 KB: more than any pipe buffer
     result = podman("run", "--rm", "-i", *NET, podman.image, "sh", "-c", "cat; echo done", input=text).check()
