@@ -336,3 +336,18 @@ def test_create_that_fails_inside_the_guest_leaves_nothing(capsa: Capsa) -> None
     result = capsa("create", "--bundle", str(capsa.bundle), "guestfail")
     assert_refused(result, "Permission denied")
     assert_no_container(capsa, "guestfail")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["list"], ["state", "x"], ["create", "--bundle", "BUNDLE", "x"], ["delete", "x"], ["start", "x"], ["pause", "x"]],
+    ids=" ".join,
+)
+def test_a_state_root_that_is_a_file(capsa: Capsa, tmp_path: Path, args: list[str]) -> None:
+    capsa.spec(["true"])
+    root = tmp_path / "not-a-directory"
+    root.write_text("")
+    result = capsa("--root", str(root), *[str(capsa.bundle) if a == "BUNDLE" else a for a in args])
+    assert_refused(result)
+    assert str(root) in result.stderr or "does not exist" in result.stderr
+    assert root.read_text() == ""

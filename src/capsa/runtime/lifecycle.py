@@ -190,12 +190,17 @@ def state_of(rt: Runtime, container_id: str) -> dict[str, Any]:
 
 def list_states(rt: Runtime) -> list[dict[str, Any]]:
     states = []
-    with contextlib.suppress(FileNotFoundError):
-        for entry in sorted(rt.store.root.iterdir()):
-            if not entry.is_dir():
-                continue
-            with contextlib.suppress(CapsaError):
-                states.append(oci_state(rt.store.load(entry.name)))
+    try:
+        entries = sorted(rt.store.root.iterdir())
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise CapsaError(f"cannot list the state root {rt.store.root}: {exc.strerror}") from exc
+    for entry in entries:
+        if not entry.is_dir():
+            continue
+        with contextlib.suppress(CapsaError):
+            states.append(oci_state(rt.store.load(entry.name)))
     return states
 
 

@@ -77,6 +77,10 @@ class StateStore:
         path = self.dir(container_id)
         try:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        except OSError as exc:
+            # FileExistsError too: the root is there but is not a directory.
+            raise CapsaError(f"cannot use {self.root} as the state root: {exc.strerror}") from exc
+        try:
             path.mkdir(mode=0o700)
         except FileExistsError:
             raise ContainerExists(f"container with id {container_id!r} already exists") from None
@@ -100,7 +104,7 @@ class StateStore:
         path = self.dir(container_id) / STATE_FILE
         try:
             return ContainerState.from_json(path.read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise ContainerNotFound(f"container {container_id!r} does not exist") from None
         except (OSError, ValueError, TypeError) as exc:
             raise CapsaError(f"{path}: unreadable state: {exc}") from exc
@@ -124,8 +128,10 @@ class StateStore:
         path = self.dir(container_id)
         try:
             fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise ContainerNotFound(f"container {container_id!r} does not exist") from None
+        except OSError as exc:
+            raise CapsaError(f"cannot lock {path}: {exc.strerror}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
