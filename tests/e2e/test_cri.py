@@ -116,3 +116,14 @@ def test_killed_vm_stops_every_container(k: ShimContainerd, handler: str) -> Non
         assert status.state == cri.SANDBOX_NOTREADY
     left = k.wait_nothing_left()
     assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)
+
+
+def test_shim_named_by_path(k: ShimContainerd, handler: str) -> None:
+    """A handler whose shim is given as ``runtime_path`` (no PATH lookup) runs a pod too."""
+    with k.pod(f"path-{handler}", f"{handler}-path") as (pod_id, pod):
+        (cid,) = start_containers(k, pod_id, pod, 1)
+        result = k.exec_sync(cid, ["cat", BOOT_ID])
+        assert result.exit_code == 0, result.stderr
+        assert (result.stdout.decode().strip() == host_boot_id()) == (handler == "runc")
+    left = k.wait_nothing_left()
+    assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)

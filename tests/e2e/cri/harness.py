@@ -181,6 +181,16 @@ class ShimContainerd:
             f'  Root = "{self.runc_root}"\n'
             f"[{cri_plugin}.containerd.runtimes.capsa]\n"
             f'  runtime_type = "{CAPSA_RUNTIME}"\n'
+            # The same shims named by path (CRI's runtime_path), not found on PATH.
+            f"[{cri_plugin}.containerd.runtimes.runc-path]\n"
+            f'  runtime_type = "{RUNC_RUNTIME}"\n'
+            f'  runtime_path = "{shutil.which("containerd-shim-runc-v2")}"\n'
+            f"[{cri_plugin}.containerd.runtimes.runc-path.options]\n"
+            "  SystemdCgroup = false\n"
+            f'  Root = "{self.runc_root}"\n'
+            f"[{cri_plugin}.containerd.runtimes.capsa-path]\n"
+            f'  runtime_type = "{CAPSA_RUNTIME}"\n'
+            f'  runtime_path = "{self.shim or "/nonexistent/" + SHIM_NAME}"\n'
             f"[{cri_plugin}.cni]\n"
             '  bin_dir = "/usr/lib/cni"\n'
             f'  conf_dir = "{netd}"\n'
