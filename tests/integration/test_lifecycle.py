@@ -362,6 +362,8 @@ def test_pause_stops_the_clock_and_resume_restarts_it(capsa: Capsa, tmp_path: Pa
     last = int(before.split()[-1])
     wait_for_text(out, f"\n{last + 5}\n")
 
+    # `podman rm -f` of a paused container: delete --force kills it as it is.
+    assert capsa("pause", "pz").code == 0
     delete(capsa, "pz", "--force")
     assert wait_child(shim, EXIT_TIMEOUT) == 137
 
