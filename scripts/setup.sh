@@ -58,7 +58,7 @@ if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ] || \
     "$venv/bin/pip" install -q -e "$repo[dev]"
     echo "$repo" > "$stamp"
 fi
-for tool in capsa capsa-agent; do
+for tool in capsa capsa-agent capsa-proxy capsa-shim containerd-shim-capsa-v2; do
     ln -sf "$venv/bin/$tool" "/usr/local/bin/$tool"
 done
 

@@ -30,7 +30,7 @@ from capsa.errors import CapsaError
 from capsa.protocols import proxy_pb2
 from capsa.runtime.agent_client import AgentClient
 from capsa.runtime.bundle import load_bundle
-from capsa.runtime.mounts import container_request, plan_mounts
+from capsa.runtime.mounts import HostBind, container_request, plan_mounts
 from capsa.runtime.sandbox import Sandbox, SandboxSpec
 from capsa.storage.shared import SharedDir
 from capsa.ttrpc.client import Client
@@ -52,6 +52,7 @@ class Proxy:
         )
         self._agent: AgentClient | None = None
         self._done = asyncio.Event()
+        self._binds: dict[str, tuple[HostBind, ...]] = {}
         self.reason = ""
 
     async def start(self) -> None:
@@ -80,6 +81,13 @@ class Proxy:
             with contextlib.suppress(CapsaError):
                 self.shared.release(plan.binds)
             raise
+        self._binds[container_id] = plan.binds
+
+    async def remove_container(self, container_id: str) -> None:
+        """Undo a container's binds once the agent removed it (a pod's VM lives on)."""
+        binds = self._binds.pop(container_id, ())
+        if binds:
+            await asyncio.to_thread(self.shared.release, binds)
 
     async def info(self) -> proxy_pb2.InfoResponse:
         hypervisor = self.sandbox.hypervisor
@@ -106,11 +114,12 @@ class Proxy:
             self.reason = reason
             self._done.set()
 
-    async def run_until_done(self) -> None:
-        """Serve until Shutdown, SIGTERM/SIGINT, or the VM's end."""
+    async def run_until_done(self, handle_signals: bool = True) -> None:
+        """Serve until Shutdown, SIGTERM/SIGINT (``handle_signals``), or the VM's end."""
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.request_shutdown, f"signal {signum}")
+        if handle_signals:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self.request_shutdown, f"signal {signum}")
         assert self.sandbox.hypervisor is not None
         vm_exit = asyncio.ensure_future(self.sandbox.hypervisor.wait())
         done = asyncio.ensure_future(self._done.wait())

@@ -37,12 +37,16 @@ FORWARDED_SIGNALS = tuple(
 class ProcessIO:
     """Where the guest process's stdio is on the host."""
 
-    stdin: int = 0
+    # A file descriptor, or the path of a FIFO that the stdin thread opens
+    # (blocking until its writer comes; containerd's FIFOs), or "" for none.
+    stdin: int | str = 0
     stdout: int = 1
     stderr: int = 2
     terminal: bool = False
     # A terminal whose size is the guest pty's size (SIGWINCH: read it again).
     winsize_fd: int | None = None
+    # The signals this process receives go to the guest process (capsa-shim).
+    forward_signals: bool = True
 
 
 async def relay(agent: AgentClient, container_id: str, exec_id: str, io: ProcessIO) -> int:
@@ -92,7 +96,7 @@ async def relay(agent: AgentClient, container_id: str, exec_id: str, io: Process
             loop.remove_signal_handler(signal.SIGWINCH)
 
     stdin = StdinPump(loop, agent, container_id, exec_id, io.stdin)
-    helpers = [asyncio.ensure_future(forward_signals())]
+    helpers = [asyncio.ensure_future(forward_signals())] if io.forward_signals else []
     if io.terminal and io.winsize_fd is not None:
         helpers.append(asyncio.ensure_future(forward_winch(io.winsize_fd)))
     outputs = [asyncio.ensure_future(copy_out(agent.read_stdout, io.stdout))]
@@ -120,7 +124,9 @@ class StdinPump:
     EOF (or EIO: the engine closed the pty master) becomes ``CloseStdin``.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, agent: AgentClient, container_id: str, exec_id: str, fd: int):
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, agent: AgentClient, container_id: str, exec_id: str, fd: int | str
+    ):
         self._loop = loop
         self._agent = agent
         self._id = container_id
@@ -138,17 +144,28 @@ class StdinPump:
             self._task.cancel()
 
     def _read(self) -> None:
-        while True:
+        fd = self._fd
+        opened = isinstance(fd, str)
+        if isinstance(fd, str):
             try:
-                data = os.read(self._fd, 65536)
+                fd = os.open(fd, os.O_RDONLY | os.O_CLOEXEC) if fd else -1
             except OSError:
-                data = b""
-            try:
-                asyncio.run_coroutine_threadsafe(self._queue.put(data), self._loop).result()
-            except (RuntimeError, asyncio.CancelledError, Exception):
-                return
-            if not data:
-                return
+                fd = -1
+        try:
+            while True:
+                try:
+                    data = os.read(fd, 65536) if fd >= 0 else b""
+                except OSError:
+                    data = b""
+                try:
+                    asyncio.run_coroutine_threadsafe(self._queue.put(data), self._loop).result()
+                except (RuntimeError, asyncio.CancelledError, Exception):
+                    return
+                if not data:
+                    return
+        finally:
+            if opened and fd >= 0:
+                os.close(fd)
 
     async def _send(self) -> None:
         with contextlib.suppress(AgentError):
