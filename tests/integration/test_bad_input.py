@@ -36,6 +36,8 @@ VERBS_WITH_ID: list[list[str]] = [
     ["resume", "ID"],
     ["events", "ID"],
     ["events", "--stats", "ID"],
+    ["update", "--memory", "64M", "ID"],
+    ["update", "--cpu-quota", "50000", "ID"],
 ]
 
 
@@ -200,6 +202,20 @@ def test_exec_with_a_malformed_process_file(
 
 
 @pytest.mark.parametrize(
+    ("content", "words"),
+    [("{ not json", ["not valid JSON"]), (None, ["No such file"])],
+)
+def test_update_with_a_malformed_resources_file(
+    capsa: Capsa, tmp_path: Path, content: str | None, words: list[str]
+) -> None:
+    resources = tmp_path / "resources.json"
+    if content is not None:
+        resources.write_text(content)
+    result = capsa("update", "--resources", str(resources), UNKNOWN)
+    assert_refused(result, "--resources", *words)
+
+
+@pytest.mark.parametrize(
     "args",
     [
         ["start"],
@@ -306,6 +322,7 @@ def test_wrong_states_change_nothing(capsa: Capsa, tmp_path: Path, adopt_orphans
     refused_and_unchanged(capsa, "ws", ["pause", "ws"], "not running")
     refused_and_unchanged(capsa, "ws", ["resume", "ws"], "not paused")
     refused_and_unchanged(capsa, "ws", ["ps", "ws"], "stopped")
+    refused_and_unchanged(capsa, "ws", ["update", "--memory", "256M", "ws"])
 
     assert capsa("delete", "ws").code == 0
     assert_no_container(capsa, "ws")
