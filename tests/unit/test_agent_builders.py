@@ -280,3 +280,25 @@ def test_init_exec_time_comes_from_the_kernel_log() -> None:
     ]
     assert init.init_exec_uptime(records) == 3.053413
     assert init.init_exec_uptime(records[:1]) is None
+
+
+def test_a_pods_container_joins_the_sandbox_containers_namespaces() -> None:
+    spec = {
+        "linux": {
+            "namespaces": [
+                {"type": "ipc", "path": "/proc/4242/ns/ipc"},
+                {"type": "uts", "path": "/proc/4242/ns/uts"},
+                {"type": "network", "path": "/var/run/netns/cni-1"},
+                {"type": "pid"},
+            ]
+        }
+    }
+    joined = crun.guest_spec(spec, "/r", join_pid=37)["linux"]["namespaces"]
+    # The guest process of the sandbox, not the host PID; the network is the guest's own.
+    assert joined == [
+        {"type": "ipc", "path": "/proc/37/ns/ipc"},
+        {"type": "uts", "path": "/proc/37/ns/uts"},
+        {"type": "pid"},
+    ]
+    alone = crun.guest_spec(spec, "/r")["linux"]["namespaces"]
+    assert alone == [{"type": "ipc"}, {"type": "uts"}, {"type": "pid"}]

@@ -121,3 +121,15 @@ def test_load_bundle_keeps_another_network_namespace_path(tmp_path: Path) -> Non
     ]
     bundle = load_bundle(make_bundle(tmp_path / "b", spec))
     assert bundle.network_namespace == netns
+
+
+def test_a_pods_sandbox_namespaces_are_the_pods_not_the_hosts() -> None:
+    # containerd gives a pod's later containers /proc/<sandbox task pid>/ns/* paths;
+    # the shim v2 hands out the VM's PID, which lives in the host's namespaces.
+    ipc = {"type": "ipc", "path": "/proc/4242/ns/ipc"}
+    others = [ns for ns in OWN if ns["type"] != "ipc"]
+    spec = {"linux": {"namespaces": [*others, ipc]}}
+    pod = frozenset({4242})
+    assert check_namespaces(spec, WHERE, host_ids=lambda kind: HOST[kind], stat=fake_stat, pod_pids=pod) is None
+    with pytest.raises(InvalidArgument, match="IPC"):
+        check_namespaces(spec, WHERE, host_ids=lambda kind: HOST[kind], stat=fake_stat, pod_pids=frozenset({4243}))

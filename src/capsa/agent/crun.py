@@ -168,12 +168,16 @@ def load_spec(spec_json: bytes) -> dict[str, Any]:
     return spec
 
 
-def bundle_config(spec: dict[str, Any], rootfs: str) -> bytes:
+def bundle_config(spec: dict[str, Any], rootfs: str, join_pid: int = 0) -> bytes:
     """The config.json for the guest bundle: :func:`guest_spec` of ``spec``, as JSON."""
-    return json.dumps(guest_spec(spec, rootfs)).encode()
+    return json.dumps(guest_spec(spec, rootfs, join_pid)).encode()
 
 
-def guest_spec(spec: dict[str, Any], rootfs: str) -> dict[str, Any]:
+# OCI namespace type -> its name under /proc/<pid>/ns (namespaces(7)).
+_PROC_NS = {"pid": "pid", "ipc": "ipc", "uts": "uts", "mount": "mnt", "user": "user", "cgroup": "cgroup"}
+
+
+def guest_spec(spec: dict[str, Any], rootfs: str, join_pid: int = 0) -> dict[str, Any]:
     """The engine's spec, made to mean in the guest what it meant on the host.
 
     - ``root.path`` is the guest rootfs (config.md "Root": may be absolute).
@@ -185,7 +189,10 @@ def guest_spec(spec: dict[str, Any], rootfs: str) -> dict[str, Any]:
       network namespace, which the VM mirrors into the guest's own network
       (DESIGN.md 7), so the entry is removed and the container uses the
       guest's network; for the others the host path means nothing in the
-      guest and the container gets a namespace of its own.
+      guest and the container gets a namespace of its own, unless
+      ``join_pid`` names the guest process of the pod's sandbox: then the
+      container joins that process's namespace of the type, as it would
+      have joined the sandbox's on the host.
     - LSM labels (``process.apparmorProfile``, ``process.selinuxLabel``,
       ``linux.mountLabel``) are dropped: the guest kernel has no AppArmor or
       SELinux, and the VM is the security boundary.
@@ -209,7 +216,11 @@ def guest_spec(spec: dict[str, Any], rootfs: str) -> dict[str, Any]:
                 if isinstance(entry, dict) and entry.get("path"):
                     if entry.get("type") == "network":
                         continue
-                    entry = {k: v for k, v in entry.items() if k != "path"}
+                    proc_name = _PROC_NS.get(str(entry.get("type")))
+                    if join_pid and proc_name:
+                        entry = {**entry, "path": f"/proc/{join_pid}/ns/{proc_name}"}
+                    else:
+                        entry = {k: v for k, v in entry.items() if k != "path"}
                 kept.append(entry)
             linux["namespaces"] = kept
         out["linux"] = linux

@@ -26,7 +26,7 @@ from capsa.agent.container import Container, ContainerState, Process, Registry
 from capsa.agent.options import AgentOptions
 from capsa.agent.reaper import Reaper, exit_status
 from capsa.agent.stdio import ConsoleSocket, Pipes, ProcessIO, terminal_io
-from capsa.errors import AgentError, ContainerExists, InvalidArgument, WrongState
+from capsa.errors import AgentError, BundleError, ContainerExists, InvalidArgument, WrongState
 from capsa.protocols import agent_pb2 as pb
 from capsa.runtime.ids import validate_id
 
@@ -117,10 +117,25 @@ class Sandbox:
     # --- containers ------------------------------------------------------
 
     async def create_container(
-        self, container_id: str, spec_json: bytes, rootfs: pb.Storage, storages: list[pb.Storage]
+        self,
+        container_id: str,
+        spec_json: bytes,
+        rootfs: pb.Storage,
+        storages: list[pb.Storage],
+        sandbox_container_id: str = "",
     ) -> None:
-        """CreateContainer: mounts, bundle, ``crun create``; the init waits for start."""
+        """CreateContainer: mounts, bundle, ``crun create``; the init waits for start.
+
+        ``sandbox_container_id`` names the pod's sandbox container, whose
+        init's namespaces the spec's namespace paths then mean.
+        """
         validate_id(container_id)
+        join_pid = 0
+        if sandbox_container_id:
+            sandbox_init = self.registry.get(sandbox_container_id).init
+            if sandbox_init is None:
+                raise BundleError(f"the pod's sandbox container {sandbox_container_id} has no process")
+            join_pid = sandbox_init.pid
         self.registry.reserve(container_id)
         bundle = os.path.join(self._containers_dir, container_id)
         mounted: list[str] = []
@@ -134,7 +149,7 @@ class Sandbox:
                 storage.mount(request)
                 mounted.append(request.target)
             with open(os.path.join(bundle, "config.json"), "wb") as file:
-                file.write(crun.bundle_config(spec, rootfs_path))
+                file.write(crun.bundle_config(spec, rootfs_path, join_pid))
             pid_file = os.path.join(bundle, "pid")
             no_pivot = self._root_is_initramfs()
 

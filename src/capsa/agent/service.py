@@ -205,7 +205,11 @@ class AgentService:
     async def create_container(self, request: pb.CreateContainerRequest) -> pb.Empty:
         await _uninterrupted(
             self.sandbox.create_container(
-                request.container_id, request.oci_spec_json, request.rootfs, list(request.storages)
+                request.container_id,
+                request.oci_spec_json,
+                request.rootfs,
+                list(request.storages),
+                sandbox_container_id=request.sandbox_container_id,
             )
         )
         return pb.Empty()

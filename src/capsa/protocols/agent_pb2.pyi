@@ -267,11 +267,17 @@ class CreateContainerRequest(_message.Message):
     OCI_SPEC_JSON_FIELD_NUMBER: _builtins.int
     ROOTFS_FIELD_NUMBER: _builtins.int
     STORAGES_FIELD_NUMBER: _builtins.int
+    SANDBOX_CONTAINER_ID_FIELD_NUMBER: _builtins.int
     container_id: _builtins.str
     oci_spec_json: _builtins.bytes
     """The OCI runtime spec (config.json) as the host resolved it.  The agent
     replaces root.path with the guest path of `rootfs` and hands the
     result to crun.
+    """
+    sandbox_container_id: _builtins.str
+    """A pod's container: the namespace paths in its spec name the pod's
+    sandbox on the host; in the guest it joins the namespaces of this
+    container's init instead (empty: paths give new namespaces).
     """
     @_builtins.property
     def rootfs(self) -> Global___Storage: ...
@@ -284,10 +290,11 @@ class CreateContainerRequest(_message.Message):
         oci_spec_json: _builtins.bytes = ...,
         rootfs: Global___Storage | None = ...,
         storages: _abc.Iterable[Global___Storage] | None = ...,
+        sandbox_container_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["rootfs", b"rootfs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_id", b"container_id", "oci_spec_json", b"oci_spec_json", "rootfs", b"rootfs", "storages", b"storages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_id", b"container_id", "oci_spec_json", b"oci_spec_json", "rootfs", b"rootfs", "sandbox_container_id", b"sandbox_container_id", "storages", b"storages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -71,12 +71,25 @@ class Proxy:
             raise CapsaError("the sandbox is not running")
         return self._agent
 
-    async def create_container(self, container_id: str, bundle_path: str) -> None:
-        bundle = load_bundle(bundle_path)
+    async def create_container(
+        self,
+        container_id: str,
+        bundle_path: str,
+        sandbox_container_id: str = "",
+        pod_pids: frozenset[int] = frozenset(),
+    ) -> None:
+        """Bind the container's rootfs and volumes into the share, then create it in the guest.
+
+        A pod's later container names the pod's sandbox container, and
+        ``pod_pids`` the host PIDs whose namespace paths mean the pod's.
+        """
+        bundle = load_bundle(bundle_path, pod_pids=pod_pids)
         plan = plan_mounts(bundle.spec, container_id, bundle.rootfs, os.stat, bundle=bundle.path)
+        request = container_request(container_id, plan, self.config.shared_fs.kind)
+        request.sandbox_container_id = sandbox_container_id
         await asyncio.to_thread(self.shared.apply, plan.binds)
         try:
-            await self.agent.create_container(container_request(container_id, plan, self.config.shared_fs.kind))
+            await self.agent.create_container(request)
         except BaseException:
             with contextlib.suppress(CapsaError):
                 self.shared.release(plan.binds)

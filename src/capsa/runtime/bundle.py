@@ -67,8 +67,13 @@ class Bundle:
         return bool(self.process.get("terminal", False))
 
 
-def load_bundle(path: str | os.PathLike[str]) -> Bundle:
-    """Load and check ``path/config.json``; raise :class:`BundleError` naming the problem."""
+def load_bundle(path: str | os.PathLike[str], pod_pids: frozenset[int] = frozenset()) -> Bundle:
+    """Load and check ``path/config.json``; raise :class:`BundleError` naming the problem.
+
+    ``pod_pids``: host PIDs that stand for a pod's sandbox (containerd hands
+    out the VM's PID as the sandbox task's); namespace paths under their
+    ``/proc/PID/ns/`` mean "the pod's namespaces", which the guest provides.
+    """
     bundle = Path(path).absolute()
     if not bundle.is_dir():
         raise BundleError(f"bundle {bundle}: no such directory")
@@ -86,7 +91,7 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
     if not isinstance(spec, dict):
         raise BundleError(f"{config_path}: expected a JSON object")
     _check_process(spec, config_path)
-    network_namespace = check_namespaces(spec, config_path)
+    network_namespace = check_namespaces(spec, config_path, pod_pids=pod_pids)
     rootfs = _rootfs_path(spec, bundle, config_path)
     _check_executable(spec["process"], rootfs)
     return Bundle(path=bundle, spec=spec, rootfs=rootfs, network_namespace=network_namespace)
@@ -107,11 +112,24 @@ def host_namespace_ids(kind: str) -> set[NamespaceId]:
     return found
 
 
+def is_pod_namespace(path: str, pod_pids: frozenset[int]) -> bool:
+    """True for ``/proc/<pid>/ns/<kind>`` of a pod's sandbox PID."""
+    parts = Path(path).parts
+    return (
+        len(parts) == 5
+        and parts[:2] == ("/", "proc")
+        and parts[3] == "ns"
+        and parts[2].isdigit()
+        and int(parts[2]) in pod_pids
+    )
+
+
 def check_namespaces(
     spec: dict[str, Any],
     where: Path,
     host_ids: Callable[[str], set[NamespaceId]] = host_namespace_ids,
     stat: Callable[[str], os.stat_result] = os.stat,
+    pod_pids: frozenset[int] = frozenset(),
 ) -> Path | None:
     """Refuse the host's network, PID or IPC namespace; return the network namespace path, if any.
 
@@ -145,7 +163,7 @@ def check_namespaces(
         if kind not in paths:
             raise InvalidArgument(refusal)
         path = paths[kind]
-        if not path:
+        if not path or is_pod_namespace(path, pod_pids):
             continue
         try:
             info = stat(path)

@@ -174,9 +174,11 @@ class Pod:
                 await asyncio.to_thread(mount_rootfs, rootfs, bundle / "rootfs")
                 container.rootfs_mounted = True
             proxy = await self._ensure_vm(str(spec.get("hostname", "")))
+            # The pod's first container is its sandbox; later ones join its namespaces.
+            sandbox = next(iter(self.containers), "")
             self.containers[container_id] = container
             await self._fit()
-            await proxy.create_container(container_id, str(bundle))
+            await proxy.create_container(container_id, str(bundle), sandbox, frozenset({self.pid}))
         except BaseException:
             self.containers.pop(container_id, None)
             if container.rootfs_mounted:
