@@ -271,6 +271,7 @@ def refused_and_unchanged(capsa: Capsa, cid: str, args: list[str], *words: str) 
 
 
 @pytest.mark.vm
+@pytest.mark.slow
 def test_wrong_states_change_nothing(capsa: Capsa, tmp_path: Path, adopt_orphans: None) -> None:
     capsa.spec(["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 0.2; done"])
     shim = create(capsa, "ws", tmp_path)
