@@ -84,10 +84,15 @@ def test_pod_of_two_containers(k: ShimContainerd, handler: str) -> None:
         result = k.exec_sync(ids[1], ["sh", "-c", "echo out; echo err >&2; exit 7"])
         assert (result.exit_code, result.stdout, result.stderr) == (7, b"out\n", b"err\n")
 
+        # One shim per pod, whatever the handler; under capsa it holds the pod's one VM.
+        shims = k.shims()
+        assert len(shims) == 1, f"not one shim for the pod: {[str(s) for s in shims]}"
+        assert pod_id in shims[0].cmdline
         qemus = k.qemus()
         if handler == "capsa":
             assert boot_ids[0] != host_boot_id(), "the containers run on the host's kernel"
             assert len(qemus) == 1, f"not one QEMU for the pod: {[str(q) for q in qemus]}"
+            assert pod_id in qemus[0].cmdline and qemus[0].ppid == shims[0].pid, str(qemus[0])
         else:
             assert boot_ids[0] == host_boot_id()
             assert qemus == []

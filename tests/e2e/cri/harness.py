@@ -261,6 +261,14 @@ class ShimContainerd:
     def qemus(self) -> list[Proc]:
         return [p for p in self.processes() if "qemu-system" in p.cmdline.split(" ", 1)[0]]
 
+    def shims(self) -> list[Proc]:
+        """The shim v2 servers alive (runc's binary, or capsa's, whose server is ``python -m capsa.shim.v2``)."""
+        return [
+            p
+            for p in self.processes()
+            if "containerd-shim" in p.cmdline.split(" ", 1)[0] or "capsa.shim.v2" in p.cmdline
+        ]
+
     def leftovers(self) -> list[Proc]:
         """QEMU, virtiofsd, shims and the runtime's helpers still alive."""
         words = ("qemu-system", "virtiofsd", "containerd-shim", "capsa", "runc")
