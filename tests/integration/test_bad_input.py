@@ -330,10 +330,6 @@ def test_wrong_states_change_nothing(capsa: Capsa, tmp_path: Path, adopt_orphans
 
 
 @pytest.mark.vm
-@pytest.mark.xfail(
-    strict=True,
-    reason="the agent passes the ID to crun in the guest as a bare argument, which crun's parser takes for flags",
-)
 def test_an_id_that_begins_with_a_dash_is_valid_as_in_runc(capsa: Capsa, tmp_path: Path) -> None:
     """runc's ID rule (letters, digits, '_', '+', '-', '.') allows "-rf"; `--` ends the flags before it."""
     capsa.spec(["true"])

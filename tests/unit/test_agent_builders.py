@@ -25,6 +25,7 @@ def test_create_argv_plain_and_with_terminal() -> None:
         "/b",
         "--pid-file",
         "/b/pid",
+        "--",
         "c1",
     ]
     argv = crun.create_argv(CRUN, "/l", "c1", "/b", "/b/pid", console_socket="/s.sock", no_pivot=True)
@@ -37,17 +38,18 @@ def test_create_argv_plain_and_with_terminal() -> None:
         "--console-socket",
         "/s.sock",
         "--no-pivot",
+        "--",
         "c1",
     ]
 
 
-def test_other_commands_put_the_id_last() -> None:
-    assert crun.start_argv(CRUN, "/l", "c1") == [*BASE, "start", "c1"]
-    assert crun.kill_argv(CRUN, "/l", "c1", 9) == [*BASE, "kill", "c1", "9"]
-    assert crun.kill_argv(CRUN, "/l", "c1", 15, all_processes=True) == [*BASE, "kill", "--all", "c1", "15"]
-    assert crun.delete_argv(CRUN, "/l", "c1") == [*BASE, "delete", "--force", "c1"]
-    assert crun.pause_argv(CRUN, "/l", "c1") == [*BASE, "pause", "c1"]
-    assert crun.resume_argv(CRUN, "/l", "c1") == [*BASE, "resume", "c1"]
+def test_other_commands_put_the_id_last_after_the_options() -> None:
+    assert crun.start_argv(CRUN, "/l", "c1") == [*BASE, "start", "--", "c1"]
+    assert crun.kill_argv(CRUN, "/l", "c1", 9) == [*BASE, "kill", "--", "c1", "9"]
+    assert crun.kill_argv(CRUN, "/l", "c1", 15, all_processes=True) == [*BASE, "kill", "--all", "--", "c1", "15"]
+    assert crun.delete_argv(CRUN, "/l", "c1") == [*BASE, "delete", "--force", "--", "c1"]
+    assert crun.pause_argv(CRUN, "/l", "c1") == [*BASE, "pause", "--", "c1"]
+    assert crun.resume_argv(CRUN, "/l", "c1") == [*BASE, "resume", "--", "c1"]
     assert crun.exec_argv(CRUN, "/l", "c1", "/p.json", "/p.pid", "/s") == [
         *BASE,
         "exec",
@@ -58,6 +60,7 @@ def test_other_commands_put_the_id_last() -> None:
         "/p.pid",
         "--console-socket",
         "/s",
+        "--",
         "c1",
     ]
     assert crun.version_argv(CRUN) == ["/usr/bin/crun", "--version"]

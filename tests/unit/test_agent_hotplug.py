@@ -58,6 +58,7 @@ def test_update_argv_passes_the_resources_file() -> None:
         "--log-format=json",
         "update",
         "--resources=/b/resources.json",
+        "--",
         "c1",
     ]
 

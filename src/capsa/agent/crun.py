@@ -47,12 +47,16 @@ def create_argv(
         # initramfs (rootfs cannot be unmounted); crun then moves the rootfs
         # over / and chroots instead.  The VM is the isolation boundary.
         argv.append("--no-pivot")
-    argv.append(container_id)
+    argv += ["--", container_id]
     return argv
 
 
+# Every builder ends its options with "--": runc's IDs may begin with "-",
+# which crun's getopt would take for an option.
+
+
 def start_argv(crun: Crun, log_file: str, container_id: str) -> list[str]:
-    return [*crun.base(log_file), "start", container_id]
+    return [*crun.base(log_file), "start", "--", container_id]
 
 
 def exec_argv(
@@ -67,7 +71,7 @@ def exec_argv(
     argv = [*crun.base(log_file), "exec", "--process", process_file, "--detach", "--pid-file", pid_file]
     if console_socket is not None:
         argv += ["--console-socket", console_socket]
-    argv.append(container_id)
+    argv += ["--", container_id]
     return argv
 
 
@@ -75,22 +79,22 @@ def kill_argv(crun: Crun, log_file: str, container_id: str, signal: int, all_pro
     argv = [*crun.base(log_file), "kill"]
     if all_processes:
         argv.append("--all")
-    return [*argv, container_id, str(signal)]
+    return [*argv, "--", container_id, str(signal)]
 
 
 def delete_argv(crun: Crun, log_file: str, container_id: str, force: bool = True) -> list[str]:
     argv = [*crun.base(log_file), "delete"]
     if force:
         argv.append("--force")
-    return [*argv, container_id]
+    return [*argv, "--", container_id]
 
 
 def pause_argv(crun: Crun, log_file: str, container_id: str) -> list[str]:
-    return [*crun.base(log_file), "pause", container_id]
+    return [*crun.base(log_file), "pause", "--", container_id]
 
 
 def resume_argv(crun: Crun, log_file: str, container_id: str) -> list[str]:
-    return [*crun.base(log_file), "resume", container_id]
+    return [*crun.base(log_file), "resume", "--", container_id]
 
 
 def update_argv(crun: Crun, log_file: str, container_id: str, resources_file: str) -> list[str]:
@@ -99,7 +103,7 @@ def update_argv(crun: Crun, log_file: str, container_id: str, resources_file: st
     The file, not crun's per-value flags: crun reads only the file when one
     is given, and its flags cannot say -1 (unlimited) or every field.
     """
-    return [*crun.base(log_file), "update", f"--resources={resources_file}", container_id]
+    return [*crun.base(log_file), "update", f"--resources={resources_file}", "--", container_id]
 
 
 def load_resources(resources_json: bytes) -> dict[str, Any]:
