@@ -10,6 +10,7 @@ harness: the same steps, the host's kernel instead of a VM.
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from cri import api_pb2 as cri
 from cri.harness import BUSYBOX_IMAGE, SUBNET, ShimContainerd, capsa_shim, host_boot_id, wait_for
+from e2e_support import Proc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vm, pytest.mark.slow]
 
@@ -47,6 +49,18 @@ def start_containers(k: ShimContainerd, pod_id: str, pod: cri.PodSandboxConfig, 
     for cid in ids:
         k.call("StartContainer", cri.StartContainerRequest(container_id=cid))
     return ids
+
+
+def state_paths(procs: list[Proc]) -> list[Path]:
+    """The runtime's state (sockets, state directories) that the shim, QEMU and
+    virtiofsd name outside the test's directory: below /run/capsa and /run/containerd."""
+    found = set()
+    for proc in procs:
+        for match in re.finditer(r"/run/(?:capsa|containerd)/[^\s,=]+", proc.cmdline):
+            path = Path(match.group(0))
+            # The directory right below the shim's own (/run/capsa/v2/<pod>, /run/capsa/s/<hash>).
+            found.add(Path(*path.parts[:5]) if len(path.parts) > 5 else path)
+    return sorted(found)
 
 
 def test_version(k: ShimContainerd) -> None:
@@ -96,10 +110,13 @@ def test_pod_of_two_containers(k: ShimContainerd, handler: str) -> None:
         else:
             assert boot_ids[0] == host_boot_id()
             assert qemus == []
+        state = state_paths(k.processes())
+        assert state or handler == "runc", "capsa's shim names no state directory or socket"
 
     assert pod_id not in [p.id for p in k.call("ListPodSandbox", cri.ListPodSandboxRequest()).items]
     left = k.wait_nothing_left()
     assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)
+    assert [p for p in state if p.exists()] == [], "state left behind"
 
 
 def test_killed_vm_stops_every_container(k: ShimContainerd, handler: str) -> None:
