@@ -641,12 +641,18 @@ def test_update_hands_the_resources_to_crun_and_passes_its_errors_back(agent: Ag
     run(agent, scenario)
 
 
-def test_network_and_oom_calls_are_unimplemented(agent: Agent) -> None:
+def test_network_calls_check_their_input_and_a_host_agent_leaves_its_hosts_network_alone(agent: Agent) -> None:
     async def scenario(client: Client) -> None:
-        await expect_error(Code.UNIMPLEMENTED, call(client, "UpdateRoutes", pb.UpdateRoutesRequest(), pb.Routes))
-        await expect_error(
-            Code.UNIMPLEMENTED, call(client, "UpdateInterface", pb.UpdateInterfaceRequest(), pb.Interface)
-        )
+        def update(interface: pb.Interface | None) -> Any:
+            return call(client, "UpdateInterface", pb.UpdateInterfaceRequest(interface=interface), pb.Interface)
+
+        assert "needs an interface" in await expect_error(Code.INVALID_ARGUMENT, update(None))
+        bad_mac = pb.Interface(hw_addr="02:00", name="eth0")
+        assert "not an Ethernet MAC" in await expect_error(Code.INVALID_ARGUMENT, update(bad_mac))
+        good = pb.Interface(hw_addr="02:00:00:00:00:01", name="eth0", mtu=1500)
+        assert "host's network" in await expect_error(Code.FAILED_PRECONDITION, update(good))
+        routes = pb.UpdateRoutesRequest(routes=pb.Routes(routes=[pb.Route(dest="default", device="lo")]))
+        await expect_error(Code.FAILED_PRECONDITION, call(client, "UpdateRoutes", routes, pb.Routes))
         await expect_error(Code.UNIMPLEMENTED, call(client, "GetOOMEvent", pb.GetOOMEventRequest(), pb.OOMEvent))
 
     run(agent, scenario)

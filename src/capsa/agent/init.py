@@ -10,9 +10,11 @@ powers the VM off.  ``INIT_MOUNTS`` is data; ``bring_up`` is the shell.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import socket
+import struct
 
 from capsa.agent import libc
 from capsa.agent.storage import MountRequest
@@ -49,6 +51,14 @@ DEV_SYMLINKS: tuple[tuple[str, str], ...] = (
 )
 
 DEFAULT_HOSTNAME = "capsa"
+
+# netdevice(7): SIOCGIFFLAGS / SIOCSIFFLAGS (<linux/sockios.h>) on a struct
+# ifreq (IFNAMSIZ name, then a union whose ifr_flags is a short; 40 bytes);
+# IFF_UP from <linux/if.h>.
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+_IFREQ_FLAGS = struct.Struct("16sh22x")
 
 
 def mount_api_filesystems(mounts: tuple[MountRequest, ...] = INIT_MOUNTS) -> None:
@@ -87,6 +97,21 @@ def enable_cgroup_controllers(root: str = "/sys/fs/cgroup") -> None:
             file.write(line)
 
 
+def set_link_up(name: str) -> bool:
+    """Set a network link up (``ip link set NAME up``); False if it already was.
+
+    Two ioctls rather than netlink: the loopback link is brought up at every
+    boot, and pyroute2 is imported only when a NIC is configured.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        request = _IFREQ_FLAGS.pack(name.encode(), 0)
+        _, flags = _IFREQ_FLAGS.unpack(fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, request))
+        if flags & IFF_UP:
+            return False
+        fcntl.ioctl(sock.fileno(), SIOCSIFFLAGS, _IFREQ_FLAGS.pack(name.encode(), flags | IFF_UP))
+        return True
+
+
 def bring_up(hostname: str = DEFAULT_HOSTNAME) -> None:
     """The rest of PID 1's setup once the API filesystems are mounted."""
     make_dev_symlinks()
@@ -96,6 +121,13 @@ def bring_up(hostname: str = DEFAULT_HOSTNAME) -> None:
         # Containers still run without controllers, only without limits.
         log.warning("cannot enable cgroup controllers: %s", exc)
     socket.sethostname(hostname)
+    try:
+        # The kernel gives lo 127.0.0.1/8 and ::1 when it goes up; containers
+        # sharing the guest's network (a network namespace path in the spec)
+        # expect it, as they had it on the host.
+        set_link_up("lo")
+    except OSError as exc:
+        log.warning("cannot set the loopback link up: %s", exc)
 
 
 def power_off() -> None:

@@ -6,7 +6,12 @@ to ttrpc status codes (google.rpc.Code numbering) in one place,
 :func:`status_code`, so the host reads the same code for the same failure
 from every method: unknown container or exec -> NOT_FOUND, wrong lifecycle
 state -> FAILED_PRECONDITION, bad input -> INVALID_ARGUMENT, crun's refusal
--> UNKNOWN with crun's own message.
+-> UNKNOWN with crun's own message.  The network calls follow suit: a NIC
+that never appeared -> NOT_FOUND, the kernel's refusal of a netlink
+request -> UNKNOWN with the request and the errno's words.
+
+The network modules (and pyroute2 under them) are imported on the first
+UpdateInterface/UpdateRoutes only: most containers never configure a NIC.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf.message import Message
 
@@ -26,6 +31,9 @@ from capsa.errors import BundleError, CapsaError, ContainerExists, ContainerNotF
 from capsa.protocols import agent_pb2 as pb
 from capsa.ttrpc.errors import Code, StatusError
 from capsa.ttrpc.server import Context, Server, unary_method
+
+if TYPE_CHECKING:
+    from capsa.agent.netlink import GuestNetwork
 
 SERVICE_NAME = "capsa.agent.v1.AgentService"
 
@@ -78,6 +86,12 @@ def status_code(exc: CapsaError) -> Code:
     if isinstance(exc, InvalidArgument | BundleError):
         return Code.INVALID_ARGUMENT
     if isinstance(exc, CrunFailed):
+        return Code.UNKNOWN
+    from capsa.agent import network  # only now: see the module docstring
+
+    if isinstance(exc, network.InterfaceNotFound):
+        return Code.NOT_FOUND
+    if isinstance(exc, network.NetlinkFailed):
         return Code.UNKNOWN
     return Code.INTERNAL
 
@@ -139,6 +153,7 @@ class AgentService:
         self.sandbox = sandbox
         self.timing = timing
         self._on_destroyed = on_destroyed
+        self._network: GuestNetwork | None = None
 
     def register(self, server: Server) -> None:
         table: dict[str, tuple[type[Message], Callable[[Any], Awaitable[Message]]]] = {
@@ -284,13 +299,31 @@ class AgentService:
         self.sandbox.process(request.container_id, request.exec_id).io.resize(request.row, request.column)
         return pb.Empty()
 
-    # --- not yet ------------------------------------------------------------------------
+    # --- network ---------------------------------------------------------------------
+
+    def _guest_network(self) -> GuestNetwork:
+        """The guest's network, made on first use; a host-mode agent must not touch its host's."""
+        if not self.sandbox.options.guest:
+            raise WrongState("this agent is not a guest's init: it does not configure its host's network")
+        if self._network is None:
+            from capsa.agent.netlink import GuestNetwork
+
+            self._network = GuestNetwork()
+        return self._network
 
     async def update_interface(self, request: pb.UpdateInterfaceRequest) -> pb.Interface:
-        raise StatusError(Code.UNIMPLEMENTED, "UpdateInterface is not implemented by this agent yet")
+        from capsa.agent import network
+
+        if not request.HasField("interface"):
+            raise InvalidArgument("UpdateInterface needs an interface")
+        network.interface_request(request.interface)  # bad input is refused before anything else
+        return await _uninterrupted(self._guest_network().update_interface(request.interface))
 
     async def update_routes(self, request: pb.UpdateRoutesRequest) -> pb.Routes:
-        raise StatusError(Code.UNIMPLEMENTED, "UpdateRoutes is not implemented by this agent yet")
+        routes = await _uninterrupted(self._guest_network().update_routes(list(request.routes.routes)))
+        return pb.Routes(routes=routes)
+
+    # --- not yet ------------------------------------------------------------------------
 
     async def get_oom_event(self, request: pb.GetOOMEventRequest) -> pb.OOMEvent:
         raise StatusError(Code.UNIMPLEMENTED, "GetOOMEvent is not implemented by this agent yet")
