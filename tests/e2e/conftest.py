@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e_engines import Containerd, Docker, Podman
+from e2e_engines import OUTSIDE_DIRS, Containerd, Docker, Podman
 from e2e_support import (
     BUSYBOX,
     Runtime,
@@ -66,8 +66,12 @@ def session_dir() -> Iterator[Path]:
     try:
         yield path
     finally:
-        kill_pids([p.pid for p in session_processes(path, [str(path)])])
-        unmount_under([path])
+        # What the engines' own stop() could not end: by marker or by a path of ours.
+        dirs = [path, *OUTSIDE_DIRS]
+        kill_pids([p.pid for p in session_processes(path, [str(d) for d in dirs])])
+        unmount_under(dirs)
+        for d in OUTSIDE_DIRS:
+            shutil.rmtree(d, ignore_errors=True)
         keep = os.environ.get("CAPSA_E2E_ARGV_LOG")
         if keep and (path / "argv.log").exists():
             shutil.copy(path / "argv.log", keep)

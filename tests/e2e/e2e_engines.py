@@ -31,10 +31,17 @@ class EngineError(AssertionError):
     """An engine could not be started: the message carries the end of its log."""
 
 
+# Every directory made outside the session dir, for the session's last sweep
+# (processes that name it, mounts below it) should an engine's stop() not finish.
+OUTSIDE_DIRS: list[Path] = []
+
+
 def _short_dir(prefix: str) -> Path:
     # Unix socket paths are limited to 107 bytes, and a runtime's state lives
     # below the engine's exec root: keep our roots as short as the defaults.
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    OUTSIDE_DIRS.append(path)
+    return path
 
 
 def _tail(path: Path, lines: int = 30) -> str:
