@@ -160,3 +160,19 @@ def test_create_refuses_bad_bundles(runtime: Runtime, session_dir: Path, rootfs:
         one_line_error(runtime(root, *argv, timeout=120))
         assert runtime.listed(root) == []
     assert_nothing_left(runtime, root, [str(root)])
+
+
+def test_errors_in_json_log_as_containerd_reads_them(runtime: Runtime, session_dir: Path, root: Path) -> None:
+    """containerd's runc shim passes ``--log FILE --log-format json`` and takes the
+    error text from the last ``"level":"error"`` line of FILE; it classifies kill
+    failures by the words ``does not exist``."""
+    root.mkdir(parents=True, exist_ok=True)
+    log = session_dir / "runtime-log.json"
+    result = runtime(root, "--log", str(log), "--log-format", "json", "kill", "nosuch", "9", timeout=60)
+    assert result.code != 0
+    errors = [json.loads(line) for line in log.read_text().splitlines() if '"error"' in line]
+    assert errors, f"no error line in {log.read_text()!r}"
+    assert errors[-1]["level"] == "error"
+    assert "does not exist" in errors[-1]["msg"]
+    plain = runtime(root, "--log-format", "json", "state", "nosuch", timeout=60)
+    assert "does not exist" in json.loads(one_line_error(plain))["msg"]
