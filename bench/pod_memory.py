@@ -76,7 +76,7 @@ def pod_processes(k: ShimContainerd) -> list[Proc]:
     and under runc the pause and container processes, which carry neither the
     session marker nor a path of the test)."""
     every = {p.pid: p for p in processes(k.session)}
-    chosen = {p.pid for p in k.processes() if "containerd-shim" in p.cmdline.split(" ", 1)[0]}
+    chosen = {p.pid for p in k.shims()}
     grew = True
     while grew:
         more = {p.pid for p in every.values() if p.ppid in chosen} - chosen
