@@ -149,3 +149,18 @@ def test_shim_named_by_path(k: ShimContainerd, handler: str) -> None:
         assert (result.stdout.decode().strip() == host_boot_id()) == (handler == "runc")
     left = k.wait_nothing_left()
     assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)
+
+
+def test_pod_ip_inside(k: ShimContainerd, handler: str) -> None:
+    """The address CNI gave the pod (PodSandboxStatus) is on an interface every
+    container of the pod sees: the pod's network namespace under runc, the pod
+    VM's NIC under capsa."""
+    with k.pod(f"ip-{handler}", handler) as (pod_id, pod):
+        ip = k.call("PodSandboxStatus", cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id)).status.network.ip
+        assert ip.startswith(SUBNET.rsplit(".", 1)[0] + "."), ip
+        for cid in start_containers(k, pod_id, pod, 2):
+            result = k.exec_sync(cid, ["ip", "-o", "-4", "addr", "show"])
+            assert result.exit_code == 0, result.stderr
+            assert f"inet {ip}/" in result.stdout.decode(), result.stdout.decode()
+    left = k.wait_nothing_left()
+    assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)
