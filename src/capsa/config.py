@@ -31,6 +31,7 @@ MACHINE_TYPES = ("q35", "microvm")
 SHARED_FS_KINDS = ("virtio-fs", "virtio-9p")
 AGENT_CHANNELS = ("auto", "vsock", "serial")
 BOOT_MODES = ("cold", "template")
+NETWORK_MODELS = ("tcfilter", "macvtap", "none")
 #: QEMU's q35 limit without an IOMMU with x2APIC interrupt remapping.
 MAX_VCPUS = 240
 #: Without max_memory_mib, a VM may grow to this many times default_memory_mib.
@@ -123,11 +124,20 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class NetworkConfig:
+    # How the VM's NIC joins the engine's network namespace
+    # (capsa.network.attach): tcfilter, a tap mirrored to the veth with tc;
+    # macvtap, a passthru macvtap on the veth; none, no NIC at all.
+    model: str = "tcfilter"
+
+
+@dataclass(frozen=True)
 class Config:
     hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
     shared_fs: SharedFsConfig = field(default_factory=SharedFsConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
     source: Path | None = None  # the file it came from; None for built-in defaults
 
 
@@ -167,6 +177,7 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> Config:
         "shared_fs": _parse_shared_fs,
         "agent": _parse_agent,
         "runtime": _parse_runtime,
+        "network": _parse_network,
     }
     for name, value in data.items():
         if name not in parsers:
@@ -315,3 +326,8 @@ def _parse_agent(table: Mapping[str, Any], where: str) -> AgentConfig:
 def _parse_runtime(table: Mapping[str, Any], where: str) -> RuntimeConfig:
     t = _Table(table, where, RuntimeConfig)
     return RuntimeConfig(debug=t.boolean("debug", RuntimeConfig.debug))
+
+
+def _parse_network(table: Mapping[str, Any], where: str) -> NetworkConfig:
+    t = _Table(table, where, NetworkConfig)
+    return NetworkConfig(model=t.choice("model", NetworkConfig.model, NETWORK_MODELS))

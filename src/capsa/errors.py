@@ -57,3 +57,7 @@ class StorageError(CapsaError):
 
 class HookError(CapsaError):
     """An OCI hook (config.md "POSIX-platform Hooks") could not run or failed."""
+
+
+class NetworkError(CapsaError):
+    """The sandbox's NIC could not be joined to the engine's network namespace (or parted from it)."""

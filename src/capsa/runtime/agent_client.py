@@ -159,3 +159,11 @@ class AgentClient:
         """New cgroup limits (an OCI ``linux.resources`` object) for a container, by ``crun update`` in the guest."""
         request = pb.UpdateContainerRequest(container_id=container_id, resources_json=json.dumps(resources).encode())
         await self._call("UpdateContainer", request, pb.Empty)
+
+    async def update_interface(self, interface: pb.Interface) -> pb.Interface:
+        """Configure the guest NIC with ``interface.hw_addr`` as ``interface`` says; the guest's result."""
+        return await self._call("UpdateInterface", pb.UpdateInterfaceRequest(interface=interface), pb.Interface)
+
+    async def update_routes(self, routes: pb.Routes) -> pb.Routes:
+        """Replace the guest's routes with ``routes``; the guest's result."""
+        return await self._call("UpdateRoutes", pb.UpdateRoutesRequest(routes=routes), pb.Routes)

@@ -1,0 +1,205 @@
+"""Put a sandbox's VM on the engine's network, and take it off again.
+
+The one entry point is :class:`NetworkAttachment`: :meth:`~NetworkAttachment.attach`
+once the VM runs and its agent answers, :meth:`~NetworkAttachment.detach`
+once the VM is stopped.  For each endpoint of the engine's namespace
+(:func:`capsa.network.model.select_endpoints`), in that namespace:
+
+* ``tcfilter`` (the default; Kata's model of the same name): a tap
+  ``tap<N>_capsa`` with the veth's MTU, and tc mirroring between the two
+  (:mod:`capsa.network.tc`);
+* ``macvtap``: a passthru macvtap ``mvtap<N>_capsa`` on the veth
+  (:func:`capsa.network.netns.create_macvtap`);
+
+then QEMU gets the device's file descriptor and hot-plugs a virtio-net
+NIC on it with the veth's MAC (:meth:`capsa.hypervisor.base.Hypervisor.plug_nic`),
+and the agent configures that NIC (``UpdateInterface``: found by MAC,
+named like the veth, its addresses and MTU) and the routes
+(``UpdateRoutes``).
+
+Nothing is left behind (DESIGN.md decision 9): a tap exists only while a
+file descriptor holds it, and QEMU holds the only one, so it goes with
+QEMU however QEMU ends; :meth:`detach` removes the ingress qdiscs (with
+their filters) and any macvtap, and runs even after a failed attach.  Only
+a proxy killed by SIGKILL leaves the veth's ingress qdisc (and a macvtap)
+behind, until the engine deletes the namespace, which takes them along.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from capsa.errors import AgentError, NetworkError
+from capsa.network import netns, tc
+from capsa.network.model import (
+    Endpoint,
+    Route,
+    interface_message,
+    route_skip_reason,
+    routes_message,
+    select_endpoints,
+    select_routes,
+)
+from capsa.protocols import agent_pb2 as pb
+from capsa.ttrpc.errors import Code, StatusError
+
+log = logging.getLogger("capsa.network")
+
+T = TypeVar("T")
+
+MODELS = ("tcfilter", "macvtap", "none")
+
+
+class NicHypervisor(Protocol):
+    async def plug_nic(self, tap_fd: int, mac: str, mtu: int, slot: int) -> None: ...
+
+
+class NetworkAgent(Protocol):
+    async def update_interface(self, interface: pb.Interface) -> pb.Interface: ...
+
+    async def update_routes(self, routes: pb.Routes) -> pb.Routes: ...
+
+
+def device_name(model: str, slot: int) -> str:
+    """The tap (or macvtap) of endpoint ``slot``: ours by its name (at most 15 bytes, IFNAMSIZ)."""
+    return f"tap{slot}_capsa" if model == "tcfilter" else f"mvtap{slot}_capsa"
+
+
+@dataclass
+class _Made:
+    """What one endpoint got in the namespace, so that detach undoes exactly that."""
+
+    endpoint: Endpoint
+    device: str
+    qdiscs: list[tc.IngressQdisc] = field(default_factory=list)
+
+
+class NetworkAttachment:
+    """The VM's NICs in one engine network namespace (see the module docstring)."""
+
+    def __init__(self, netns_path: str, model: str) -> None:
+        if model not in MODELS:
+            raise NetworkError(f"unknown network model {model!r} (known: {', '.join(MODELS)})")
+        self.netns_path = netns_path
+        self.model = model
+        self.endpoints: tuple[Endpoint, ...] = ()
+        self.routes: tuple[Route, ...] = ()
+        self._netns_fd = -1
+        self._made: list[_Made] = []
+
+    async def attach(self, hypervisor: NicHypervisor, agent: NetworkAgent) -> None:
+        """Give the VM a NIC per endpoint and configure the guest; on failure, undo it all and raise."""
+        if self.model == "none":
+            return
+        try:
+            await self._attach(hypervisor, agent)
+        except BaseException:
+            await self.detach()
+            raise
+
+    async def _attach(self, hypervisor: NicHypervisor, agent: NetworkAgent) -> None:
+        self._netns_fd = netns.open_netns(self.netns_path)
+        links, addresses, routes = await self._in_netns(netns.read_links_addresses_routes, "read its links")
+        self.endpoints = select_endpoints(links, addresses)
+        devices = {endpoint.index: endpoint.name for endpoint in self.endpoints}
+        for route in routes:
+            reason = route_skip_reason(route, devices)
+            if reason is not None and reason not in ("made by the kernel", "in table 255"):
+                log.info("route to %s/%d not given to the guest: %s", route.dst or "default", route.dst_len, reason)
+        self.routes = select_routes(routes, self.endpoints)
+        if not self.endpoints:
+            log.info("network namespace %s has no configured interface: the VM gets no NIC", self.netns_path)
+            return
+        for slot, endpoint in enumerate(self.endpoints):
+            await self._plug(hypervisor, endpoint, slot)
+        for endpoint in self.endpoints:
+            await _agent_call(agent.update_interface(interface_message(endpoint)), "UpdateInterface", endpoint.name)
+        if self.routes:
+            await _agent_call(agent.update_routes(routes_message(self.routes)), "UpdateRoutes", "")
+        log.info(
+            "VM on the network of %s (%s): %s",
+            self.netns_path,
+            self.model,
+            "; ".join(f"{e.name} {e.mac} {' '.join(f'{a}/{p}' for a, p in e.addresses)}" for e in self.endpoints),
+        )
+
+    async def _plug(self, hypervisor: NicHypervisor, endpoint: Endpoint, slot: int) -> None:
+        made = _Made(endpoint, device_name(self.model, slot))
+        self._made.append(made)
+        if self.model == "tcfilter":
+            plan = tc.mirror_plan(endpoint.name, made.device)
+
+            def make_tap() -> int:
+                fd = netns.create_tap(made.device, endpoint.mtu)
+                try:
+                    with netns.iproute() as ipr:
+                        tc.apply(ipr, plan, made.qdiscs)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                return fd
+
+            fd = await self._in_netns(make_tap, f"make {made.device}")
+        else:
+            fd = await self._in_netns(
+                lambda: netns.create_macvtap(made.device, endpoint.name, endpoint.mtu), f"make {made.device}"
+            )
+        try:
+            await hypervisor.plug_nic(fd, endpoint.mac, endpoint.mtu, slot)
+        finally:
+            # QEMU holds its own copy now (or failed and holds none): ours
+            # would keep a tap alive past QEMU's end.
+            os.close(fd)
+
+    async def detach(self) -> None:
+        """Remove what :meth:`attach` made in the namespace; never raises, safe to call twice."""
+        made, self._made = self._made, []
+        fd, self._netns_fd = self._netns_fd, -1
+        if fd < 0:
+            return
+        try:
+            if made:
+
+                def undo() -> list[str]:
+                    problems: list[str] = []
+                    with netns.iproute() as ipr:
+                        for item in reversed(made):
+                            problems += tc.remove(ipr, tc.teardown_plan(tuple(item.qdiscs)))
+                    for item in reversed(made):
+                        # A tap normally went with QEMU's fd; a macvtap stays until deleted.
+                        problem = netns.delete_link(item.device)
+                        if problem:
+                            problems.append(problem)
+                    return problems
+
+                try:
+                    problems = await self._in_netns(undo, "remove its taps", fd)
+                except Exception as exc:  # teardown reports, never raises
+                    problems = [str(exc)]
+                for problem in problems:
+                    log.warning("network namespace %s: %s", self.netns_path, problem)
+        finally:
+            os.close(fd)
+
+    async def _in_netns(self, work: Callable[[], T], what: str, fd: int | None = None) -> T:
+        return await asyncio.to_thread(netns.run_in_netns, self._netns_fd if fd is None else fd, work, what)
+
+
+async def _agent_call(call: Awaitable[Any], method: str, device: str) -> None:
+    """Await an agent call; an agent without networking is told apart from one that failed."""
+    try:
+        await call
+    except AgentError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, StatusError) and cause.code == Code.UNIMPLEMENTED:
+            raise NetworkError(
+                f"the guest agent cannot configure a network interface ({method} is not implemented): "
+                "rebuild the guest image (guest/image/build.py)"
+            ) from exc
+        what = f" {device}" if device else ""
+        raise NetworkError(f"the guest could not configure its network{what}: {exc}") from exc
