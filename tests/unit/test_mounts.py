@@ -13,7 +13,17 @@ import pytest
 
 from capsa.errors import BundleError, InvalidArgument
 from capsa.protocols import agent_pb2 as pb
-from capsa.runtime.mounts import GUEST_SHARE_DIR, HostBind, container_request, is_host_bind, plan_mounts
+from capsa.runtime.mounts import (
+    GUEST_SHARE_DIR,
+    GUEST_SHM_DIR,
+    GUEST_VOLUME_DIR,
+    BlockVolume,
+    HostBind,
+    container_request,
+    is_host_bind,
+    plan_mounts,
+    volume_serial,
+)
 
 PODMAN_USERDATA = "/var/lib/containers/storage/overlay-containers/4f1c/userdata"
 DOCKER_DIR = "/var/lib/docker/containers/9a2e"
@@ -252,10 +262,139 @@ def test_system_paths_are_the_guests_own() -> None:
     assert plan.spec["mounts"] == mounts
 
 
-def test_block_devices_are_refused() -> None:
-    mount = {"destination": "/dev/sdb", "type": "bind", "source": "/dev/sdb"}
-    with pytest.raises(InvalidArgument, match="block device /dev/sdb"):
-        plan_mounts(spec_with(mount), "c", ROOTFS, fake_stat({"/dev/sdb": BLK}))
+def test_a_bind_of_a_block_device_is_a_block_volume() -> None:
+    """Kata's BlockVolume: the disk goes to the VM, the guest mounts it, crun binds the mount."""
+    mount = {"destination": "/data", "type": "bind", "source": "/dev/sdb", "options": ["rbind", "ro", "rprivate"]}
+    plan = plan_mounts(spec_with(mount), "c", ROOTFS, fake_stat({"/dev/sdb": BLK}))
+    assert plan.binds[1:] == ()
+    assert plan.volumes == (
+        BlockVolume(
+            source=Path("/dev/sdb"),
+            serial=volume_serial("c", 0),
+            readonly=True,
+            host_device=True,
+            fstype="",
+            options=(),
+            mount_point=f"{GUEST_VOLUME_DIR}/c/0",
+        ),
+    )
+    assert plan.spec["mounts"] == [
+        {
+            "destination": "/data",
+            "type": "bind",
+            "source": f"{GUEST_VOLUME_DIR}/c/0",
+            "options": ["rbind", "ro", "rprivate"],
+        }
+    ]
+
+
+def test_a_disk_filesystem_on_an_image_file_is_a_block_volume() -> None:
+    mount = {"destination": "/db", "type": "ext4", "source": "disk.img", "options": ["noatime", "data=ordered"]}
+    plan = plan_mounts(spec_with(mount), "c", ROOTFS, fake_stat({"/b/disk.img": FILE}), bundle=Path("/b"))
+    (volume,) = plan.volumes
+    assert volume.source == Path("/b/disk.img") and not volume.host_device and not volume.readonly
+    assert volume.fstype == "ext4"
+    assert volume.options == ("noatime", "data=ordered")
+    assert plan.spec["mounts"] == [
+        {"destination": "/db", "type": "bind", "source": f"{GUEST_VOLUME_DIR}/c/0", "options": ["rbind", "rw"]}
+    ]
+
+
+def test_a_disk_filesystem_needs_a_disk() -> None:
+    mount = {"destination": "/db", "type": "ext4", "source": "/srv/dir"}
+    with pytest.raises(InvalidArgument, match="must be a block device or a raw image file"):
+        plan_mounts(spec_with(mount), "c", ROOTFS, fake_stat({"/srv/dir": DIR}))
+
+
+def test_volume_serials_fit_virtio_blk_and_differ() -> None:
+    serials = {volume_serial(cid, index) for cid in ("a", "b", "x" * 1024) for index in range(3)}
+    assert len(serials) == 9
+    assert all(len(serial.encode()) <= 20 for serial in serials)
+
+
+def test_block_volume_storages_name_the_serial() -> None:
+    mounts = [
+        {"destination": "/a", "type": "ext4", "source": "/a.img", "options": ["ro", "noatime"]},
+        {"destination": "/b", "type": "bind", "source": "/dev/vdz"},
+    ]
+    plan = plan_mounts(spec_with(*mounts), "c", ROOTFS, fake_stat({"/a.img": FILE, "/dev/vdz": BLK}))
+    request = container_request("c", plan, "virtio-fs")
+    assert list(request.storages) == [
+        pb.Storage(
+            driver="blk",
+            source=volume_serial("c", 0),
+            fstype="ext4",
+            options=["noatime", "ro"],
+            mount_point=f"{GUEST_VOLUME_DIR}/c/0",
+        ),
+        pb.Storage(driver="blk", source=volume_serial("c", 1), mount_point=f"{GUEST_VOLUME_DIR}/c/1"),
+    ]
+
+
+def shm_sizes(sizes: dict[str, int]) -> Any:
+    return lambda path: sizes.get(str(path))
+
+
+def test_the_engines_shm_dir_becomes_a_guest_tmpfs() -> None:
+    plan = plan_mounts(
+        podman_spec(),
+        "c1",
+        ROOTFS,
+        fake_stat(PODMAN_FILES),
+        tmpfs_size=shm_sizes({f"{PODMAN_USERDATA}/shm": 64 << 20}),
+    )
+    assert Path(f"{PODMAN_USERDATA}/shm") not in [bind.source for bind in plan.binds]
+    (shm,) = plan.tmpfs
+    assert shm.size_bytes == 64 << 20 and shm.mount_point.startswith(GUEST_SHM_DIR + "/")
+    assert plan.spec["mounts"][6] == {
+        "destination": "/dev/shm",
+        "type": "bind",
+        "source": shm.mount_point,
+        "options": ["bind", "rprivate", "nosuid", "noexec", "nodev"],
+    }
+    request = container_request("c1", plan, "virtio-fs")
+    assert list(request.storages) == [
+        pb.Storage(
+            driver="local",
+            source="shm",
+            fstype="tmpfs",
+            options=["nosuid", "nodev", "noexec", "mode=1777", f"size={64 << 20}"],
+            mount_point=shm.mount_point,
+        )
+    ]
+
+
+def test_a_pods_containers_share_the_sandbox_shm() -> None:
+    """CRI binds the sandbox's shm dir into every container of the pod: one guest tmpfs for all of them."""
+    shm = "/run/containerd/io.containerd.grpc.v1.cri/sandboxes/s1/shm"
+    mount = {"destination": "/dev/shm", "type": "bind", "source": shm, "options": ["rbind", "ro"]}
+    sizes = shm_sizes({shm: 64 << 20})
+    first = plan_mounts(spec_with(mount), "pause", ROOTFS, fake_stat({shm: DIR}), tmpfs_size=sizes)
+    second = plan_mounts(spec_with(mount), "app", ROOTFS, fake_stat({shm: DIR}), tmpfs_size=sizes)
+    assert first.tmpfs == second.tmpfs
+    assert first.spec["mounts"][0]["source"] == second.spec["mounts"][0]["source"]
+    other = plan_mounts(
+        spec_with({**mount, "source": "/other/shm"}),
+        "app",
+        ROOTFS,
+        fake_stat({"/other/shm": DIR}),
+        tmpfs_size=shm_sizes({"/other/shm": 1 << 20}),
+    )
+    assert other.tmpfs[0].mount_point != first.tmpfs[0].mount_point
+
+
+def test_a_shm_dir_that_is_no_tmpfs_stays_a_bind() -> None:
+    plan = plan_mounts(podman_spec(), "c1", ROOTFS, fake_stat(PODMAN_FILES), tmpfs_size=shm_sizes({}))
+    assert plan.tmpfs == ()
+    assert Path(f"{PODMAN_USERDATA}/shm") in [bind.source for bind in plan.binds]
+
+
+def test_a_tmpfs_elsewhere_is_an_ordinary_bind() -> None:
+    mount = {"destination": "/cache", "type": "bind", "source": "/run/cache", "options": ["rbind"]}
+    plan = plan_mounts(
+        spec_with(mount), "c", ROOTFS, fake_stat({"/run/cache": DIR}), tmpfs_size=shm_sizes({"/run/cache": 1 << 20})
+    )
+    assert plan.tmpfs == () and plan.binds[1].source == Path("/run/cache")
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from capsa.errors import HypervisorError
-from capsa.hypervisor.base import NinePShare, SerialChannel, VirtioFsShare, VMConfig, VsockChannel
+from capsa.hypervisor.base import HOTPLUG_SLOTS, NinePShare, SerialChannel, VirtioFsShare, VMConfig, VsockChannel
 from capsa.hypervisor.qemu import dimm_mib, escape_option, nvdimm_size, ospm_outcome, qemu_argv
 
 RUN = Path("/run/capsa/c1")
@@ -69,6 +69,7 @@ def test_q35_uses_pci_devices() -> None:
         "virtconsole",
         "virtserialport",
         "vhost-user-fs-pci",
+        *["pcie-root-port"] * HOTPLUG_SLOTS,  # free for disks and NICs plugged after boot
     ]
 
 

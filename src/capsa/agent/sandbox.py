@@ -59,6 +59,11 @@ class Sandbox:
         # Shares mounted once for every container (Storage.subpath):
         # mount point -> (driver, tag) of the share mounted there.
         self._shares: dict[str, tuple[str, str]] = {}
+        # Containers' storages (CreateContainer.storages) by mount point: the
+        # request and how many containers hold it.  The containers of a pod
+        # that bind the same host shm dir get one guest tmpfs (Kata's agent
+        # counts its storages the same way).
+        self._storages: dict[str, tuple[pb.Storage, int]] = {}
         self._counter = itertools.count(1)
         self._crun_version: str | None = None
         self._no_pivot: bool | None = None
@@ -145,9 +150,7 @@ class Sandbox:
             os.makedirs(bundle, exist_ok=True)
             rootfs_path = self._mount_rootfs(rootfs, spec, os.path.join(bundle, "rootfs"), mounted)
             for item in storages:
-                request = storage.mount_request(item)
-                storage.mount(request)
-                mounted.append(request.target)
+                await self._hold_storage(item, mounted)
             with open(os.path.join(bundle, "config.json"), "wb") as file:
                 file.write(crun.bundle_config(spec, rootfs_path, join_pid))
             pid_file = os.path.join(bundle, "pid")
@@ -165,7 +168,7 @@ class Sandbox:
                 with contextlib.suppress(CrunFailed, OSError):
                     await self._crun("delete", lambda log_file, _: crun.delete_argv(self.crun, log_file, container_id))
             self.registry.release(container_id)
-            self._unmount_all(mounted)
+            self._release_mounts(mounted)
             _remove_bundle(bundle)
             raise
         self.registry.add(container)
@@ -219,6 +222,36 @@ class Sandbox:
         self._mounts.append(request.target)
         self._shares[request.target] = key
         return request.target
+
+    async def _hold_storage(self, item: pb.Storage, mounted: list[str]) -> None:
+        """Mount a container's Storage, or take another hold on the same one already mounted there.
+
+        A block volume named by its serial waits for the hot-plugged disk
+        (:func:`storage.resolve`).  Another Storage at a mount point in use
+        is InvalidArgument: one mount point, one filesystem.
+        """
+        held = self._storages.get(item.mount_point)
+        if held is not None:
+            if not storage.same_storage(held[0], item):
+                raise InvalidArgument(f"storage at {item.mount_point} is already mounted with other options")
+            self._storages[item.mount_point] = (held[0], held[1] + 1)
+            mounted.append(item.mount_point)
+            return
+        request = storage.mount_request(await storage.resolve(item))
+        storage.mount(request)
+        self._storages[request.target] = (item, 1)
+        mounted.append(request.target)
+
+    def _release_mounts(self, targets: list[str]) -> None:
+        """Undo a container's mounts: a shared storage is unmounted when its last holder lets go."""
+        for target in reversed(targets):
+            held = self._storages.get(target)
+            if held is not None:
+                if held[1] > 1:
+                    self._storages[target] = (held[0], held[1] - 1)
+                    continue
+                del self._storages[target]
+            self._unmount_all([target])
 
     async def start_container(self, container_id: str) -> None:
         """StartContainer: ``crun start`` lets the init exec the user's process."""
@@ -307,7 +340,7 @@ class Sandbox:
                     log.warning("container %s: init %d did not die after SIGKILL", container_id, init.pid)
             for process in container.processes():
                 process.io.close()
-            self._unmount_all(container.mounts)
+            self._release_mounts(container.mounts)
             _remove_bundle(container.bundle)
             self.registry.remove(container_id)
             container.state = ContainerState.STOPPED

@@ -8,7 +8,12 @@
 - ``9p``: ``source`` is the 9p mount_tag; the virtio transport of
   Documentation/filesystems/9p.rst with 9P2000.L and a large msize (the
   default 8 KiB makes every read a round trip).
-- ``blk``: ``source`` is a block device, ``fstype`` names its filesystem.
+- ``blk``: ``source`` is a virtio-blk serial (the host hot-plugged the disk
+  with it, :class:`capsa.runtime.mounts.BlockVolume`) or a guest device path.
+  :func:`resolve` finds the disk whose ``/sys/block/*/serial`` matches,
+  waiting for the hot-plug to reach the guest: the kernel names disks
+  ``vda``, ``vdb``... in probe order, which no host can predict.  An empty
+  ``fstype`` is read from the superblock (:func:`probe_fstype`).
 - ``local``: a guest-local filesystem (``fstype``, default tmpfs).
 
 A ``subpath`` names a directory inside a share that the sandbox mounts
@@ -19,10 +24,12 @@ once (Kata's shared-directory model, see :mod:`capsa.runtime.mounts`):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
 import posixpath
+import time
 from dataclasses import dataclass
 
 from capsa.agent import libc
@@ -30,6 +37,20 @@ from capsa.errors import InvalidArgument, StorageError
 from capsa.protocols import agent_pb2 as pb
 
 NINE_P_OPTIONS = ("trans=virtio", "version=9p2000.L", "msize=512000")
+
+SYS_BLOCK = "/sys/block"
+#: How long a hot-plugged disk may take to appear in the guest (PCIe/ACPI
+#: hot-plug, then the virtio-blk probe; well under a second under TCG).
+BLOCK_DEVICE_TIMEOUT = 20.0
+
+# Superblock magics (offset, bytes) -> the filesystem mount(2) is told:
+# ext2/3/4 s_magic 0xEF53 at byte 1024 + 0x38 (the ext4 driver mounts all
+# three); XFS "XFSB" at 0; btrfs "_BHRfS_M" at 64 KiB + 0x40.
+_MAGICS = (
+    (1080, b"\x53\xef", "ext4"),
+    (0, b"XFSB", "xfs"),
+    (65600, b"_BHRfS_M", "btrfs"),
+)
 
 # mount(8) option words that are mount(2) flags rather than filesystem data.
 _FLAG_OPTIONS: dict[str, tuple[int, bool]] = {
@@ -104,6 +125,8 @@ def mount_request(storage: pb.Storage, default_target: str = "") -> MountRequest
         defaults = [word for word in NINE_P_OPTIONS if word.split("=", 1)[0] not in given]
         return MountRequest(storage.source, target, "9p", flags, ",".join([*defaults, *extra]))
     if driver == "blk":
+        if not storage.source.startswith("/"):
+            raise InvalidArgument(f"block storage {storage.source!r} is a serial: resolve it to a device first")
         if not storage.fstype:
             raise InvalidArgument(f"block storage {storage.source} needs an fstype")
         return MountRequest(storage.source, target, storage.fstype, flags, data)
@@ -111,6 +134,75 @@ def mount_request(storage: pb.Storage, default_target: str = "") -> MountRequest
         fstype = storage.fstype or "tmpfs"
         return MountRequest(storage.source or fstype, target, fstype, flags, data)
     raise InvalidArgument(f"unknown storage driver {driver!r} (virtiofs, 9p, blk, local)")
+
+
+def find_block_device(serial: str, sys_block: str = SYS_BLOCK, dev_dir: str = "/dev") -> str | None:
+    """The device path of the disk whose virtio-blk serial is ``serial``, or None.
+
+    virtio_blk exposes the device's ID string (virtio spec 1.2, 5.2.6,
+    VIRTIO_BLK_T_GET_ID) as ``/sys/block/<disk>/serial``.
+    """
+    try:
+        disks = sorted(os.listdir(sys_block))
+    except FileNotFoundError:
+        return None
+    for disk in disks:
+        try:
+            with open(os.path.join(sys_block, disk, "serial"), encoding="utf-8", errors="replace") as file:
+                found = file.read().strip()
+        except OSError:
+            continue
+        if found == serial:
+            return os.path.join(dev_dir, disk)
+    return None
+
+
+async def wait_block_device(
+    serial: str, timeout: float = BLOCK_DEVICE_TIMEOUT, sys_block: str = SYS_BLOCK, dev_dir: str = "/dev"
+) -> str:
+    """:func:`find_block_device`, polling until the hot-plugged disk and its device node (devtmpfs) exist."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        device = find_block_device(serial, sys_block, dev_dir)
+        if device is not None and os.path.exists(device):
+            return device
+        if time.monotonic() >= deadline:
+            raise StorageError(f"no disk with serial {serial} appeared within {timeout:.0f} s")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+def probe_fstype(device: str) -> str:
+    """The filesystem on ``device``, from its superblock magic (see ``_MAGICS``)."""
+    try:
+        with open(device, "rb") as file:
+            for offset, magic, fstype in _MAGICS:
+                file.seek(offset)
+                if file.read(len(magic)) == magic:
+                    return fstype
+    except OSError as exc:
+        raise StorageError(f"cannot read the superblock of {device}: {os.strerror(exc.errno or 0)}") from exc
+    raise StorageError(f"{device} holds no filesystem the guest can mount (ext2/3/4, xfs, btrfs)")
+
+
+async def resolve(
+    storage: pb.Storage, timeout: float = BLOCK_DEVICE_TIMEOUT, sys_block: str = SYS_BLOCK, dev_dir: str = "/dev"
+) -> pb.Storage:
+    """A ``blk`` Storage named by serial, with its guest device and filesystem filled in; others as they are."""
+    if storage.driver != "blk" or storage.source.startswith("/"):
+        return storage
+    resolved = pb.Storage()
+    resolved.CopyFrom(storage)
+    resolved.source = await wait_block_device(storage.source, timeout, sys_block, dev_dir)
+    if not resolved.fstype:
+        resolved.fstype = await asyncio.to_thread(probe_fstype, resolved.source)
+    return resolved
+
+
+def same_storage(a: pb.Storage, b: pb.Storage) -> bool:
+    """Whether two Storage requests mean the same mount (a pod's containers sharing a guest tmpfs)."""
+    return a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
 
 
 def share_subpath(share_point: str, subpath: str) -> str:

@@ -32,9 +32,9 @@ AGENT_PORT_NAME = "capsa.agent"
 #: ``VSERPORT_CHANGE`` events name the port by it.
 AGENT_PORT_ID = "agent-port"
 
-#: Root ports a templated q35 VM keeps free for devices plugged after a
-#: restore (the container's virtio-fs share), named ``hotplug0``, ...
-HOTPLUG_SLOTS = 1
+#: Root ports a q35 VM keeps free for devices plugged after boot (a
+#: clone's virtio-fs share, block volumes), named ``hotplug0``, ...
+HOTPLUG_SLOTS = 4
 
 #: DIMM slots a VM with memory hot-plug has: each growth plugs one DIMM.
 #: vhost-user backends (virtiofsd) map every RAM region; without the

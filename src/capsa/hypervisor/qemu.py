@@ -41,6 +41,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,13 @@ if logging.getLogger("qemu.qmp").level == logging.NOTSET:
 #: How long a guest may take to handle hot-plugged CPUs and memory (under
 #: TCG, onlining a few hundred MiB takes a fraction of a second).
 DEFAULT_RESIZE_TIMEOUT = 30.0
+
+#: How long a guest may take to let go of an unplugged disk (ACPI eject).
+DEFAULT_UNPLUG_TIMEOUT = 10.0
+
+#: virtio spec 1.2, 5.2.6: the ID string (serial) of a virtio-blk device is
+#: VIRTIO_BLK_ID_BYTES = 20 bytes.
+VIRTIO_BLK_SERIAL_BYTES = 20
 
 #: How long QEMU may take from exec to answering QMP before it is killed.
 #: Machine setup is fast; this only catches a VMM that hangs.
@@ -237,9 +245,11 @@ def _hotplug_slots(config: VMConfig) -> list[str]:
     """Free PCIe root ports for devices plugged after start (q35 hot-plug).
 
     A q35 root complex cannot take a hot-plugged device itself; a root port
-    (one slot each) can.  Chassis numbers only need to be unique.
+    (one slot each) can.  Chassis numbers only need to be unique.  Every
+    q35 VM has them, cold or templated: block volumes (and a clone's
+    virtio-fs share) are plugged after boot either way.
     """
-    if not config.templated:
+    if config.machine_type != "q35":
         return []
     args: list[str] = []
     for slot in range(HOTPLUG_SLOTS):
@@ -316,6 +326,65 @@ def ospm_outcome(infos: list[dict[str, Any]], devices: set[str]) -> tuple[set[st
 def nvdimm_size(image_bytes: int) -> int:
     """The image size rounded up to the NVDIMM alignment."""
     return -(-image_bytes // _NVDIMM_ALIGN) * _NVDIMM_ALIGN
+
+
+@dataclass(frozen=True)
+class BlockDisk:
+    """A host block device or raw image file to attach as a virtio-blk disk."""
+
+    path: Path
+    serial: str  # virtio-blk serial: how the guest finds it (20 bytes at most)
+    readonly: bool
+    host_device: bool  # a host block device (QEMU's host_device driver), else a regular file
+
+    @property
+    def node_name(self) -> str:
+        """The QMP block node name (unique per VM, as the serial is)."""
+        return f"blk-{self.serial}"
+
+
+def blockdev_arguments(disk: BlockDisk) -> dict[str, object]:
+    """QMP "blockdev-add" for a raw disk: the raw format over a file or host_device protocol node.
+
+    ``read-only`` on both nodes: QEMU then opens the file O_RDONLY and the
+    virtio-blk device tells the guest the disk is read-only (VIRTIO_BLK_F_RO),
+    so not even the guest kernel can write to it.
+    """
+    if len(disk.serial.encode()) > VIRTIO_BLK_SERIAL_BYTES:
+        raise HypervisorError(f"virtio-blk serial {disk.serial!r} is longer than {VIRTIO_BLK_SERIAL_BYTES} bytes")
+    protocol = "host_device" if disk.host_device else "file"
+    return {
+        "driver": "raw",
+        "node-name": disk.node_name,
+        "read-only": disk.readonly,
+        "file": {"driver": protocol, "filename": str(disk.path), "read-only": disk.readonly},
+    }
+
+
+def virtio_blk_device_id(disk: BlockDisk) -> str:
+    return f"{disk.node_name}-dev"
+
+
+def virtio_blk_arguments(disk: BlockDisk, port: str) -> dict[str, object]:
+    """QMP "device_add" of a virtio-blk-pci disk on root port ``port``."""
+    return {
+        "driver": "virtio-blk-pci",
+        "id": virtio_blk_device_id(disk),
+        "bus": port,
+        "drive": disk.node_name,
+        "serial": disk.serial,
+    }
+
+
+def free_root_port(buses: list[dict[str, Any]]) -> str | None:
+    """The first ``hotplug<N>`` root port in a QMP "query-pci" answer with no device behind it."""
+    for bus in buses:
+        for device in bus.get("devices", []):
+            port = device.get("qdev_id", "")
+            bridge = device.get("pci_bridge")
+            if port.startswith("hotplug") and isinstance(bridge, dict) and not bridge.get("devices"):
+                return str(port)
+    return None
 
 
 def qemu_argv(config: VMConfig, *, qmp_fd: int, rootfs_image_bytes: int | None = None) -> list[str]:
@@ -398,6 +467,9 @@ class QemuHypervisor(Hypervisor):
         self._start_timeout = start_timeout
         self._proc: asyncio.subprocess.Process | None = None
         self._qmp: QMPClient | None = None
+        # One hot-plug at a time: choosing a free root port and plugging
+        # into it must not interleave with another plug (see free_root_port).
+        self._plug_lock = asyncio.Lock()
 
     @property
     def pid(self) -> int | None:
@@ -764,6 +836,61 @@ class QemuHypervisor(Hypervisor):
                 "queue-size": 1024,
             },
         )
+
+    # --- block devices: virtio-blk disks plugged and unplugged at run time --------
+
+    async def free_root_port(self) -> str:
+        """The id of a ``hotplug<N>`` root port with nothing plugged in it (QMP "query-pci").
+
+        QEMU's own view, so a port some other device (a NIC, a share) took
+        is never offered twice.  Call it under ``_plug_lock``.
+        """
+        buses = await self._execute("query-pci")
+        port = free_root_port(buses if isinstance(buses, list) else [])
+        if port is None:
+            raise HypervisorError(f"VM {self.config.name} has no free PCIe root port to plug a device into")
+        return port
+
+    async def plug_block(self, disk: BlockDisk) -> None:
+        """Attach a host block device or raw image file as a virtio-blk disk (QMP "blockdev-add", "device_add").
+
+        The guest finds it by ``disk.serial``.  On failure nothing of it is left in QEMU.
+        """
+        async with self._plug_lock:
+            port = await self.free_root_port()
+            await self._execute("blockdev-add", blockdev_arguments(disk))
+            try:
+                await self._execute("device_add", virtio_blk_arguments(disk, port))
+            except HypervisorError:
+                with contextlib.suppress(HypervisorError):
+                    await self._execute("blockdev-del", {"node-name": disk.node_name})
+                raise
+
+    async def unplug_block(self, disk: BlockDisk, timeout: float = DEFAULT_UNPLUG_TIMEOUT) -> None:
+        """Detach a disk :meth:`plug_block` attached (QMP "device_del", then "blockdev-del").
+
+        device_del only asks the guest to let go; QEMU says it did with a
+        ``DEVICE_DELETED`` event, and only then may the backing node go (QMP
+        reference, "device_del").  The guest has unmounted it by then.
+        """
+        qmp = self._qmp
+        if qmp is None or self.pid is None:
+            raise HypervisorError(f"VM {self.config.name} is not running")
+        device_id = virtio_blk_device_id(disk)
+        listener = EventListener(("DEVICE_DELETED",))
+        with qmp.listen(listener):
+            await self._execute("device_del", {"id": device_id})
+            try:
+                async with asyncio.timeout(timeout):
+                    async for event in listener:
+                        data = event.get("data")
+                        if isinstance(data, dict) and data.get("device") == device_id:
+                            break
+            except TimeoutError:
+                raise HypervisorError(
+                    f"the guest of VM {self.config.name} did not release disk {disk.serial} within {timeout:.0f} s"
+                ) from None
+        await self._execute("blockdev-del", {"node-name": disk.node_name})
 
     @contextlib.asynccontextmanager
     async def agent_port_events(self) -> AsyncIterator[EventListener]:

@@ -27,11 +27,13 @@ from pathlib import Path
 
 from capsa.config import Config
 from capsa.errors import CapsaError
+from capsa.hypervisor.qemu import BlockDisk
 from capsa.protocols import proxy_pb2
 from capsa.runtime.agent_client import AgentClient
 from capsa.runtime.bundle import load_bundle
-from capsa.runtime.mounts import HostBind, container_request, plan_mounts
+from capsa.runtime.mounts import HostBind, MountPlan, container_request, plan_mounts
 from capsa.runtime.sandbox import Sandbox, SandboxSpec
+from capsa.storage.host import tmpfs_size
 from capsa.storage.shared import SharedDir
 from capsa.ttrpc.client import Client
 
@@ -53,6 +55,7 @@ class Proxy:
         self._agent: AgentClient | None = None
         self._done = asyncio.Event()
         self._binds: dict[str, tuple[HostBind, ...]] = {}
+        self._disks: dict[str, list[BlockDisk]] = {}
         self.reason = ""
 
     async def start(self) -> None:
@@ -84,21 +87,48 @@ class Proxy:
         ``pod_pids`` the host PIDs whose namespace paths mean the pod's.
         """
         bundle = load_bundle(bundle_path, pod_pids=pod_pids)
-        plan = plan_mounts(bundle.spec, container_id, bundle.rootfs, os.stat, bundle=bundle.path)
+        plan = plan_mounts(bundle.spec, container_id, bundle.rootfs, os.stat, bundle=bundle.path, tmpfs_size=tmpfs_size)
         request = container_request(container_id, plan, self.config.shared_fs.kind)
         request.sandbox_container_id = sandbox_container_id
         await asyncio.to_thread(self.shared.apply, plan.binds)
+        disks: list[BlockDisk] = []
         try:
+            await self._plug_volumes(plan, disks)
             await self.agent.create_container(request)
         except BaseException:
             with contextlib.suppress(CapsaError):
                 self.shared.release(plan.binds)
+            await self._unplug_volumes(disks)
             raise
         self._binds[container_id] = plan.binds
+        self._disks[container_id] = disks
+
+    async def _plug_volumes(self, plan: MountPlan, plugged: list[BlockDisk]) -> None:
+        """Attach the plan's block volumes as virtio-blk disks; ``plugged`` collects what is attached."""
+        hypervisor = self.sandbox.hypervisor
+        if plan.volumes and hypervisor is None:
+            raise CapsaError("the sandbox is not running")
+        for volume in plan.volumes:
+            assert hypervisor is not None
+            disk = BlockDisk(volume.source, volume.serial, volume.readonly, volume.host_device)
+            await hypervisor.plug_block(disk)
+            plugged.append(disk)
+
+    async def _unplug_volumes(self, disks: list[BlockDisk]) -> None:
+        """Detach disks (a pod's VM lives on and its root ports are few); failures are logged."""
+        hypervisor = self.sandbox.hypervisor
+        for disk in reversed(disks):
+            if hypervisor is None:
+                return
+            try:
+                await hypervisor.unplug_block(disk)
+            except CapsaError as exc:
+                log.warning("%s", exc)
 
     async def remove_container(self, container_id: str) -> None:
-        """Undo a container's binds once the agent removed it (a pod's VM lives on)."""
+        """Undo a container's binds and disks once the agent removed it (a pod's VM lives on)."""
         binds = self._binds.pop(container_id, ())
+        await self._unplug_volumes(self._disks.pop(container_id, []))
         if binds:
             await asyncio.to_thread(self.shared.release, binds)
 

@@ -19,14 +19,36 @@ Which mounts are host binds follows runtime-spec config.md "Mounts" and
 runc's reading of it: ``type`` ``bind``, or a ``bind``/``rbind`` option
 with no filesystem type (``""``, ``none``).  Everything else (proc, sysfs,
 tmpfs, devpts, mqueue, cgroup, cgroup2, ...) is a filesystem the guest
-kernel makes for itself and goes to crun unchanged.
+kernel makes for itself and goes to crun unchanged, ``size=`` and all.
 
-This module does no I/O: the caller passes ``stat`` (``os.stat``), and the
-plan is data that :class:`capsa.storage.shared.SharedDir` carries out.
+Two kinds of mount do not go through the share:
+
+- **Block volumes** become a virtio-blk disk of the VM (:class:`BlockVolume`),
+  as Kata attaches them: a ``bind`` whose source is a host block device
+  (what runc would bind as a device node; Kata's BlockVolume mounts its
+  filesystem instead, and so do we), or a mount whose ``type`` is a disk
+  filesystem (``ext4``, ``xfs``, ...) and whose source is a block device or a
+  raw image file (runc mounts the former directly; the latter is capsa's
+  way to hand a container a disk image without a loop device).  The agent
+  finds the disk by its virtio-blk serial, mounts it at
+  ``/run/capsa/volumes/<cid>/<n>`` in the guest (``ro`` when the mount is),
+  and crun binds that directory at the destination.
+- **The engine's /dev/shm**: Podman (``userdata/shm``), Docker
+  (``mounts/shm``) and CRI (the sandbox's ``shm``) bind a host tmpfs of the
+  configured ``--shm-size`` there.  Through virtio-fs that would be slow,
+  and POSIX shared memory across the VM boundary means nothing; as Kata
+  does, the guest makes a tmpfs of the same size (:class:`GuestTmpfs`)
+  instead, one per host source, so the containers of a pod that bind the
+  same sandbox shm share one guest tmpfs.
+
+This module does no I/O: the caller passes ``stat`` (``os.stat``) and
+``tmpfs_size`` (:func:`capsa.storage.host.tmpfs_size`), and the plan is
+data that :class:`capsa.storage.shared.SharedDir` and the proxy carry out.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -45,6 +67,23 @@ GUEST_SHARE_DIR = "/run/capsa/shared"
 #: The virtio-fs tag (9p mount_tag) of the container share; the same name
 #: runtime/sandbox.py gives its share (``ROOTFS_TAG``).
 SHARE_TAG = "rootfs"
+#: Where the agent mounts a container's block volumes: ``<dir>/<cid>/<n>``.
+GUEST_VOLUME_DIR = "/run/capsa/volumes"
+#: Where the agent mounts the tmpfs that stands for a host shm dir.
+GUEST_SHM_DIR = "/run/capsa/shm"
+#: The destination engines bind their shm dir at (runtime-spec config-linux.md
+#: leaves /dev/shm to the runtime; runc's default spec mounts a tmpfs there).
+SHM_DESTINATION = "/dev/shm"
+
+# Filesystems that live on a disk: a mount of one of them whose source is a
+# block device or a regular file is a block volume.  The guest kernel only
+# has ext4 (which also mounts ext2/3); the others fail there with crun's or
+# mount's own error, not silently.
+DISK_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "f2fs"})
+
+# Option words that say how to bind, not what the filesystem on a disk does.
+_BIND_WORDS = frozenset({"bind", "rbind", "ro", "rw", "rro", "rrw"})
+_PROPAGATION = frozenset({"private", "rprivate", "shared", "rshared", "slave", "rslave", "unbindable", "runbindable"})
 
 # Filesystem types that, with a bind option, still mean a bind mount
 # (runc: an empty type or "none" plus "bind"/"rbind" in the options).
@@ -71,6 +110,54 @@ class HostBind:
 
 
 @dataclass(frozen=True)
+class BlockVolume:
+    """A host block device or raw image file that the VM gets as a virtio-blk disk.
+
+    ``serial`` is the disk's virtio-blk serial (virtio spec 1.2, 5.2.6
+    "VIRTIO_BLK_T_GET_ID": at most 20 bytes); the guest finds the disk by
+    it, never by guessing which ``/dev/vdX`` the kernel named it.
+    """
+
+    source: Path  # host block device or regular file
+    serial: str
+    readonly: bool
+    host_device: bool  # a block device (else a raw image file)
+    fstype: str  # "" when the spec does not say: the agent reads the superblock
+    options: tuple[str, ...]  # for the guest mount (filesystem data, nosuid, ...)
+    mount_point: str  # guest path the agent mounts it at
+
+    @property
+    def node_name(self) -> str:
+        """The QMP block node and device id stem: unique per disk of a VM."""
+        return self.serial
+
+    def storage(self) -> pb.Storage:
+        """The agent's Storage for this disk: driver ``blk``, ``source`` the serial."""
+        options = [*self.options, "ro"] if self.readonly else list(self.options)
+        return pb.Storage(
+            driver="blk", source=self.serial, fstype=self.fstype, options=options, mount_point=self.mount_point
+        )
+
+
+@dataclass(frozen=True)
+class GuestTmpfs:
+    """A tmpfs the guest makes in place of a host one (an engine's /dev/shm)."""
+
+    mount_point: str  # one per host source: containers binding the same source share it
+    size_bytes: int
+
+    def storage(self) -> pb.Storage:
+        """The agent's Storage: a guest-local tmpfs with /dev/shm's usual flags and the host's size."""
+        return pb.Storage(
+            driver="local",
+            source="shm",
+            fstype="tmpfs",
+            options=["nosuid", "nodev", "noexec", "mode=1777", f"size={self.size_bytes}"],
+            mount_point=self.mount_point,
+        )
+
+
+@dataclass(frozen=True)
 class MountPlan:
     """What to bind on the host and what spec to send the agent for one container."""
 
@@ -78,6 +165,8 @@ class MountPlan:
     spec: dict[str, Any]  # bind sources rewritten to guest paths
     rootfs: str  # "<cid>/rootfs": the subpath of the share holding the rootfs
     guest_share_dir: str = GUEST_SHARE_DIR
+    volumes: tuple[BlockVolume, ...] = ()
+    tmpfs: tuple[GuestTmpfs, ...] = ()
 
 
 def is_host_bind(mount: dict[str, Any]) -> bool:
@@ -96,14 +185,17 @@ def plan_mounts(
     guest_share_dir: str = GUEST_SHARE_DIR,
     *,
     bundle: Path | None = None,
+    tmpfs_size: Callable[[Path], int | None] | None = None,
 ) -> MountPlan:
-    """Plan the host binds and the guest spec of a container; see the module docstring.
+    """Plan the host binds, block volumes and the guest spec of a container; see the module docstring.
 
     ``stat`` is ``os.stat`` (it follows symlinks, as mount(2) does for a bind
     source).  ``bundle`` resolves relative bind sources: config.md "Mounts"
-    says they are relative to the bundle.  A missing source is a
-    BundleError; a source that cannot cross the VM boundary (a block device,
-    a socket, a FIFO) is InvalidArgument.  The input spec is not modified.
+    says they are relative to the bundle.  ``tmpfs_size`` says whether a
+    host path is a tmpfs mount and its size in bytes (None: it is not);
+    without it the engine's /dev/shm stays a bind of the host's.  A missing
+    source is a BundleError; a source that cannot cross the VM boundary (a
+    socket, a FIFO) is InvalidArgument.  The input spec is not modified.
     """
     validate_id(container_id)
     if not posixpath.isabs(guest_share_dir):
@@ -116,16 +208,40 @@ def plan_mounts(
     if not isinstance(mounts, list):
         raise BundleError("mounts: expected an array")
     guest_mounts: list[Any] = []
+    volumes: list[BlockVolume] = []
+    tmpfs: dict[str, GuestTmpfs] = {}
     for index, mount in enumerate(mounts):
         if not isinstance(mount, dict):
             raise BundleError(f"mounts[{index}]: expected an object")
+        fstype = mount.get("type") or ""
+        if fstype in DISK_FILESYSTEMS:
+            source = _bind_source(mount, index, bundle)
+            mode = _source_mode(source, index, stat)
+            if not (stat_mode.S_ISBLK(mode) or stat_mode.S_ISREG(mode)):
+                raise InvalidArgument(
+                    f"mounts[{index}]: {fstype} source {source} must be a block device or a raw image file"
+                )
+            volume = _block_volume(container_id, index, source, mount, fstype, mode)
+            volumes.append(volume)
+            guest_mounts.append(_volume_bind(mount, volume))
+            continue
         if not is_host_bind(mount):
             guest_mounts.append(mount)
             continue
         source = _bind_source(mount, index, bundle)
         mode = _source_mode(source, index, stat)
+        if stat_mode.S_ISBLK(mode):
+            volume = _block_volume(container_id, index, source, mount, "", mode)
+            volumes.append(volume)
+            guest_mounts.append(_volume_bind(mount, volume))
+            continue
         if _is_guest_own(source, mode):
             guest_mounts.append(mount)
+            continue
+        size = tmpfs_size(source) if tmpfs_size is not None and _is_shm(mount, mode) else None
+        if size is not None:
+            shm = tmpfs.setdefault(str(source), GuestTmpfs(_guest_shm_dir(source), size))
+            guest_mounts.append({**mount, "source": shm.mount_point})
             continue
         target = f"{container_id}/mounts/{index}"
         binds.append(
@@ -141,7 +257,14 @@ def plan_mounts(
     guest_spec = dict(spec)
     if "mounts" in spec:
         guest_spec["mounts"] = guest_mounts
-    return MountPlan(binds=tuple(binds), spec=guest_spec, rootfs=rootfs_target, guest_share_dir=guest_share_dir)
+    return MountPlan(
+        binds=tuple(binds),
+        spec=guest_spec,
+        rootfs=rootfs_target,
+        guest_share_dir=guest_share_dir,
+        volumes=tuple(volumes),
+        tmpfs=tuple(tmpfs.values()),
+    )
 
 
 def container_request(
@@ -166,7 +289,52 @@ def container_request(
         container_id=container_id,
         oci_spec_json=json.dumps(plan.spec).encode(),
         rootfs=rootfs,
+        storages=[*(shm.storage() for shm in plan.tmpfs), *(volume.storage() for volume in plan.volumes)],
     )
+
+
+def volume_serial(container_id: str, index: int) -> str:
+    """The virtio-blk serial of a container's block volume: 20 bytes at most, unique per VM.
+
+    A hash, since a container ID may be 1024 characters long; the ID and
+    the mount's index make it unique among a pod's containers.
+    """
+    digest = hashlib.sha256(f"{container_id}/{index}".encode()).hexdigest()
+    return f"capsa{digest[:15]}"
+
+
+def _block_volume(
+    container_id: str, index: int, source: Path, mount: dict[str, Any], fstype: str, mode: int
+) -> BlockVolume:
+    options = tuple(word for word in _options(mount) if word not in _BIND_WORDS and word not in _PROPAGATION)
+    return BlockVolume(
+        source=source,
+        serial=volume_serial(container_id, index),
+        readonly=_readonly(mount),
+        host_device=stat_mode.S_ISBLK(mode),
+        fstype=fstype,
+        options=options,
+        mount_point=posixpath.join(GUEST_VOLUME_DIR, container_id, str(index)),
+    )
+
+
+def _volume_bind(mount: dict[str, Any], volume: BlockVolume) -> dict[str, Any]:
+    """The container's side of a block volume: crun binds the guest mount at the destination."""
+    propagation = [word for word in _options(mount) if word in _PROPAGATION]
+    options = ["rbind", "ro" if volume.readonly else "rw", *propagation]
+    return {"destination": mount.get("destination"), "type": "bind", "source": volume.mount_point, "options": options}
+
+
+def _is_shm(mount: dict[str, Any], mode: int) -> bool:
+    destination = mount.get("destination")
+    return (
+        isinstance(destination, str) and posixpath.normpath(destination) == SHM_DESTINATION and stat_mode.S_ISDIR(mode)
+    )
+
+
+def _guest_shm_dir(source: Path) -> str:
+    """One guest tmpfs per host shm dir: a pod's containers that bind the same one share it."""
+    return posixpath.join(GUEST_SHM_DIR, hashlib.sha256(str(source).encode()).hexdigest()[:16])
 
 
 def _options(mount: dict[str, Any]) -> list[str]:
@@ -214,9 +382,6 @@ def _is_guest_own(source: Path, mode: int) -> bool:
     """
     path = str(source)
     under_dev = path == "/dev" or path.startswith("/dev/")
-    if stat_mode.S_ISBLK(mode):
-        # Passing a block device through to the guest is the next issue.
-        raise InvalidArgument(f"bind mount of block device {path}: block devices cannot be passed to a VM yet")
     if stat_mode.S_ISCHR(mode):
         if not under_dev:
             raise InvalidArgument(f"bind mount of character device {path}: only devices under /dev can be bound")

@@ -1,0 +1,73 @@
+"""What the host's mount table says about a path (the I/O half of :mod:`capsa.runtime.mounts`).
+
+:func:`tmpfs_size` tells whether a bind source is a tmpfs mount of its own,
+and how big: an engine's /dev/shm directory is one (Podman's
+``userdata/shm``, Docker's ``mounts/shm``, the CRI sandbox's ``shm``, each
+mounted with ``size=`` from ``--shm-size``), and the guest makes a tmpfs of
+that size in its place.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+def mount_types(mountinfo: str) -> dict[str, str]:
+    """Mount point -> filesystem type of every mount in a ``/proc/PID/mountinfo`` text.
+
+    The format is proc(5) "/proc/pid/mountinfo": field 5 is the mount point
+    (octal escapes for space, tab, newline and backslash), and the first
+    field after the lone ``-`` is the filesystem type.  A path mounted over
+    several times keeps the last (topmost) mount's type.
+    """
+    types: dict[str, str] = {}
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        try:
+            separator = fields.index("-", 6)
+        except ValueError:
+            continue
+        if len(fields) <= separator + 1:
+            continue
+        types[_unescape(fields[4])] = fields[separator + 1]
+    return types
+
+
+def tmpfs_size(path: Path, mountinfo: Path = MOUNTINFO) -> int | None:
+    """The size in bytes of the tmpfs mounted at ``path``; None if ``path`` is not a tmpfs mount point.
+
+    The size is what statvfs(3) reports (``f_blocks * f_frsize``), which is
+    the ``size=`` the engine gave (rounded to pages by the kernel).
+    """
+    try:
+        resolved = os.path.realpath(path)
+        types = mount_types(mountinfo.read_text())
+    except OSError:
+        return None
+    if types.get(resolved) != "tmpfs":
+        return None
+    try:
+        stats = os.statvfs(resolved)
+    except OSError:
+        return None
+    size = stats.f_blocks * stats.f_frsize
+    return size if size > 0 else None
+
+
+def _unescape(field: str) -> str:
+    r"""Undo mountinfo's octal escapes (``\040`` is a space)."""
+    if "\\" not in field:
+        return field
+    out: list[str] = []
+    index = 0
+    while index < len(field):
+        if field[index] == "\\" and field[index + 1 : index + 4].isdigit():
+            out.append(chr(int(field[index + 1 : index + 4], 8)))
+            index += 4
+        else:
+            out.append(field[index])
+            index += 1
+    return "".join(out)

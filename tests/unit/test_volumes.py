@@ -1,0 +1,215 @@
+"""Block volumes and guest tmpfs as data: the agent finding a disk by serial, QMP arguments, the host's tmpfs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from capsa.agent import storage
+from capsa.agent.options import AgentOptions
+from capsa.agent.sandbox import Sandbox
+from capsa.errors import HypervisorError, InvalidArgument, StorageError
+from capsa.hypervisor.qemu import BlockDisk, blockdev_arguments, free_root_port, virtio_blk_arguments
+from capsa.protocols import agent_pb2 as pb
+from capsa.storage.host import mount_types, tmpfs_size
+
+
+def sys_block(tmp_path: Path, disks: dict[str, str]) -> tuple[str, str]:
+    """A fake /sys/block (disk -> serial) and /dev holding the disks' nodes."""
+    sys_dir, dev_dir = tmp_path / "sys", tmp_path / "dev"
+    dev_dir.mkdir()
+    for disk, serial in disks.items():
+        (sys_dir / disk).mkdir(parents=True)
+        (sys_dir / disk / "serial").write_text(serial + "\n")
+        (dev_dir / disk).touch()
+    (sys_dir / "loop0").mkdir(parents=True)  # no serial file: not a virtio disk
+    return str(sys_dir), str(dev_dir)
+
+
+def test_a_disk_is_found_by_its_serial_not_its_name(tmp_path: Path) -> None:
+    sys_dir, dev_dir = sys_block(tmp_path, {"vda": "capsa-one", "vdb": "capsa-two"})
+    assert storage.find_block_device("capsa-two", sys_dir, dev_dir) == f"{dev_dir}/vdb"
+    assert storage.find_block_device("capsa-three", sys_dir, dev_dir) is None
+    assert storage.find_block_device("x", str(tmp_path / "none"), dev_dir) is None
+
+
+def test_waiting_for_a_disk_that_arrives(tmp_path: Path) -> None:
+    sys_dir, dev_dir = sys_block(tmp_path, {"vda": "capsa-one"})
+
+    async def scenario() -> str:
+        async def plug() -> None:
+            await asyncio.sleep(0.05)
+            (Path(sys_dir) / "vdb").mkdir()
+            (Path(sys_dir) / "vdb" / "serial").write_text("capsa-late")
+            (Path(dev_dir) / "vdb").touch()
+
+        plugging = asyncio.ensure_future(plug())
+        found = await storage.wait_block_device("capsa-late", 5, sys_dir, dev_dir)
+        await plugging
+        return found
+
+    assert asyncio.run(scenario()) == f"{dev_dir}/vdb"
+
+
+def test_a_disk_that_never_comes_is_a_storage_error(tmp_path: Path) -> None:
+    sys_dir, dev_dir = sys_block(tmp_path, {})
+    with pytest.raises(StorageError, match="no disk with serial capsa-gone appeared"):
+        asyncio.run(storage.wait_block_device("capsa-gone", 0.05, sys_dir, dev_dir))
+
+
+def superblock(tmp_path: Path, offset: int, magic: bytes) -> str:
+    path = tmp_path / "disk"
+    data = bytearray(70000)
+    data[offset : offset + len(magic)] = magic
+    path.write_bytes(bytes(data))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("offset", "magic", "fstype"), [(1080, b"\x53\xef", "ext4"), (0, b"XFSB", "xfs"), (65600, b"_BHRfS_M", "btrfs")]
+)
+def test_the_filesystem_comes_from_the_superblock(tmp_path: Path, offset: int, magic: bytes, fstype: str) -> None:
+    assert storage.probe_fstype(superblock(tmp_path, offset, magic)) == fstype
+
+
+def test_a_disk_without_a_known_filesystem_is_named(tmp_path: Path) -> None:
+    path = superblock(tmp_path, 0, b"")
+    with pytest.raises(StorageError, match="holds no filesystem the guest can mount"):
+        storage.probe_fstype(path)
+
+
+def test_resolve_fills_in_device_and_filesystem(tmp_path: Path) -> None:
+    sys_dir, dev_dir = sys_block(tmp_path, {"vdc": "capsa-x"})
+    with open(os.path.join(dev_dir, "vdc"), "wb") as disk:
+        disk.write(bytes(1080) + b"\x53\xef" + bytes(100))
+    item = pb.Storage(driver="blk", source="capsa-x", options=["ro"], mount_point="/run/capsa/volumes/c/0")
+    resolved = asyncio.run(storage.resolve(item, 1, sys_dir, dev_dir))
+    assert resolved == pb.Storage(
+        driver="blk", source=f"{dev_dir}/vdc", fstype="ext4", options=["ro"], mount_point="/run/capsa/volumes/c/0"
+    )
+    assert item.source == "capsa-x"  # the request itself is left alone
+    request = storage.mount_request(resolved)
+    assert (request.source, request.fstype, request.data) == (f"{dev_dir}/vdc", "ext4", "")
+    assert request.flags & storage.libc.MS_RDONLY
+
+
+def test_an_unresolved_serial_is_not_mounted() -> None:
+    with pytest.raises(InvalidArgument, match="is a serial"):
+        storage.mount_request(pb.Storage(driver="blk", source="capsa-x", fstype="ext4", mount_point="/v"))
+
+
+def test_other_storages_need_no_resolving() -> None:
+    item = pb.Storage(driver="local", fstype="tmpfs", mount_point="/run/capsa/shm/a", options=["size=1m"])
+    assert asyncio.run(storage.resolve(item)) is item
+
+
+# --- a pod's containers hold one guest tmpfs ---------------------------------------
+
+
+def test_storages_at_one_mount_point_are_mounted_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second holder shares the mount, the last one to let go unmounts it; a different request there fails."""
+    mounted: list[str] = []
+    unmounted: list[str] = []
+    monkeypatch.setattr(storage, "mount", lambda request: mounted.append(request.target))
+    monkeypatch.setattr(storage, "unmount", lambda target: unmounted.append(target))
+    sandbox = Sandbox(AgentOptions(state_dir=str(tmp_path), guest=False), reaper=None)  # type: ignore[arg-type]
+    shm = pb.Storage(driver="local", source="shm", fstype="tmpfs", options=["size=1m"], mount_point="/s/a")
+
+    first: list[str] = []
+    second: list[str] = []
+    asyncio.run(sandbox._hold_storage(shm, first))
+    asyncio.run(sandbox._hold_storage(shm, second))
+    assert mounted == ["/s/a"] and first == second == ["/s/a"]
+    other = pb.Storage(driver="local", source="shm", fstype="tmpfs", options=["size=2m"], mount_point="/s/a")
+    with pytest.raises(InvalidArgument, match="already mounted with other options"):
+        asyncio.run(sandbox._hold_storage(other, []))
+
+    sandbox._release_mounts(first)
+    assert unmounted == []
+    sandbox._release_mounts(second)
+    assert unmounted == ["/s/a"]
+
+
+# --- QMP arguments --------------------------------------------------------------------
+
+
+def test_a_raw_image_file_as_a_read_only_disk() -> None:
+    disk = BlockDisk(Path("/srv/disk.img"), "capsa0123456789abcde", readonly=True, host_device=False)
+    assert blockdev_arguments(disk) == {
+        "driver": "raw",
+        "node-name": "blk-capsa0123456789abcde",
+        "read-only": True,
+        "file": {"driver": "file", "filename": "/srv/disk.img", "read-only": True},
+    }
+    assert virtio_blk_arguments(disk, "hotplug2") == {
+        "driver": "virtio-blk-pci",
+        "id": "blk-capsa0123456789abcde-dev",
+        "bus": "hotplug2",
+        "drive": "blk-capsa0123456789abcde",
+        "serial": "capsa0123456789abcde",
+    }
+
+
+def test_a_host_block_device_uses_host_device() -> None:
+    disk = BlockDisk(Path("/dev/sdb"), "s", readonly=False, host_device=True)
+    arguments: Any = blockdev_arguments(disk)
+    assert arguments["file"]["driver"] == "host_device" and arguments["read-only"] is False
+
+
+def test_a_serial_longer_than_virtio_allows_is_refused() -> None:
+    with pytest.raises(HypervisorError, match="longer than 20 bytes"):
+        blockdev_arguments(BlockDisk(Path("/d"), "x" * 21, readonly=False, host_device=False))
+
+
+def root_port(qdev_id: str, *plugged: str) -> dict[str, Any]:
+    devices = [{"qdev_id": name, "class_info": {"desc": "SCSI controller"}} for name in plugged]
+    return {"qdev_id": qdev_id, "pci_bridge": {"bus": {"number": 1}, "devices": devices}}
+
+
+def test_the_first_empty_hotplug_root_port_is_free() -> None:
+    buses = [
+        {
+            "bus": 0,
+            "devices": [
+                {"qdev_id": "", "class_info": {"desc": "Host bridge"}},
+                root_port("other-port"),
+                root_port("hotplug0", "fs-plugged0"),
+                root_port("hotplug1"),
+                root_port("hotplug2"),
+            ],
+        }
+    ]
+    assert free_root_port(buses) == "hotplug1"
+    assert free_root_port([{"bus": 0, "devices": [root_port("hotplug0", "nic0")]}]) is None
+
+
+# --- the host's tmpfs ---------------------------------------------------------------------
+
+MOUNTINFO = """\
+22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+41 22 0:36 / /var/lib/containers/storage/overlay-containers/4f/userdata/shm rw,nosuid - tmpfs shm rw,size=65536k
+42 22 0:37 / /srv/with\\040space rw - tmpfs tmpfs rw,size=1024k
+43 22 0:38 / /srv/plain rw - ext4 /dev/vdb rw
+"""
+
+
+def test_mount_types_from_mountinfo() -> None:
+    types = mount_types(MOUNTINFO)
+    assert types["/var/lib/containers/storage/overlay-containers/4f/userdata/shm"] == "tmpfs"
+    assert types["/srv/with space"] == "tmpfs"
+    assert types["/srv/plain"] == "ext4"
+
+
+def test_tmpfs_size_only_for_a_tmpfs_mount_point(tmp_path: Path) -> None:
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(f"50 22 0:40 / {tmp_path} rw - tmpfs tmpfs rw,size=1024k\n")
+    size = tmpfs_size(tmp_path, mountinfo)
+    stats = os.statvfs(tmp_path)
+    assert size == stats.f_blocks * stats.f_frsize  # what the kernel reports for that path
+    assert tmpfs_size(tmp_path / "sub", mountinfo) is None
+    mountinfo.write_text("")
+    assert tmpfs_size(tmp_path, mountinfo) is None
