@@ -129,7 +129,8 @@ class TestRunning:
 
 
 def test_rm_force(podman: Podman, runtime: Runtime) -> None:
-    cid = podman("run", "-d", *NET, podman.image, "sleep", "1000").check().out
+    # sleep as PID 1 ignores SIGTERM: rm -f ends it with SIGKILL after the stop timeout.
+    cid = podman("run", "-d", "--stop-timeout", "2", *NET, podman.image, "sleep", "1000").check().out
     podman("rm", "--force", cid).check()
     assert podman("ps", "--all", "--quiet", "--no-trunc").check().stdout.split() == []
     assert cid not in runtime.listed(podman.runtime_root)
