@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build the capsa guest image: Debian 12's Python and crun, protobuf, the agent.
+"""Build the capsa guest image: Debian 12's Python and crun, protobuf, pyroute2, the agent.
 
 The guest runs no distribution: its root filesystem is assembled from Debian
 binary packages without a chroot, a package manager or a running guest, in
@@ -20,7 +20,8 @@ two cached stages under ``$CAPSA_CACHE_DIR/image/`` (default
    archive) and the recipe: :data:`BASE_RECIPE_VERSION` and the selection
    rules.
 2. **image** (``<key>/``): the capsa package from this repository, the
-   protobuf wheel of the version installed on the host, ``/init``
+   protobuf wheel of the version installed on the host, the pyroute2 wheel
+   of :data:`PYROUTE2`, ``/init``
    (``init`` beside this script), optionally cloud-kernel modules; compiled
    the same way, then either appended as a second cpio archive to the
    cached base segment (``initrd.img``; the kernel unpacks concatenated
@@ -133,6 +134,8 @@ EXTRA_LIBRARIES: tuple[str, ...] = ("libgcc_s.so.1", "libstdc++.so.6")
 #: Top-level entries of the standard library the agent never imports: test
 #: suites, GUIs and IDEs, packaging tools, documentation data, and modules
 #: whose C parts need libraries we do not ship (sqlite3, curses, dbm, nis).
+#: ``unittest`` stays: pyroute2's rtnetlink socket module imports
+#: ``unittest.mock`` (and calls ``Mock()``) at import time.
 STDLIB_DROP: frozenset[str] = frozenset(
     {
         "test",
@@ -147,7 +150,6 @@ STDLIB_DROP: frozenset[str] = frozenset(
         "pydoc.py",
         "distutils",
         "_distutils_system_mod.py",
-        "unittest",
         "sqlite3",
         "curses",
         "dbm",
@@ -932,20 +934,44 @@ def host_protobuf_version() -> str:
         raise ImageBuildError(f"protobuf is not installed for {sys.executable}: the image carries its version") from exc
 
 
+#: pyroute2 (DESIGN.md 7: netlink through pyroute2) for UpdateInterface and
+#: UpdateRoutes, pinned: the host needs none, and a new release is a change
+#: to measure (size, import time) before it goes in.  The ``-minimal``
+#: distribution is the same ``pyroute2`` package without NDB, IPDB,
+#: nftables, DHCP and the other families the agent never uses: 1.1 MiB of
+#: sources instead of 1.8.  Pure Python, so one wheel for every platform.
+PYROUTE2 = ("pyroute2-minimal", "0.9.7")
+
+
 def protobuf_wheel(layout: Layout, version: str, stages: buildcache.Stages) -> Path:
     """The manylinux wheel of exactly the host's protobuf, cached."""
+    return fetch_wheel(layout, "protobuf", version, "manylinux*x86_64", stages)
+
+
+def pyroute2_wheel(layout: Layout, stages: buildcache.Stages) -> Path:
+    project, version = PYROUTE2
+    return fetch_wheel(layout, project, version, "py3-none-any", stages)
+
+
+def fetch_wheel(layout: Layout, project: str, version: str, tags: str, stages: buildcache.Stages) -> Path:
+    """The wheel of ``project==version`` for the guest (CPython 3.11, x86-64 manylinux), cached.
+
+    ``tags`` is a glob over the wheel's tags (PEP 427 file name) that picks
+    the one wanted from what pip downloads.
+    """
     layout.wheels.mkdir(parents=True, exist_ok=True)
-    pattern = f"protobuf-{version}-*manylinux*x86_64*.whl"
+    # PEP 427: the distribution part of a wheel's name has "-" as "_".
+    pattern = f"{project.replace('-', '_')}-{version}-*{tags}*.whl"
     found = sorted(layout.wheels.glob(pattern))
     if found:
         return found[0]
     with tempfile.TemporaryDirectory(dir=layout.wheels, prefix=".download-") as scratch:
         pip = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check"]
         wanted = ["--only-binary=:all:", "--platform", "manylinux2014_x86_64", "--python-version", "3.11", "--no-deps"]
-        buildcache.run([*pip, *wanted, "--dest", scratch, f"protobuf=={version}"])
+        buildcache.run([*pip, *wanted, "--dest", scratch, f"{project}=={version}"])
         wheels = sorted(Path(scratch).glob(pattern))
         if len(wheels) != 1:
-            raise ImageBuildError(f"pip download protobuf=={version} gave {[w.name for w in wheels]}")
+            raise ImageBuildError(f"pip download {project}=={version} gave {[w.name for w in wheels]}")
         final = layout.wheels / wheels[0].name
         wheels[0].rename(final)
     stages.say(f"image: downloaded {final.name}")
@@ -997,7 +1023,7 @@ def build_overlay(
     overlay: Path,
     *,
     capsa: Mapping[str, bytes],
-    wheel: Path,
+    wheels: Sequence[Path],
     init: bytes,
     modules: Mapping[str, bytes],
 ) -> None:
@@ -1006,11 +1032,14 @@ def build_overlay(
     for relative, data in capsa.items():
         (site / relative).parent.mkdir(parents=True, exist_ok=True)
         (site / relative).write_bytes(data)
-    unpack_wheel(wheel, site)
-    # capsa keeps its sources (tracebacks from the agent quote them);
-    # protobuf, like the standard library, is compiled sourceless.
+    for wheel in wheels:
+        unpack_wheel(wheel, site)
+    # capsa keeps its sources (tracebacks from the agent quote them); the
+    # wheels' packages (protobuf's google/, pyroute2/), like the standard
+    # library, are compiled sourceless.
     compile_tree(overlay, SITE / "capsa", drop_sources=False, base=base / "root")
-    compile_tree(overlay, SITE / "google", drop_sources=True, base=base / "root")
+    for package in sorted(entry.name for entry in site.iterdir() if entry.is_dir() and entry.name != "capsa"):
+        compile_tree(overlay, SITE / package, drop_sources=True, base=base / "root")
     elves = [
         PurePosixPath(path.relative_to(overlay).as_posix())
         for path in _walk_files(overlay)
@@ -1074,12 +1103,12 @@ def build_image(
     stages: buildcache.Stages,
 ) -> Path:
     capsa = capsa_sources()
-    wheel = protobuf_wheel(layout, host_protobuf_version(), stages)
+    wheels = [protobuf_wheel(layout, host_protobuf_version(), stages), pyroute2_wheel(layout, stages)]
     init = init_script.read_bytes()
     check_init(init, base / "root")
     module_tree = module_files(modules) if modules is not None else {}
     inputs = {f"capsa/{name}": data for name, data in capsa.items()}
-    inputs[f"wheel/{wheel.name}"] = wheel.read_bytes()
+    inputs |= {f"wheel/{wheel.name}": wheel.read_bytes() for wheel in wheels}
     inputs["init"] = init
     inputs |= {f"modules/{name}": data for name, data in module_tree.items()}
     key = image_key(base_key_, inputs, image_format=image_format, compression=compression)
@@ -1092,8 +1121,8 @@ def build_image(
     with buildcache.staging_dir(final) as scratch:
         overlay = scratch / "overlay"
         overlay.mkdir()
-        build_overlay(base, overlay, capsa=capsa, wheel=wheel, init=init, modules=module_tree)
-        stages.say(f"image: capsa ({len(capsa)} files), {wheel.name}, compiled")
+        build_overlay(base, overlay, capsa=capsa, wheels=wheels, init=init, modules=module_tree)
+        stages.say(f"image: capsa ({len(capsa)} files), {', '.join(w.name for w in wheels)}, compiled")
         output = scratch / artefact.name
         if image_format is Format.INITRD:
             write_initrd(base, overlay, compression, output, stages)
@@ -1105,7 +1134,7 @@ def build_image(
             "base": base_key_,
             "format": image_format.value,
             "compression": compression.value if image_format is Format.INITRD else None,
-            "protobuf_wheel": wheel.name,
+            "wheels": [wheel.name for wheel in wheels],
             "bytes": (size := output.stat().st_size),
         }
         (scratch / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

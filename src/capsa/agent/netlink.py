@@ -8,12 +8,12 @@ errno's words.
 
 pyroute2 is imported on the first call, never at agent start: a container
 without a network does not pay for it (under TCG the import costs about as
-much as a second of guest time).  Its rtnetlink modules import ``ssl`` and
-``unittest.mock`` at module level, for an RTM_NEWPROBE ``ssl`` probe and a
-test mode that the agent never uses; the guest image leaves both out (no
-libssl, no test frameworks; ``guest/image/build.py``), so while pyroute2
-loads, placeholder modules stand in for the missing ones and are removed
-again afterwards.
+much as a second of guest time).  Its rtnetlink modules import ``ssl`` at
+module level, for an RTM_NEWPROBE ``ssl`` probe the agent never sends; the
+guest image has no ``ssl`` (no libssl: ``guest/image/build.py``), so while
+pyroute2 loads, a placeholder module stands in for it and is removed again
+afterwards.  (``unittest.mock``, which pyroute2 also imports, calling
+``Mock()`` at import time, is in the image.)
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ RT_TABLE_MAIN = 254
 #: <linux/rtnetlink.h> RTN_UNICAST: the only route type the agent manages.
 RTN_UNICAST = 1
 
-#: Modules pyroute2 imports at module level but the agent never uses.
-_UNUSED_BY_AGENT = ("ssl", "unittest", "unittest.mock")
+#: Modules pyroute2 imports at module level, that the agent never uses and
+#: the guest image does not have.
+_UNUSED_BY_AGENT = ("ssl",)
 
 _iproute_class: Any = None
 
