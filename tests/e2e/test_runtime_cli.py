@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import socket
+import struct
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -176,3 +181,72 @@ def test_errors_in_json_log_as_containerd_reads_them(runtime: Runtime, session_d
     assert "does not exist" in errors[-1]["msg"]
     plain = runtime(root, "--log-format", "json", "state", "nosuch", timeout=60)
     assert "does not exist" in json.loads(one_line_error(plain))["msg"]
+
+
+def pipe_holders(inode: str) -> list[str]:
+    """Processes holding pipe ``inode`` open, to name who keeps an EOF from coming."""
+    holders = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == f"pipe:[{inode}]" for fd in fds):
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                holders.append(f"{pid}: {cmdline[:160].decode(errors='replace')}")
+        except OSError:
+            continue
+    return holders
+
+
+def test_create_with_console_socket_lets_go_of_its_stdio(
+    runtime: Runtime, session_dir: Path, rootfs: Path, root: Path
+) -> None:
+    """As containerd's runc shim (go-runc) calls ``create --console-socket`` for a
+    terminal: stdout and stderr are a pipe it reads to EOF *before* it takes the
+    console's master. Whatever create leaves running must not hold that pipe,
+    or ``docker run -t`` never starts."""
+    bundle = make_bundle(runtime, session_dir / "tb", rootfs, ["sh", "-c", "tty; exec sleep 1000"])
+    config = json.loads((bundle / "config.json").read_text())
+    config["process"]["terminal"] = True
+    (bundle / "config.json").write_text(json.dumps(config))
+    sock_path = session_dir / "console.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock_path))
+    listener.listen(1)
+    cid = "tty1"
+    argv = [str(runtime.wrapper), "--root", str(root), "create", "--bundle", str(bundle)]
+    proc = subprocess.Popen(
+        [*argv, "--console-socket", str(sock_path), cid],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    master = -1
+    try:
+        inode = os.readlink(f"/proc/{proc.pid}/fd/1").split("[")[1].rstrip("]") if proc.poll() is None else "?"
+        try:
+            output, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            state = "still running" if proc.poll() is None else f"exited {proc.returncode}"
+            raise AssertionError(f"create ({state}) left its stdout open, held by {pipe_holders(inode)}") from None
+        assert proc.returncode == 0, output.decode(errors="replace")
+        listener.settimeout(10)
+        conn, _ = listener.accept()
+        with conn:
+            _, ancillary, _, _ = conn.recvmsg(256, socket.CMSG_SPACE(4))
+        master = struct.unpack("i", ancillary[0][2][:4])[0]
+        runtime(root, "start", cid, timeout=120).check()
+        seen = b""
+        deadline = time.monotonic() + 60
+        while b"/dev/pts/0" not in seen and time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                seen += os.read(master, 4096)
+        assert b"/dev/pts/0" in seen, seen
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if master >= 0:
+            os.close(master)
+        listener.close()
+        runtime(root, "delete", "--force", cid, timeout=120)
+    assert_nothing_left(runtime, root, [str(root)])
