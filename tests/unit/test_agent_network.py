@@ -211,9 +211,10 @@ def test_bad_route_messages_are_refused(fields: dict[str, object], words: str) -
 
 # --- planning UpdateRoutes ----------------------------------------------------------
 
-CONNECTED = Route(net("10.88.0.0/16"), None, 2, ip("10.88.0.5"), network.RT_SCOPE_LINK)
-V6_CONNECTED = Route(net("fd00:88::/64"), None, 2)
-V6_LINK_LOCAL = Route(net("fe80::/64"), None, 2)
+# What the kernel makes for the addresses (proto kernel).
+CONNECTED = Route(net("10.88.0.0/16"), None, 2, ip("10.88.0.5"), network.RT_SCOPE_LINK, kernel=True)
+V6_CONNECTED = Route(net("fd00:88::/64"), None, 2, kernel=True)
+V6_LINK_LOCAL = Route(net("fe80::/64"), None, 2, kernel=True)
 DEFAULT = Route(net("0.0.0.0/0"), ip("10.88.0.1"), 2)
 V6_DEFAULT = Route(net("::/0"), ip("fd00:88::1"), 2)
 
@@ -252,27 +253,30 @@ def test_the_kernels_routes_satisfy_what_is_asked_and_a_repeat_changes_nothing()
     assert network.plan_routes(routes, [*current, DEFAULT], loopback=1) == []
 
 
-def test_routes_not_asked_for_go_after_the_new_ones_except_lo_and_ipv6_link_local() -> None:
+def test_routes_not_asked_for_go_after_the_new_ones_except_lo_and_the_kernels() -> None:
     lo_route = Route(net("127.0.0.0/8"), None, 1, scope=network.RT_SCOPE_HOST)
     old_default = Route(net("0.0.0.0/0"), ip("10.88.0.254"), 2)
-    current = [CONNECTED, V6_LINK_LOCAL, old_default, lo_route, V6_DEFAULT]
-    routes = wanted(
-        pb.Route(dest="10.88.0.0/16", device="eth0"), pb.Route(dest="default", gateway="10.88.0.1", device="eth0")
-    )
+    old_on_link = Route(net("10.200.0.0/16"), None, 2, scope=network.RT_SCOPE_LINK)
+    current = [CONNECTED, V6_CONNECTED, V6_LINK_LOCAL, old_on_link, old_default, lo_route, V6_DEFAULT]
+    routes = wanted(pb.Route(dest="default", gateway="10.88.0.1", device="eth0"))
     assert network.plan_routes(routes, current, loopback=1) == [
         RouteChange(Command.ADD, DEFAULT),
         RouteChange(Command.DELETE, old_default),
         RouteChange(Command.DELETE, V6_DEFAULT),
+        RouteChange(Command.DELETE, old_on_link),
     ]
-    # An empty list removes every route the agent manages, gateways first.
+    # An empty list removes every route the agent manages, gateways first;
+    # the prefix routes of the addresses stay.
     assert network.plan_routes([], current, loopback=1) == [
         RouteChange(Command.DELETE, old_default),
         RouteChange(Command.DELETE, V6_DEFAULT),
-        RouteChange(Command.DELETE, CONNECTED),
+        RouteChange(Command.DELETE, old_on_link),
     ]
+    assert [network.reported(r, 1) for r in current] == [True, True, False, True, True, False, True]
+    assert [network.managed(r, 1) for r in current] == [False, False, False, True, True, False, True]
 
 
-def test_a_route_with_another_source_or_scope_is_replaced_before_the_additions() -> None:
+def test_a_route_with_another_source_or_scope_is_replaced_before_the_additions_even_the_kernels() -> None:
     current = [CONNECTED, DEFAULT]
     routes = wanted(
         pb.Route(dest="10.88.0.0/16", device="eth0", source="10.88.0.6"),

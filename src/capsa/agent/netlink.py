@@ -54,8 +54,10 @@ LINK_WAIT_SECONDS = 30.0
 IFF_UP = 0x1
 IFA_F_NODAD = 0x02
 RT_TABLE_MAIN = 254
-#: <linux/rtnetlink.h> RTN_UNICAST: the only route type the agent manages.
+#: <linux/rtnetlink.h> RTN_UNICAST: the only route type the agent manages;
+#: RTPROT_KERNEL: a route the kernel made for an address.
 RTN_UNICAST = 1
+RTPROT_KERNEL = 2
 
 #: Modules pyroute2 imports at module level, that the agent never uses and
 #: the guest image does not have.
@@ -154,7 +156,7 @@ class GuestNetwork:
             names = {link.index: link.name for link in links}
             await self._apply(ipr, changes, names)
             return [
-                network.route_message(route, names) for route in await _routes(ipr) if network.managed(route, loopback)
+                network.route_message(route, names) for route in await _routes(ipr) if network.reported(route, loopback)
             ]
 
     @contextlib.asynccontextmanager
@@ -306,6 +308,7 @@ async def _routes(ipr: Any) -> list[Route]:
                 index=int(oif),
                 source=ipaddress.ip_address(source) if source else None,
                 scope=int(message["scope"]),
+                kernel=message["proto"] == RTPROT_KERNEL,
             )
         )
     return found

@@ -12,9 +12,12 @@ addresses and routes.  The semantics are Kata's agent API
   link-local address (``fe80::/10``, made from the MAC) is kept: neighbour
   discovery needs it, and the veth has the same one.
 - UpdateRoutes replaces the main table's routes of every link but ``lo``
-  with the given ones.  Routes the kernel keeps for IPv6 link-local and
-  multicast are left alone, and a route already there is not touched, so a
-  repeated call changes nothing and costs no outage.
+  with the given ones.  The routes the kernel made itself (``proto
+  kernel``: the prefix route of each address, IPv6 link-local and
+  multicast) stay, as in Kata, whose runtime leaves them out of the list
+  because the guest kernel makes the same ones from the same addresses; a
+  route already there is not touched, so a repeated call changes nothing
+  and costs no outage.
 
 Everything here is pure: the message is checked and turned into a plan of
 netlink changes (:class:`LinkChange`, :class:`AddressChange`,
@@ -28,7 +31,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from capsa.errors import AgentError, InvalidArgument
@@ -92,6 +95,8 @@ class Route:
     index: int  # RTA_OIF
     source: IPAddr | None = None  # RTA_PREFSRC
     scope: int = RT_SCOPE_UNIVERSE
+    #: rtm_protocol RTPROT_KERNEL: made by the kernel for an address.
+    kernel: bool = field(default=False, compare=False)
 
     @property
     def family(self) -> int:
@@ -346,42 +351,50 @@ def route_request(message: pb.Route, links: Sequence[Link]) -> Route:
     return Route(dest, gateway, index, source, scope)
 
 
-def managed(route: Route, loopback: int | None) -> bool:
-    """Whether UpdateRoutes owns this route of the main table."""
+def reported(route: Route, loopback: int | None) -> bool:
+    """Whether a route of the main table is in the UpdateRoutes reply: not lo's, not IPv6 link-local or multicast."""
     if route.index == loopback:
         return False
     return not (isinstance(route.dest, ipaddress.IPv6Network) and any(route.dest.subnet_of(n) for n in _KERNEL_V6))
 
 
-def plan_routes(wanted: Sequence[Route], current: Sequence[Route], loopback: int | None) -> list[RouteChange]:
-    """The route changes that make the main table hold exactly ``wanted`` (besides the kernel's and lo's).
+def managed(route: Route, loopback: int | None) -> bool:
+    """Whether UpdateRoutes removes this route when it is not asked for: a reported one the kernel did not make."""
+    return reported(route, loopback) and not route.kernel
 
-    A current route with the same destination, gateway and link but another
-    source or scope is replaced: deleted, then added.  Additions go on-link
-    first (the kernel refuses a gateway it cannot reach on a link,
-    ENETUNREACH), default routes last.  Routes that are simply no longer
-    wanted go last, routes via a gateway before on-link ones: if the kernel
-    refuses an addition, the guest keeps the routes it had.
+
+def plan_routes(wanted: Sequence[Route], current: Sequence[Route], loopback: int | None) -> list[RouteChange]:
+    """The route changes that make the main table hold ``wanted`` and, of the routes it manages, nothing else.
+
+    A current route with the same destination, gateway and link as a wanted
+    one but another source or scope is replaced, even one the kernel made:
+    deleted, then added.  Additions go on-link first (the kernel refuses a
+    gateway it cannot reach on a link, ENETUNREACH), default routes last.
+    Managed routes that are no longer wanted go last, routes via a gateway
+    before on-link ones: if the kernel refuses an addition, the guest keeps
+    the routes it had.
     """
-    kept = sorted(
-        (route for route in current if managed(route, loopback)),
-        key=lambda r: (r.gateway is None, -r.dest.prefixlen, r.family, str(r.dest), str(r.gateway)),
-    )
     unique: list[Route] = []
     for route in wanted:
         if route not in unique:
             unique.append(route)
-    deletions = [have for have in kept if not any(satisfies(have, want) for want in unique)]
+
+    def asked(have: Route) -> bool:
+        return any(satisfies(have, want) for want in unique)
+
+    order = sorted(current, key=lambda r: (r.gateway is None, -r.dest.prefixlen, r.family, str(r.dest), str(r.gateway)))
+    identities = {route.identity for route in unique}
+    replaced = [have for have in order if reported(have, loopback) and have.identity in identities and not asked(have)]
+    stale = [have for have in order if managed(have, loopback) and not asked(have) and have not in replaced]
     # Against every current route: one the agent does not manage (the
     # kernel's fe80::/64, say) that the host also lists is there already.
-    remaining = [have for have in current if have not in deletions]
+    remaining = [have for have in current if have not in replaced]
     additions = [want for want in unique if not any(satisfies(have, want) for have in remaining)]
     additions = sorted(additions, key=lambda r: (r.gateway is not None, r.dest.prefixlen == 0))
-    replaced = {route.identity for route in additions}
     return [
-        *(RouteChange(Command.DELETE, r) for r in deletions if r.identity in replaced),
+        *(RouteChange(Command.DELETE, r) for r in replaced),
         *(RouteChange(Command.ADD, r) for r in additions),
-        *(RouteChange(Command.DELETE, r) for r in deletions if r.identity not in replaced),
+        *(RouteChange(Command.DELETE, r) for r in stale),
     ]
 
 
