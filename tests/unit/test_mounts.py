@@ -14,9 +14,11 @@ import pytest
 from capsa.errors import BundleError, InvalidArgument
 from capsa.protocols import agent_pb2 as pb
 from capsa.runtime.mounts import (
+    BLOCK_DEVICE_ANNOTATION,
     GUEST_SHARE_DIR,
     GUEST_SHM_DIR,
     GUEST_VOLUME_DIR,
+    BlockDevice,
     BlockVolume,
     HostBind,
     container_request,
@@ -329,6 +331,65 @@ def test_block_volume_storages_name_the_serial() -> None:
         ),
         pb.Storage(driver="blk", source=volume_serial("c", 1), mount_point=f"{GUEST_VOLUME_DIR}/c/1"),
     ]
+
+
+def docker_device_spec(access: str = "rwm") -> dict[str, Any]:
+    """What `docker run --device /dev/sdb:/dev/xvdc` writes: the node and a cgroup rule for 8:16."""
+    spec = spec_with()
+    spec["linux"] = {
+        "devices": [
+            {"path": "/dev/xvdc", "type": "b", "major": 8, "minor": 16, "fileMode": 432, "uid": 0, "gid": 6},
+            {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229},
+        ],
+        "resources": {
+            "devices": [
+                {"allow": False, "access": "rwm"},
+                {"allow": True, "type": "b", "major": 8, "minor": 16, "access": access},
+            ]
+        },
+    }
+    spec["annotations"] = {"org.example": "kept"}
+    return spec
+
+
+def host_block_devices(nodes: dict[tuple[int, int], str]) -> Any:
+    return lambda major, minor: Path(nodes[(major, minor)]) if (major, minor) in nodes else None
+
+
+def test_a_block_device_in_linux_devices_is_attached_raw() -> None:
+    spec = docker_device_spec()
+    plan = plan_mounts(spec, "c", ROOTFS, fake_stat({}), block_device=host_block_devices({(8, 16): "/dev/sdb"}))
+    assert plan.devices == (
+        BlockDevice(source=Path("/dev/sdb"), serial=volume_serial("c", 10_000), readonly=False, path="/dev/xvdc"),
+    )
+    assert plan.disks == plan.devices
+    # The entry stays for the agent to renumber; the serial rides in an annotation.
+    assert plan.spec["linux"] == spec["linux"]
+    assert plan.spec["annotations"] == {
+        "org.example": "kept",
+        BLOCK_DEVICE_ANNOTATION + "/dev/xvdc": volume_serial("c", 10_000),
+    }
+    request = container_request("c", plan, "virtio-fs")
+    assert json.loads(request.oci_spec_json)["annotations"] == plan.spec["annotations"]
+    assert not request.storages  # a raw disk: nothing for the agent to mount
+
+
+def test_a_device_the_container_may_only_read_is_attached_read_only() -> None:
+    plan = plan_mounts(
+        docker_device_spec("r"), "c", ROOTFS, fake_stat({}), block_device=host_block_devices({(8, 16): "/dev/sdb"})
+    )
+    assert plan.devices[0].readonly
+
+
+def test_a_block_device_the_host_lacks_is_named() -> None:
+    with pytest.raises(InvalidArgument, match="no host block device 8:16 for /dev/xvdc"):
+        plan_mounts(docker_device_spec(), "c", ROOTFS, fake_stat({}), block_device=host_block_devices({}))
+
+
+def test_without_a_device_lookup_linux_devices_is_left_alone() -> None:
+    """The check `capsa create` makes before the VM boots does not look at the host's devices."""
+    plan = plan_mounts(docker_device_spec(), "c", ROOTFS, fake_stat({}))
+    assert plan.devices == () and plan.spec["annotations"] == {"org.example": "kept"}
 
 
 def shm_sizes(sizes: dict[str, int]) -> Any:

@@ -15,7 +15,8 @@ from capsa.agent.sandbox import Sandbox
 from capsa.errors import HypervisorError, InvalidArgument, StorageError
 from capsa.hypervisor.qemu import BlockDisk, blockdev_arguments, free_root_port, virtio_blk_arguments
 from capsa.protocols import agent_pb2 as pb
-from capsa.storage.host import mount_types, tmpfs_size
+from capsa.runtime.mounts import BLOCK_DEVICE_ANNOTATION
+from capsa.storage.host import block_device, mount_types, tmpfs_size
 
 
 def sys_block(tmp_path: Path, disks: dict[str, str]) -> tuple[str, str]:
@@ -105,6 +106,51 @@ def test_an_unresolved_serial_is_not_mounted() -> None:
 def test_other_storages_need_no_resolving() -> None:
     item = pb.Storage(driver="local", fstype="tmpfs", mount_point="/run/capsa/shm/a", options=["size=1m"])
     assert asyncio.run(storage.resolve(item)) is item
+
+
+# --- linux.devices block devices: renumbered to the guest's disk ---------------------
+
+
+def device_spec() -> dict[str, Any]:
+    return {
+        "annotations": {BLOCK_DEVICE_ANNOTATION + "/dev/xvdc": "capsa-dev", "org.example": "kept"},
+        "linux": {
+            "devices": [
+                {"path": "/dev/xvdc", "type": "b", "major": 8, "minor": 16, "fileMode": 432},
+                {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229},
+            ],
+            "resources": {
+                "devices": [
+                    {"allow": False, "access": "rwm"},
+                    {"allow": True, "type": "b", "major": 8, "minor": 16, "access": "rwm"},
+                    {"allow": True, "type": "c", "major": 10, "minor": 229, "access": "rwm"},
+                ]
+            },
+        },
+    }
+
+
+def test_block_devices_get_the_guest_disks_numbers() -> None:
+    spec = device_spec()
+    assert storage.block_device_serials(spec) == {"/dev/xvdc": "capsa-dev"}
+    rewritten = storage.rewrite_block_devices(spec, {"/dev/xvdc": (252, 16)})
+    assert rewritten["linux"]["devices"] == [
+        {"path": "/dev/xvdc", "type": "b", "major": 252, "minor": 16, "fileMode": 432},
+        {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229},
+    ]
+    assert rewritten["linux"]["resources"]["devices"] == [
+        {"allow": False, "access": "rwm"},
+        {"allow": True, "type": "b", "major": 252, "minor": 16, "access": "rwm"},
+        {"allow": True, "type": "c", "major": 10, "minor": 229, "access": "rwm"},
+    ]
+    assert rewritten["annotations"] == {"org.example": "kept"}
+    assert spec == device_spec()  # the input is left alone
+
+
+def test_a_spec_without_attached_devices_is_unchanged() -> None:
+    spec = {"linux": {"devices": [{"path": "/dev/sda", "type": "b", "major": 8, "minor": 0}]}}
+    assert storage.block_device_serials(spec) == {}
+    assert asyncio.run(storage.with_guest_devices(spec)) is spec
 
 
 # --- a pod's containers hold one guest tmpfs ---------------------------------------
@@ -213,3 +259,14 @@ def test_tmpfs_size_only_for_a_tmpfs_mount_point(tmp_path: Path) -> None:
     assert tmpfs_size(tmp_path / "sub", mountinfo) is None
     mountinfo.write_text("")
     assert tmpfs_size(tmp_path, mountinfo) is None
+
+
+def test_a_block_devices_node_from_sysfs(tmp_path: Path) -> None:
+    sys_dev_block, dev = tmp_path / "sys", tmp_path / "dev"
+    (sys_dev_block / "8:16").mkdir(parents=True)
+    (sys_dev_block / "8:16" / "uevent").write_text("MAJOR=8\nMINOR=16\nDEVNAME=sdb\nDEVTYPE=disk\n")
+    dev.mkdir()
+    assert block_device(8, 16, sys_dev_block, dev) is None  # no node
+    (dev / "sdb").touch()
+    assert block_device(8, 16, sys_dev_block, dev) == dev / "sdb"
+    assert block_device(8, 17, sys_dev_block, dev) is None

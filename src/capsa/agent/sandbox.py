@@ -145,7 +145,7 @@ class Sandbox:
         bundle = os.path.join(self._containers_dir, container_id)
         mounted: list[str] = []
         try:
-            spec = crun.load_spec(spec_json)
+            spec = await storage.with_guest_devices(crun.load_spec(spec_json))
             _refuse_subpath(storages)
             os.makedirs(bundle, exist_ok=True)
             rootfs_path = self._mount_rootfs(rootfs, spec, os.path.join(bundle, "rootfs"), mounted)

@@ -16,6 +16,11 @@
   ``fstype`` is read from the superblock (:func:`probe_fstype`).
 - ``local``: a guest-local filesystem (``fstype``, default tmpfs).
 
+A block device of the spec's linux.devices arrives as a raw disk too; the
+host names its serial in an annotation, and :func:`with_guest_devices`
+gives the device entry (and the cgroup rules that name it) the guest
+disk's major:minor, so crun makes a node of the right device.
+
 A ``subpath`` names a directory inside a share that the sandbox mounts
 once (Kata's shared-directory model, see :mod:`capsa.runtime.mounts`):
 :func:`share_subpath` checks it stays inside the share, and
@@ -31,10 +36,12 @@ import os
 import posixpath
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from capsa.agent import libc
 from capsa.errors import InvalidArgument, StorageError
 from capsa.protocols import agent_pb2 as pb
+from capsa.runtime.mounts import BLOCK_DEVICE_ANNOTATION
 
 NINE_P_OPTIONS = ("trans=virtio", "version=9p2000.L", "msize=512000")
 
@@ -198,6 +205,71 @@ async def resolve(
     if not resolved.fstype:
         resolved.fstype = await asyncio.to_thread(probe_fstype, resolved.source)
     return resolved
+
+
+def block_device_serials(spec: dict[str, Any]) -> dict[str, str]:
+    """Container path -> virtio-blk serial of each linux.devices block device the host attached."""
+    annotations = spec.get("annotations")
+    if not isinstance(annotations, dict):
+        return {}
+    return {
+        key[len(BLOCK_DEVICE_ANNOTATION) :]: value
+        for key, value in annotations.items()
+        if isinstance(key, str) and key.startswith(BLOCK_DEVICE_ANNOTATION) and isinstance(value, str)
+    }
+
+
+def rewrite_block_devices(spec: dict[str, Any], numbers: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """The spec with each named block device's major:minor replaced by the guest's; pure.
+
+    config-linux.md "Devices" gives the node crun makes; "Device allowlist"
+    rules for the old major:minor (the host's) must follow it, or the
+    container's cgroup would refuse its own device.  The annotations that
+    carried the serials are dropped.  The input is not modified.
+    """
+    linux = spec.get("linux")
+    if not numbers or not isinstance(linux, dict):
+        return spec
+    devices: list[Any] = []
+    moved: dict[tuple[Any, Any], tuple[int, int]] = {}
+    for entry in linux.get("devices") or []:
+        if isinstance(entry, dict) and entry.get("type") == "b" and entry.get("path") in numbers:
+            major, minor = numbers[entry["path"]]
+            moved[(entry.get("major"), entry.get("minor"))] = (major, minor)
+            entry = {**entry, "major": major, "minor": minor}
+        devices.append(entry)
+    new_linux = {**linux, "devices": devices}
+    resources = linux.get("resources")
+    if isinstance(resources, dict) and isinstance(resources.get("devices"), list):
+        rules: list[Any] = []
+        for rule in resources["devices"]:
+            if isinstance(rule, dict) and rule.get("type") == "b" and (rule.get("major"), rule.get("minor")) in moved:
+                major, minor = moved[(rule["major"], rule["minor"])]
+                rule = {**rule, "major": major, "minor": minor}
+            rules.append(rule)
+        new_linux["resources"] = {**resources, "devices": rules}
+    annotations = spec.get("annotations")
+    new_spec = {**spec, "linux": new_linux}
+    if isinstance(annotations, dict):
+        new_spec["annotations"] = {
+            key: value for key, value in annotations.items() if not str(key).startswith(BLOCK_DEVICE_ANNOTATION)
+        }
+    return new_spec
+
+
+async def with_guest_devices(
+    spec: dict[str, Any], timeout: float = BLOCK_DEVICE_TIMEOUT, sys_block: str = SYS_BLOCK, dev_dir: str = "/dev"
+) -> dict[str, Any]:
+    """The spec with its attached block devices renumbered (:func:`rewrite_block_devices`), once they arrived."""
+    numbers: dict[str, tuple[int, int]] = {}
+    for path, serial in block_device_serials(spec).items():
+        device = await wait_block_device(serial, timeout, sys_block, dev_dir)
+        try:
+            rdev = os.stat(device).st_rdev
+        except OSError as exc:
+            raise StorageError(f"cannot stat {device}: {os.strerror(exc.errno or 0)}") from exc
+        numbers[path] = (os.major(rdev), os.minor(rdev))
+    return rewrite_block_devices(spec, numbers)
 
 
 def same_storage(a: pb.Storage, b: pb.Storage) -> bool:

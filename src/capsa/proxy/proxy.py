@@ -33,7 +33,7 @@ from capsa.runtime.agent_client import AgentClient
 from capsa.runtime.bundle import load_bundle
 from capsa.runtime.mounts import HostBind, MountPlan, container_request, plan_mounts
 from capsa.runtime.sandbox import Sandbox, SandboxSpec
-from capsa.storage.host import tmpfs_size
+from capsa.storage.host import block_device, tmpfs_size
 from capsa.storage.shared import SharedDir
 from capsa.ttrpc.client import Client
 
@@ -87,7 +87,15 @@ class Proxy:
         ``pod_pids`` the host PIDs whose namespace paths mean the pod's.
         """
         bundle = load_bundle(bundle_path, pod_pids=pod_pids)
-        plan = plan_mounts(bundle.spec, container_id, bundle.rootfs, os.stat, bundle=bundle.path, tmpfs_size=tmpfs_size)
+        plan = plan_mounts(
+            bundle.spec,
+            container_id,
+            bundle.rootfs,
+            os.stat,
+            bundle=bundle.path,
+            tmpfs_size=tmpfs_size,
+            block_device=block_device,
+        )
         request = container_request(container_id, plan, self.config.shared_fs.kind)
         request.sandbox_container_id = sandbox_container_id
         await asyncio.to_thread(self.shared.apply, plan.binds)
@@ -104,11 +112,11 @@ class Proxy:
         self._disks[container_id] = disks
 
     async def _plug_volumes(self, plan: MountPlan, plugged: list[BlockDisk]) -> None:
-        """Attach the plan's block volumes as virtio-blk disks; ``plugged`` collects what is attached."""
+        """Attach the plan's block volumes and devices as virtio-blk disks; ``plugged`` collects what is attached."""
         hypervisor = self.sandbox.hypervisor
-        if plan.volumes and hypervisor is None:
+        if plan.disks and hypervisor is None:
             raise CapsaError("the sandbox is not running")
-        for volume in plan.volumes:
+        for volume in plan.disks:
             assert hypervisor is not None
             disk = BlockDisk(volume.source, volume.serial, volume.readonly, volume.host_device)
             await hypervisor.plug_block(disk)

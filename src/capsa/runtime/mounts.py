@@ -33,6 +33,13 @@ Two kinds of mount do not go through the share:
   finds the disk by its virtio-blk serial, mounts it at
   ``/run/capsa/volumes/<cid>/<n>`` in the guest (``ro`` when the mount is),
   and crun binds that directory at the destination.
+- **Block devices in linux.devices** (``docker run --device /dev/sdb``,
+  runtime-spec config-linux.md "Devices"): the host device of that
+  major:minor becomes a virtio-blk disk too (:class:`BlockDevice`), left
+  unmounted; the spec carries its serial in an annotation
+  (:data:`BLOCK_DEVICE_ANNOTATION`), and the agent gives the device entry
+  and its cgroup rule the guest disk's own major:minor before crun makes
+  the node.
 - **The engine's /dev/shm**: Podman (``userdata/shm``), Docker
   (``mounts/shm``) and CRI (the sandbox's ``shm``) bind a host tmpfs of the
   configured ``--shm-size`` there.  Through virtio-fs that would be slow,
@@ -71,6 +78,9 @@ SHARE_TAG = "rootfs"
 GUEST_VOLUME_DIR = "/run/capsa/volumes"
 #: Where the agent mounts the tmpfs that stands for a host shm dir.
 GUEST_SHM_DIR = "/run/capsa/shm"
+#: Annotation prefix naming the serial of a linux.devices block device:
+#: ``<prefix><container path>`` = serial (read by the agent, see :mod:`capsa.agent.storage`).
+BLOCK_DEVICE_ANNOTATION = "io.capsa.block-device:"
 #: The destination engines bind their shm dir at (runtime-spec config-linux.md
 #: leaves /dev/shm to the runtime; runc's default spec mounts a tmpfs there).
 SHM_DESTINATION = "/dev/shm"
@@ -140,6 +150,17 @@ class BlockVolume:
 
 
 @dataclass(frozen=True)
+class BlockDevice:
+    """A host block device from linux.devices, handed to the guest as a raw virtio-blk disk."""
+
+    source: Path  # the host's device node of the entry's major:minor
+    serial: str
+    readonly: bool  # the container's cgroup rules for it allow no writes
+    path: str  # the device node's path in the container
+    host_device: bool = True
+
+
+@dataclass(frozen=True)
 class GuestTmpfs:
     """A tmpfs the guest makes in place of a host one (an engine's /dev/shm)."""
 
@@ -167,6 +188,12 @@ class MountPlan:
     guest_share_dir: str = GUEST_SHARE_DIR
     volumes: tuple[BlockVolume, ...] = ()
     tmpfs: tuple[GuestTmpfs, ...] = ()
+    devices: tuple[BlockDevice, ...] = ()
+
+    @property
+    def disks(self) -> tuple[BlockVolume | BlockDevice, ...]:
+        """Everything the VM gets as a virtio-blk disk for this container."""
+        return (*self.volumes, *self.devices)
 
 
 def is_host_bind(mount: dict[str, Any]) -> bool:
@@ -186,6 +213,7 @@ def plan_mounts(
     *,
     bundle: Path | None = None,
     tmpfs_size: Callable[[Path], int | None] | None = None,
+    block_device: Callable[[int, int], Path | None] | None = None,
 ) -> MountPlan:
     """Plan the host binds, block volumes and the guest spec of a container; see the module docstring.
 
@@ -193,7 +221,11 @@ def plan_mounts(
     source).  ``bundle`` resolves relative bind sources: config.md "Mounts"
     says they are relative to the bundle.  ``tmpfs_size`` says whether a
     host path is a tmpfs mount and its size in bytes (None: it is not);
-    without it the engine's /dev/shm stays a bind of the host's.  A missing
+    without it the engine's /dev/shm stays a bind of the host's.
+    ``block_device`` finds the host node of a major:minor
+    (:func:`capsa.storage.host.block_device`); without it linux.devices
+    is left alone (a check before the VM boots); with it, a block device
+    the host lacks is InvalidArgument.  A missing
     source is a BundleError; a source that cannot cross the VM boundary (a
     socket, a FIFO) is InvalidArgument.  The input spec is not modified.
     """
@@ -257,6 +289,13 @@ def plan_mounts(
     guest_spec = dict(spec)
     if "mounts" in spec:
         guest_spec["mounts"] = guest_mounts
+    devices = _plan_devices(spec, container_id, block_device)
+    if devices:
+        annotations = spec.get("annotations")
+        guest_spec["annotations"] = {
+            **(annotations if isinstance(annotations, dict) else {}),
+            **{BLOCK_DEVICE_ANNOTATION + device.path: device.serial for device in devices},
+        }
     return MountPlan(
         binds=tuple(binds),
         spec=guest_spec,
@@ -264,6 +303,7 @@ def plan_mounts(
         guest_share_dir=guest_share_dir,
         volumes=tuple(volumes),
         tmpfs=tuple(tmpfs.values()),
+        devices=devices,
     )
 
 
@@ -301,6 +341,53 @@ def volume_serial(container_id: str, index: int) -> str:
     """
     digest = hashlib.sha256(f"{container_id}/{index}".encode()).hexdigest()
     return f"capsa{digest[:15]}"
+
+
+def _plan_devices(
+    spec: dict[str, Any], container_id: str, block_device: Callable[[int, int], Path | None] | None
+) -> tuple[BlockDevice, ...]:
+    """The block devices of linux.devices (config-linux.md "Devices"); character devices stay the guest's."""
+    linux = spec.get("linux")
+    if block_device is None or not isinstance(linux, dict) or not isinstance(linux.get("devices"), list):
+        return ()
+    entries: list[Any] = linux["devices"]
+    rules = _device_rules(linux)
+    devices: list[BlockDevice] = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or entry.get("type") != "b":
+            continue
+        path, major, minor = entry.get("path"), entry.get("major"), entry.get("minor")
+        if not isinstance(path, str) or not isinstance(major, int) or not isinstance(minor, int):
+            raise BundleError(f"linux.devices[{index}]: a block device needs a path, a major and a minor")
+        source = block_device(major, minor)
+        if source is None:
+            raise InvalidArgument(f"linux.devices[{index}]: no host block device {major}:{minor} for {path}")
+        access = [rule.get("access") or "rwm" for rule in rules if _rule_matches(rule, major, minor)]
+        devices.append(
+            BlockDevice(
+                source=source,
+                serial=volume_serial(container_id, 10_000 + index),
+                readonly=bool(access) and not any("w" in str(word) for word in access),
+                path=path,
+            )
+        )
+    return tuple(devices)
+
+
+def _device_rules(linux: dict[str, Any]) -> list[dict[str, Any]]:
+    resources = linux.get("resources")
+    rules = resources.get("devices") if isinstance(resources, dict) else None
+    return [rule for rule in rules if isinstance(rule, dict)] if isinstance(rules, list) else []
+
+
+def _rule_matches(rule: dict[str, Any], major: int, minor: int) -> bool:
+    """An allow rule naming exactly this block device (a wildcard rule grants nothing in particular)."""
+    return (
+        rule.get("allow") is True
+        and rule.get("type") == "b"
+        and rule.get("major") == major
+        and rule.get("minor") == minor
+    )
 
 
 def _block_volume(

@@ -5,6 +5,9 @@ and how big: an engine's /dev/shm directory is one (Podman's
 ``userdata/shm``, Docker's ``mounts/shm``, the CRI sandbox's ``shm``, each
 mounted with ``size=`` from ``--shm-size``), and the guest makes a tmpfs of
 that size in its place.
+
+:func:`block_device` finds the host's node of a block device's
+major:minor, which is all a linux.devices entry says about the host side.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 from pathlib import Path
 
 MOUNTINFO = Path("/proc/self/mountinfo")
+SYS_DEV_BLOCK = Path("/sys/dev/block")
 
 
 def mount_types(mountinfo: str) -> dict[str, str]:
@@ -55,6 +59,24 @@ def tmpfs_size(path: Path, mountinfo: Path = MOUNTINFO) -> int | None:
         return None
     size = stats.f_blocks * stats.f_frsize
     return size if size > 0 else None
+
+
+def block_device(major: int, minor: int, sys_dev_block: Path = SYS_DEV_BLOCK, dev: Path = Path("/dev")) -> Path | None:
+    """The ``/dev`` node of block device ``major:minor`` (its ``DEVNAME`` in sysfs), or None if there is none.
+
+    sysfs-rules.rst: ``/sys/dev/block/<major>:<minor>`` links to the
+    device, whose ``uevent`` names its node relative to /dev.
+    """
+    try:
+        uevent = (sys_dev_block / f"{major}:{minor}" / "uevent").read_text()
+    except OSError:
+        return None
+    for line in uevent.splitlines():
+        key, _, value = line.partition("=")
+        if key == "DEVNAME" and value:
+            node = dev / value
+            return node if node.exists() else None
+    return None
 
 
 def _unescape(field: str) -> str:
