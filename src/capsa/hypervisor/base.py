@@ -266,3 +266,15 @@ class Hypervisor(abc.ABC):
         kernel has taken the new hardware (memory online; CPUs present,
         which the agent onlines).
         """
+
+    @abc.abstractmethod
+    async def plug_nic(self, tap_fd: int, mac: str, mtu: int, slot: int) -> None:
+        """Hot-plug a virtio-net NIC with ``mac`` and ``mtu`` on the tap (or
+        macvtap) open at ``tap_fd``; ``slot`` numbers the sandbox's NICs
+        (0, 1, ...) and names the VMM's objects for it.
+
+        The VMM keeps its own copy of ``tap_fd``; the caller may close its
+        one afterwards.  Returns once the VMM added the device; the guest
+        kernel probes it a moment later.  A VM without free hot-plug room
+        (microvm, or every root port taken) is a HypervisorError.
+        """

@@ -108,6 +108,37 @@ def _device_suffix(machine_type: str) -> str:
     return "pci" if machine_type == "q35" else "device"
 
 
+#: Where vhost-net lives: the kernel's virtio-net data path, used only with KVM
+#: (under TCG the guest's rings are QEMU's memory, not the kernel's to read).
+VHOST_NET = Path("/dev/vhost-net")
+
+
+def nic_arguments(
+    fd_name: str, mac: str, mtu: int, slot: int, port: str, vhost: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """QMP "netdev_add" and "device_add" arguments of NIC ``slot``; pure.
+
+    The netdev is a tap backend on the file descriptor QEMU received as
+    ``fd_name`` (QMP "getfd"); QEMU finds ``IFF_VNET_HDR`` on it itself
+    (TUNGETIFF) and then passes offloads through.  The device is a
+    virtio-net-pci on root port ``port`` with the engine veth's MAC, and
+    ``host_mtu`` tells the guest driver the MTU (VIRTIO_NET_F_MTU, virtio
+    1.2, 5.1.3).  No option ROM: the guest is booted already, nothing
+    would run it.
+    """
+    netdev = {"type": "tap", "id": f"netdev{slot}", "fd": fd_name, "vhost": vhost}
+    device = {
+        "driver": "virtio-net-pci",
+        "id": f"nic{slot}",
+        "netdev": f"netdev{slot}",
+        "mac": mac,
+        "host_mtu": mtu,
+        "bus": port,
+        "romfile": "",
+    }
+    return netdev, device
+
+
 def _machine(config: VMConfig, memory_backend: bool, nvdimm: bool) -> list[str]:
     if config.machine_type == "q35":
         props = ["q35", "sata=off", "smbus=off", "vmport=off"]
@@ -902,3 +933,35 @@ class QemuHypervisor(Hypervisor):
         listener = EventListener(("VSERPORT_CHANGE",))
         with qmp.listen(listener):
             yield listener
+
+    # --- NICs: the engine's network, plugged after boot ----------------------------
+
+    async def plug_nic(self, tap_fd: int, mac: str, mtu: int, slot: int) -> None:
+        """Hot-plug a virtio-net NIC on an open tap (QMP "getfd", "netdev_add", "device_add").
+
+        The same path for cold and restored VMs: a template never has a NIC
+        (its tap would belong to another sandbox), and one code path is one
+        to test.  vhost-net only where ``/dev/vhost-net`` exists and the VM
+        runs under KVM.  On failure nothing of the NIC is left in QEMU.
+        """
+        if self.config.machine_type != "q35":
+            raise HypervisorError(f"VM {self.config.name} is a {self.config.machine_type}: no PCI hot-plug for a NIC")
+        vhost = self.config.accelerator == "kvm" and VHOST_NET.exists()
+        fd_name = f"nic{slot}-tap"
+        async with self._plug_lock:
+            port = await self.free_root_port()
+            netdev, device = nic_arguments(fd_name, mac, mtu, slot, port, vhost)
+            await self._pass_fd(tap_fd, fd_name)
+            try:
+                await self._execute("netdev_add", netdev)
+            except HypervisorError:
+                with contextlib.suppress(HypervisorError):
+                    await self._execute("closefd", {"fdname": fd_name})
+                raise
+            try:
+                await self._execute("device_add", device)
+            except HypervisorError:
+                # netdev_add consumed the named fd; deleting the netdev closes it.
+                with contextlib.suppress(HypervisorError):
+                    await self._execute("netdev_del", {"id": netdev["id"]})
+                raise

@@ -40,12 +40,16 @@ def start_proxy(
     config_flag: str | None,
     debug: bool,
     timeout: float,
+    netns: str = "",
 ) -> daemon.Started:
-    """Start the proxy and return once it serves; raise with its reason if it cannot."""
+    """Start the proxy and return once it serves (on the network of ``netns``, if given);
+    raise with its reason if it cannot."""
     # "--id=ID": runc's IDs may begin with "-", which argparse would take for a flag.
     args = ["--root", str(run_dir.parent), f"--id={container_id}"]
     if hostname:
         args.append(f"--hostname={hostname}")
+    if netns:
+        args.append(f"--netns={netns}")
     if config_flag:
         args += ["--config", config_flag]
     if debug:

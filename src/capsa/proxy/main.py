@@ -1,9 +1,10 @@
 """``capsa-proxy``: started by ``capsa create`` (never by hand), one per VM.
 
-``capsa-proxy --root R --id ID [--hostname H] [--config F] [--debug] --ready-fd N``
+``capsa-proxy --root R --id ID [--hostname H] [--netns PATH] [--config F] [--debug] --ready-fd N``
 
 It reports on file descriptor N once: ``ok`` when ``proxy.sock`` serves, or
 the one-line reason it could not start (the caller prints it and cleans up).
+With ``--netns``, the VM is on that network namespace's network before ``ok``.
 Its own log is ``<root>/<id>/proxy.log``.
 """
 
@@ -36,6 +37,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--root", required=True)
     parser.add_argument("--id", required=True)
     parser.add_argument("--hostname", default="")
+    parser.add_argument("--netns", default="")
     parser.add_argument("--config", default=None)
     parser.add_argument("--debug", action="store_true")
     parser.add_argument("--ready-fd", type=int, default=-1)
@@ -56,12 +58,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CapsaError as exc:
         ready.fail(str(exc))
         return 1
-    return asyncio.run(_serve(Proxy(config, args.id, run_dir, args.hostname, args.debug), ready))
+    return asyncio.run(_serve(Proxy(config, args.id, run_dir, args.hostname, args.debug), ready, args.netns))
 
 
-async def _serve(proxy: Proxy, ready: ReadyPipe) -> int:
+async def _serve(proxy: Proxy, ready: ReadyPipe, netns: str = "") -> int:
     try:
         await proxy.start()
+        if netns:
+            await proxy.attach_network(netns)
         listener = await build_server(proxy).serve_unix(str(proxy.run_dir / SOCKET_NAME))
     except (CapsaError, OSError) as exc:
         log.error("cannot start: %s", exc)

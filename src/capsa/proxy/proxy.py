@@ -28,6 +28,7 @@ from pathlib import Path
 from capsa.config import Config
 from capsa.errors import CapsaError
 from capsa.hypervisor.qemu import BlockDisk
+from capsa.network.attach import NetworkAttachment
 from capsa.protocols import proxy_pb2
 from capsa.runtime.agent_client import AgentClient
 from capsa.runtime.bundle import load_bundle
@@ -47,6 +48,7 @@ class Proxy:
         self.config = config
         self.run_dir = run_dir
         self.shared = SharedDir(run_dir / SHARED_DIR_NAME)
+        self.network: NetworkAttachment | None = None
         self.sandbox = Sandbox(
             config,
             SandboxSpec(id=sandbox_id, run_dir=run_dir, rootfs=self.shared.path, hostname=hostname),
@@ -160,6 +162,21 @@ class Proxy:
         size = await hypervisor.resize(vcpus, memory_mib)
         return size.vcpus, size.memory_mib
 
+    async def attach_network(self, netns_path: str) -> None:
+        """Put the VM on the engine's network namespace (:mod:`capsa.network.attach`); once per VM.
+
+        After the sandbox started: the NICs are hot-plugged and the agent
+        configures them.  A failure leaves nothing in the namespace.
+        """
+        hypervisor = self.sandbox.hypervisor
+        if hypervisor is None:
+            raise CapsaError("the sandbox is not running")
+        if self.network is not None:
+            raise CapsaError(f"the VM is already on the network of {self.network.netns_path}")
+        attachment = NetworkAttachment(netns_path, self.config.network.model)
+        await attachment.attach(hypervisor, self.agent)
+        self.network = attachment
+
     def request_shutdown(self, reason: str) -> None:
         if not self._done.is_set():
             self.reason = reason
@@ -190,6 +207,10 @@ class Proxy:
     async def stop(self) -> None:
         self._agent = None
         await self.sandbox.stop()
+        # After QEMU: its taps went with it; the qdiscs and macvtaps are ours to remove.
+        network, self.network = self.network, None
+        if network is not None:
+            await network.detach()
         # Not needed for the host's sake (the binds live in our namespace and
         # go with it), but it leaves shared/ empty for `delete` to remove.
         with contextlib.suppress(CapsaError):

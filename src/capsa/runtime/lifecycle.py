@@ -129,6 +129,7 @@ def _create_locked(
         rt.config_flag,
         rt.debug,
         timeout=config.agent.connect_timeout + PROXY_START_SLACK,
+        netns=str(bundle.network_namespace or ""),
     )
     state.proxy_pid, state.proxy_start = proxy.pid, proxy.start_time
     rt.store.save(state)

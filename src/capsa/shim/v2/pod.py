@@ -37,6 +37,7 @@ from capsa.agent.storage import split_options
 from capsa.config import Config, host_cpus, host_memory_mib, max_memory_mib_for, max_vcpus_for
 from capsa.errors import CapsaError, ContainerExists, ContainerNotFound, StorageError, WrongState
 from capsa.proxy.proxy import Proxy
+from capsa.runtime.bundle import check_namespaces
 from capsa.runtime.resources import vm_size
 from capsa.shim.relay import ProcessIO, relay
 
@@ -130,13 +131,16 @@ class Pod:
         hypervisor = proxy.sandbox.hypervisor if proxy else None
         return (hypervisor.pid or 0) if hypervisor else 0
 
-    async def _ensure_vm(self, hostname: str) -> Proxy:
+    async def _ensure_vm(self, hostname: str, netns: str = "") -> Proxy:
+        """The pod's VM, booted by its first container, on that container's network namespace."""
         if self.proxy is not None:
             return self.proxy
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         proxy = Proxy(self.config, self.sandbox_id, self.run_dir, hostname, self.debug)
         try:
             await proxy.start()
+            if netns:
+                await proxy.attach_network(netns)
         except BaseException:
             await proxy.stop()
             raise
@@ -173,7 +177,10 @@ class Pod:
             if rootfs:
                 await asyncio.to_thread(mount_rootfs, rootfs, bundle / "rootfs")
                 container.rootfs_mounted = True
-            proxy = await self._ensure_vm(str(spec.get("hostname", "")))
+            # The sandbox's spec names the pod's network namespace (CNI's); a
+            # later container's names the sandbox's, and the VM is on it already.
+            netns = "" if self.proxy else str(check_namespaces(spec, bundle / "config.json") or "")
+            proxy = await self._ensure_vm(str(spec.get("hostname", "")), netns)
             # The pod's first container is its sandbox; later ones join its namespaces.
             sandbox = next(iter(self.containers), "")
             self.containers[container_id] = container

@@ -1,0 +1,218 @@
+"""A container in a VM on a network namespace the way an engine hands it one.
+
+The test plays the engine: it makes two network namespaces of its own, one
+for the container and one for its peer (standing in for the engine's
+bridge), joined by a veth pair with addresses in 10.240.N.0/24 and a MAC
+set on the container's end.  Nothing gets an address outside those
+namespaces.  `capsa run` gets the container's namespace in its spec; then
+the guest must show the veth's IP and MAC, TCP must work both ways (busybox
+httpd and nc on each side), and after `delete` the namespace must hold no
+tap, no macvtap and no qdisc of ours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from harness import Capsa
+
+from capsa.config import resolve_config_path
+
+# busybox-static's wget crashes (its static glibc), so HTTP requests are
+# written with nc.
+NETWORK_APPLETS = ("ip", "httpd", "nc")
+REQUEST = "echo -e 'GET / HTTP/1.0\\r\\n\\r' | nc -w 10 {host} {port}"
+
+
+@dataclass(frozen=True)
+class Wire:
+    container_ns: str
+    peer_ns: str
+    container_ip: str
+    peer_ip: str
+    mac: str
+    mtu: int
+
+    @property
+    def container_ns_path(self) -> str:
+        return f"/run/netns/{self.container_ns}"
+
+
+def ip(*args: str) -> str:
+    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
+
+
+def tc(netns: str, *args: str) -> str:
+    return subprocess.run(["tc", "-n", netns, *args], check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def network() -> Iterator[Wire]:
+    tag = f"{os.getpid() % 10000}-{random.randrange(1 << 16):04x}"
+    subnet = random.randrange(1, 255)
+    net = Wire(
+        container_ns=f"capsa-nt-{tag}-c",
+        peer_ns=f"capsa-nt-{tag}-p",
+        container_ip=f"10.240.{subnet}.2",
+        peer_ip=f"10.240.{subnet}.1",
+        mac=f"02:ca:05:a0:{subnet:02x}:02",
+        mtu=1400,
+    )
+    try:
+        ip("netns", "add", net.container_ns)
+        ip("netns", "add", net.peer_ns)
+        c, p = ["-n", net.container_ns], ["-n", net.peer_ns]
+        veth = ("type", "veth", "peer", "name", "peer0", "netns", net.peer_ns)
+        ip(*c, "link", "add", "eth0", "mtu", str(net.mtu), *veth)
+        ip(*c, "link", "set", "eth0", "address", net.mac)
+        ip(*c, "addr", "add", f"{net.container_ip}/24", "dev", "eth0")
+        ip(*c, "link", "set", "eth0", "up")
+        ip(*c, "link", "set", "lo", "up")
+        ip(*c, "route", "add", "default", "via", net.peer_ip)
+        ip(*p, "addr", "add", f"{net.peer_ip}/24", "dev", "peer0")
+        ip(*p, "link", "set", "peer0", "up")
+        ip(*p, "link", "set", "lo", "up")
+        yield net
+    finally:
+        for name in (net.container_ns, net.peer_ns):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def spec_with_network(capsa: Capsa, net: Wire, script: str) -> None:
+    for applet in NETWORK_APPLETS:
+        link = capsa.bundle / "rootfs" / "bin" / applet
+        if not link.exists():
+            os.symlink("busybox", link)
+    www = capsa.bundle / "rootfs" / "www"
+    www.mkdir(exist_ok=True)
+    (www / "index.html").write_text("served-by-the-container\n")
+    capsa.spec(["sh", "-c", script])
+    config = capsa.bundle / "config.json"
+    spec = json.loads(config.read_text())
+    for namespace in spec["linux"]["namespaces"]:
+        if namespace["type"] == "network":
+            namespace["path"] = net.container_ns_path
+    config.write_text(json.dumps(spec))
+
+
+def use_network_model(model: str, path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point CAPSA_CONFIG at a copy of the configuration in force with ``[network] model`` set."""
+    base = resolve_config_path(None)[0]
+    lines = base.read_text().splitlines() if base.exists() else []
+    kept, skipping = [], False
+    for line in lines:
+        if line.strip().startswith("["):
+            skipping = line.strip() == "[network]"
+        if not skipping:
+            kept.append(line)
+    path.write_text("\n".join([*kept, "[network]", f'model = "{model}"', ""]))
+    monkeypatch.setenv("CAPSA_CONFIG", str(path))
+
+
+def peer_httpd(net: Wire, directory: Path) -> subprocess.Popen[bytes]:
+    directory.mkdir()
+    (directory / "index.html").write_text("served-by-the-peer\n")
+    return subprocess.Popen(
+        ["ip", "netns", "exec", net.peer_ns, "busybox", "httpd", "-f", "-p", "8081", "-h", str(directory)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def peer_get(net: Wire, host: str, port: int, timeout: float = 30) -> str:
+    """An HTTP GET from the peer namespace, retrying while the container's server comes up; the body."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = subprocess.run(
+            ["ip", "netns", "exec", net.peer_ns, "busybox", "sh", "-c", REQUEST.format(host=host, port=port)],
+            capture_output=True,
+            text=True,
+        )
+        if " 200 OK" in result.stdout or time.monotonic() > deadline:
+            return body(result.stdout)
+        time.sleep(0.3)
+
+
+def body(response: str) -> str:
+    return response.replace("\r\n", "\n").split("\n\n", 1)[-1]
+
+
+def ours_left(net: Wire) -> list[str]:
+    """Links and qdiscs of ours still in the container's namespace."""
+    found = [line for line in ip("-n", net.container_ns, "-o", "link").splitlines() if "_capsa" in line]
+    found += [line for line in tc(net.container_ns, "qdisc", "show").splitlines() if "ingress" in line]
+    return found
+
+
+# The container serves the peer; the test looks at the rest through `capsa exec`.
+SCRIPT = "exec httpd -f -p 80 -h /www"
+
+
+def check_network_round_trip(capsa: Capsa, net: Wire, tmp_path: Path, name: str) -> None:
+    spec_with_network(capsa, net, SCRIPT)
+    server = peer_httpd(net, tmp_path / "peer-www")
+    try:
+        result = capsa.run(name, "--detach")
+        assert result.code == 0, result.stderr
+        # The peer reaches the container's server at the veth's address.
+        assert peer_get(net, net.container_ip, 80) == "served-by-the-container\n"
+        exec_result = capsa("exec", name, "ip", "-o", "link", "show", "eth0")
+        assert exec_result.code == 0, exec_result.stderr
+        link = exec_result.stdout
+        assert f"link/ether {net.mac}" in link
+        assert f"mtu {net.mtu}" in link
+        addr = capsa("exec", name, "ip", "-o", "-4", "addr", "show", "eth0").stdout
+        assert f"inet {net.container_ip}/24" in addr
+        route = capsa("exec", name, "ip", "route").stdout
+        assert f"default via {net.peer_ip} dev eth0" in route
+        neighbours = ip("-n", net.peer_ns, "neigh", "show", net.container_ip)
+        assert net.mac in neighbours  # ARP answered by the guest, with the veth's MAC
+        # And the container reaches the peer's server.
+        get = capsa("exec", name, "sh", "-c", REQUEST.format(host=net.peer_ip, port=8081))
+        assert body(get.stdout) == "served-by-the-peer\n", get.stderr
+        assert ours_left(net) != []  # while it runs, the tap/macvtap is there
+    finally:
+        deleted = capsa("delete", "--force", name)
+        server.terminate()
+        server.wait(10)
+    assert deleted.code == 0, deleted.stderr
+    assert ours_left(net) == []
+    # The engine's veth is as the engine left it.
+    assert net.mac in ip("-n", net.container_ns, "-o", "link", "show", "eth0")
+    assert f"{net.container_ip}/24" in ip("-n", net.container_ns, "-o", "addr", "show", "eth0")
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_tcfilter_puts_the_guest_on_the_namespace_network(capsa: Capsa, network: Wire, tmp_path: Path) -> None:
+    check_network_round_trip(capsa, network, tmp_path, "net-tc")
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_macvtap_puts_the_guest_on_the_namespace_network(
+    capsa: Capsa, network: Wire, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_network_model("macvtap", tmp_path / "configuration.toml", monkeypatch)
+    check_network_round_trip(capsa, network, tmp_path, "net-mvt")
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_model_none_gives_no_nic(
+    capsa: Capsa, network: Wire, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_network_model("none", tmp_path / "configuration.toml", monkeypatch)
+    spec_with_network(capsa, network, "ip -o link")
+    result = capsa.run("net-none")
+    assert result.code == 0, result.stderr
+    assert [line.split(":")[1].strip() for line in result.stdout.splitlines()] == ["lo"]
+    assert ours_left(network) == []
