@@ -38,6 +38,8 @@ class Wire:
     peer_ns: str
     container_ip: str
     peer_ip: str
+    container_ip6: str
+    peer_ip6: str
     mac: str
     mtu: int
 
@@ -63,6 +65,8 @@ def network() -> Iterator[Wire]:
         peer_ns=f"capsa-nt-{tag}-p",
         container_ip=f"10.240.{subnet}.2",
         peer_ip=f"10.240.{subnet}.1",
+        container_ip6=f"fd00:ca05:{subnet:x}::2",
+        peer_ip6=f"fd00:ca05:{subnet:x}::1",
         mac=f"02:ca:05:a0:{subnet:02x}:02",
         mtu=1400,
     )
@@ -77,7 +81,11 @@ def network() -> Iterator[Wire]:
         ip(*c, "link", "set", "eth0", "up")
         ip(*c, "link", "set", "lo", "up")
         ip(*c, "route", "add", "default", "via", net.peer_ip)
+        # nodad: the addresses are usable at once, as a CNI plugin that waits for DAD leaves them.
+        ip(*c, "addr", "add", f"{net.container_ip6}/64", "dev", "eth0", "nodad")
+        ip(*c, "-6", "route", "add", "default", "via", net.peer_ip6, "dev", "eth0")
         ip(*p, "addr", "add", f"{net.peer_ip}/24", "dev", "peer0")
+        ip(*p, "addr", "add", f"{net.peer_ip6}/64", "dev", "peer0", "nodad")
         ip(*p, "link", "set", "peer0", "up")
         ip(*p, "link", "set", "lo", "up")
         yield net
@@ -141,6 +149,17 @@ def peer_get(net: Wire, host: str, port: int, timeout: float = 30) -> str:
         time.sleep(0.3)
 
 
+def peer_ping6(net: Wire, timeout: float = 20) -> bool:
+    """Ping the container's IPv6 address from the peer until it answers (the guest does DAD first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ping = ["ip", "netns", "exec", net.peer_ns, "busybox", "ping", "-6", "-c", "1", "-W", "1", net.container_ip6]
+        if subprocess.run(ping, capture_output=True).returncode == 0:
+            return True
+        time.sleep(0.3)
+    return False
+
+
 def body(response: str) -> str:
     return response.replace("\r\n", "\n").split("\n\n", 1)[-1]
 
@@ -173,6 +192,11 @@ def check_network_round_trip(capsa: Capsa, net: Wire, tmp_path: Path, name: str)
         assert f"inet {net.container_ip}/24" in addr
         route = capsa("exec", name, "ip", "route").stdout
         assert f"default via {net.peer_ip} dev eth0" in route
+        addr6 = capsa("exec", name, "ip", "-o", "-6", "addr", "show", "eth0").stdout
+        assert f"inet6 {net.container_ip6}/64" in addr6
+        route6 = capsa("exec", name, "ip", "-6", "route").stdout
+        assert f"default via {net.peer_ip6} dev eth0" in route6
+        assert peer_ping6(net), "the peer cannot reach the guest over IPv6"
         neighbours = ip("-n", net.peer_ns, "neigh", "show", net.container_ip)
         assert net.mac in neighbours  # ARP answered by the guest, with the veth's MAC
         # And the container reaches the peer's server.

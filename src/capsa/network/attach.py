@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -103,6 +104,7 @@ class NetworkAttachment:
             raise
 
     async def _attach(self, hypervisor: NicHypervisor, agent: NetworkAgent) -> None:
+        started = time.monotonic()
         self._netns_fd = netns.open_netns(self.netns_path)
         links, addresses, routes = await self._in_netns(netns.read_links_addresses_routes, "read its links")
         self.endpoints = select_endpoints(links, addresses)
@@ -117,14 +119,17 @@ class NetworkAttachment:
             return
         for slot, endpoint in enumerate(self.endpoints):
             await self._plug(hypervisor, endpoint, slot)
+        plugged = time.monotonic()
         for endpoint in self.endpoints:
             await _agent_call(agent.update_interface(interface_message(endpoint)), "UpdateInterface", endpoint.name)
         if self.routes:
             await _agent_call(agent.update_routes(routes_message(self.routes)), "UpdateRoutes", "")
         log.info(
-            "VM on the network of %s (%s): %s",
+            "VM on the network of %s (%s) in %.3f s (NICs plugged in %.3f s): %s",
             self.netns_path,
             self.model,
+            time.monotonic() - started,
+            plugged - started,
             "; ".join(f"{e.name} {e.mac} {' '.join(f'{a}/{p}' for a, p in e.addresses)}" for e in self.endpoints),
         )
 
