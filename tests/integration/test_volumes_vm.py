@@ -116,6 +116,29 @@ def test_a_block_volume_is_a_virtio_blk_disk(capsa: Capsa, tmp_path: Path, form:
     assert read_from_image(image, "out") == "from-the-container\n"
 
 
+@needs_e2fsprogs
+@pytest.mark.vm
+@pytest.mark.slow
+def test_a_block_device_the_host_has_mounted_is_refused_read_write(capsa: Capsa, tmp_path: Path) -> None:
+    """Two kernels mounting one filesystem corrupt it: a rw block volume must be the guest's alone."""
+    image = ext4_image(tmp_path / "busy.img")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    capsa.spec(["true"])
+    with loop_device(image) as device:
+        subprocess.run(["mount", device, str(mnt)], check=True)
+        try:
+            set_mounts(capsa, {"destination": "/data", "type": "bind", "source": device, "options": ["rbind", "rw"]})
+            result = capsa.run("busy")
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+
+    assert result.code != 0
+    assert result.stderr.strip() == (
+        f"capsa: block device {device} is mounted on the host: the VM cannot mount it read-write as well (use ro)"
+    )
+
+
 @pytest.mark.vm
 @pytest.mark.slow
 def test_a_block_device_in_linux_devices_is_the_containers_raw_disk(capsa: Capsa, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from capsa.errors import HypervisorError, InvalidArgument, StorageError
 from capsa.hypervisor.qemu import BlockDisk, blockdev_arguments, free_root_port, virtio_blk_arguments
 from capsa.protocols import agent_pb2 as pb
 from capsa.runtime.mounts import BLOCK_DEVICE_ANNOTATION
-from capsa.storage.host import block_device, mount_types, tmpfs_size
+from capsa.storage.host import block_device, check_not_mounted, mount_types, mounted_devices, tmpfs_size
 
 
 def sys_block(tmp_path: Path, disks: dict[str, str]) -> tuple[str, str]:
@@ -270,3 +270,14 @@ def test_a_block_devices_node_from_sysfs(tmp_path: Path) -> None:
     (dev / "sdb").touch()
     assert block_device(8, 16, sys_dev_block, dev) == dev / "sdb"
     assert block_device(8, 17, sys_dev_block, dev) is None
+
+
+def test_a_block_device_the_host_has_mounted_is_refused(tmp_path: Path) -> None:
+    assert mounted_devices(MOUNTINFO) == {(254, 0), (0, 36), (0, 37), (0, 38)}
+    mountinfo = tmp_path / "mountinfo"
+    rdev = os.stat("/dev/null").st_rdev  # any device node: what counts is its major:minor
+    mountinfo.write_text(f"22 1 {os.major(rdev)}:{os.minor(rdev)} / /mnt rw - ext4 /dev/sdz rw\n")
+    with pytest.raises(StorageError, match="block device /dev/null is mounted on the host"):
+        check_not_mounted(Path("/dev/null"), mountinfo)
+    mountinfo.write_text(MOUNTINFO)
+    check_not_mounted(Path("/dev/null"), mountinfo)

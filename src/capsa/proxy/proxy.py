@@ -32,9 +32,9 @@ from capsa.network.attach import NetworkAttachment
 from capsa.protocols import proxy_pb2
 from capsa.runtime.agent_client import AgentClient
 from capsa.runtime.bundle import load_bundle
-from capsa.runtime.mounts import HostBind, MountPlan, container_request, plan_mounts
+from capsa.runtime.mounts import BlockVolume, HostBind, MountPlan, container_request, plan_mounts
 from capsa.runtime.sandbox import Sandbox, SandboxSpec
-from capsa.storage.host import block_device, tmpfs_size
+from capsa.storage.host import block_device, check_not_mounted, tmpfs_size
 from capsa.storage.shared import SharedDir
 from capsa.ttrpc.client import Client
 
@@ -120,6 +120,8 @@ class Proxy:
             raise CapsaError("the sandbox is not running")
         for volume in plan.disks:
             assert hypervisor is not None
+            if isinstance(volume, BlockVolume) and volume.host_device and not volume.readonly:
+                check_not_mounted(volume.source)
             disk = BlockDisk(volume.source, volume.serial, volume.readonly, volume.host_device)
             await hypervisor.plug_block(disk)
             plugged.append(disk)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from capsa.errors import StorageError
+
 MOUNTINFO = Path("/proc/self/mountinfo")
 SYS_DEV_BLOCK = Path("/sys/dev/block")
 
@@ -59,6 +61,36 @@ def tmpfs_size(path: Path, mountinfo: Path = MOUNTINFO) -> int | None:
         return None
     size = stats.f_blocks * stats.f_frsize
     return size if size > 0 else None
+
+
+def mounted_devices(mountinfo: str) -> set[tuple[int, int]]:
+    """The ``major:minor`` (field 3 of proc(5) mountinfo) of every mounted filesystem's device."""
+    found: set[tuple[int, int]] = set()
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        if len(fields) > 2 and ":" in fields[2]:
+            major, _, minor = fields[2].partition(":")
+            if major.isdigit() and minor.isdigit():
+                found.add((int(major), int(minor)))
+    return found
+
+
+def check_not_mounted(device: Path, mountinfo: Path = MOUNTINFO) -> None:
+    """StorageError if the host has a filesystem of block device ``device`` mounted.
+
+    A filesystem mounted by two kernels at once, the host's and the
+    guest's, is corrupted by the first write of either: a block volume the
+    guest mounts read-write must be the guest's alone.
+    """
+    try:
+        rdev = os.stat(device).st_rdev
+        mounted = mounted_devices(mountinfo.read_text())
+    except OSError as exc:
+        raise StorageError(f"cannot check whether {device} is mounted: {os.strerror(exc.errno or 0)}") from exc
+    if (os.major(rdev), os.minor(rdev)) in mounted:
+        raise StorageError(
+            f"block device {device} is mounted on the host: the VM cannot mount it read-write as well (use ro)"
+        )
 
 
 def block_device(major: int, minor: int, sys_dev_block: Path = SYS_DEV_BLOCK, dev: Path = Path("/dev")) -> Path | None:
