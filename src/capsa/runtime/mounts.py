@@ -136,11 +136,6 @@ class BlockVolume:
     options: tuple[str, ...]  # for the guest mount (filesystem data, nosuid, ...)
     mount_point: str  # guest path the agent mounts it at
 
-    @property
-    def node_name(self) -> str:
-        """The QMP block node and device id stem: unique per disk of a VM."""
-        return self.serial
-
     def storage(self) -> pb.Storage:
         """The agent's Storage for this disk: driver ``blk``, ``source`` the serial."""
         options = [*self.options, "ro"] if self.readonly else list(self.options)
