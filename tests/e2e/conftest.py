@@ -4,7 +4,8 @@ sweep that ends whatever the runtime left running.
 
 ``CAPSA_E2E_RUNTIME`` picks the runtime (default ``/usr/local/bin/capsa``;
 ``runc`` proves the harness itself). ``CAPSA_E2E_ARGV_LOG=FILE`` keeps the
-log of every runtime invocation the engines made.
+log of every runtime invocation the engines made (and ``FILE.specs/`` the
+config.json each engine handed to ``create``).
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def session_dir() -> Iterator[Path]:
         keep = os.environ.get("CAPSA_E2E_ARGV_LOG")
         if keep and (path / "argv.log").exists():
             shutil.copy(path / "argv.log", keep)
+            if (path / "specs").exists():
+                shutil.copytree(path / "specs", keep + ".specs", dirs_exist_ok=True)
         shutil.rmtree(path, ignore_errors=True)
 
 

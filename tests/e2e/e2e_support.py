@@ -192,6 +192,7 @@ class Runtime:
     wrapper: Path = field(init=False)
     default_root: Path = field(init=False)
     argv_log: Path = field(init=False)
+    specs: Path = field(init=False)
 
     def __post_init__(self) -> None:
         bindir = self.session / f"bin-{self.tag}"
@@ -201,11 +202,17 @@ class Runtime:
         self.wrapper = bindir / self.binary.name
         self.default_root = self.session / "pr"
         self.argv_log = self.session / "argv.log"
+        self.specs = self.session / "specs" / self.tag
         self.wrapper.write_text(
             "#!/bin/sh\n"
             "# e2e: log the argv, mark every process the runtime starts, keep state private\n"
             f'printf "%s %s\\n" {self.tag} "$*" >> {self.argv_log}\n'
             f"export {MARK_VAR}={self.session}\n"
+            "# keep each spec an engine hands to create, for the report\n"
+            f"mkdir -p {self.specs}; b=; n=; for a; do\n"
+            '  [ "$n" = 1 ] && b=$a; n=; case $a in --bundle|-b) n=1;; --bundle=*) b=${a#--bundle=};; esac\n'
+            "done\n"
+            f'[ -n "$b" ] && [ -f "$b/config.json" ] && cp "$b/config.json" "{self.specs}/$(date +%s%N).json"\n'
             'case " $* " in *" --root "*|*" --root="*) ;; *) set -- --root '
             f'{self.default_root} "$@";; esac\n'
             f'exec {self.binary} "$@"\n'
