@@ -28,7 +28,7 @@ import os
 import sys
 import time
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from capsa.agent import network
@@ -133,9 +133,11 @@ class GuestNetwork:
     interleaved plans would each undo the other's work.
     """
 
-    def __init__(self, link_wait_seconds: float = LINK_WAIT_SECONDS) -> None:
+    def __init__(self, link_wait_seconds: float = LINK_WAIT_SECONDS, iproute: Callable[[], Any] | None = None) -> None:
+        """``iproute`` makes the rtnetlink socket (pyroute2's AsyncIPRoute unless given)."""
         self._lock = asyncio.Lock()
         self._link_wait_seconds = link_wait_seconds
+        self._iproute = iproute
 
     async def update_interface(self, message: pb.Interface) -> pb.Interface:
         request = network.interface_request(message)
@@ -161,7 +163,7 @@ class GuestNetwork:
 
     @contextlib.asynccontextmanager
     async def _open(self) -> Any:
-        ipr = _async_iproute()()
+        ipr = (self._iproute or _async_iproute())()
         try:
             yield ipr
         finally:
