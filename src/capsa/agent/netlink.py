@@ -7,8 +7,12 @@ into :class:`~capsa.agent.network.NetlinkFailed` with the request and the
 errno's words.
 
 pyroute2 is imported on the first call, never at agent start: a container
-without a network does not pay for it (under TCG the import costs about as
-much as a second of guest time).  Its rtnetlink modules import ``ssl`` at
+without a network does not pay for it.  Only the modules AsyncIPRoute
+needs are loaded: ``pyroute2/__init__.py``, which imports every netlink
+family pyroute2 supports (nl80211, conntrack, ipset, devlink...), is not
+run; the package is registered bare and its submodules import as usual.
+Under TCG that halves a cost of the order of a second of guest time.
+Its rtnetlink modules import ``ssl`` at
 module level, for an RTM_NEWPROBE ``ssl`` probe the agent never sends; the
 guest image has no ``ssl`` (no libssl: ``guest/image/build.py``), so while
 pyroute2 loads, a placeholder module stands in for it and is removed again
@@ -103,12 +107,27 @@ def _importable(name: str) -> bool:
         return False
 
 
+def _bare_package(name: str) -> None:
+    """Put package ``name`` in ``sys.modules`` without running its ``__init__``.
+
+    Its submodules import as usual (the module has its ``__path__``); only
+    what the package's own ``__init__`` would have imported is not loaded.
+    """
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.submodule_search_locations is None:
+        raise ImportError(f"no package named {name!r}")
+    sys.modules[name] = importlib.util.module_from_spec(spec)
+
+
 def _async_iproute() -> Any:
     """pyroute2's AsyncIPRoute, imported on first use."""
     global _iproute_class
     if _iproute_class is None:
         started = time.monotonic()
         try:
+            _bare_package("pyroute2")
             with _placeholders(_UNUSED_BY_AGENT):
                 module = importlib.import_module("pyroute2.iproute.linux")
         except ImportError as exc:
