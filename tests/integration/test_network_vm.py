@@ -94,7 +94,9 @@ def network() -> Iterator[Wire]:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
-def spec_with_network(capsa: Capsa, net: Wire, script: str) -> None:
+def spec_with_network(capsa: Capsa, net: Wire | None, script: str) -> None:
+    """The bundle's spec: ``script`` in busybox with network applets, in ``net``'s container namespace
+    (None: a new namespace, as the default spec asks)."""
     for applet in NETWORK_APPLETS:
         link = capsa.bundle / "rootfs" / "bin" / applet
         if not link.exists():
@@ -106,7 +108,7 @@ def spec_with_network(capsa: Capsa, net: Wire, script: str) -> None:
     config = capsa.bundle / "config.json"
     spec = json.loads(config.read_text())
     for namespace in spec["linux"]["namespaces"]:
-        if namespace["type"] == "network":
+        if namespace["type"] == "network" and net is not None:
             namespace["path"] = net.container_ns_path
     config.write_text(json.dumps(spec))
 
@@ -240,3 +242,45 @@ def test_model_none_gives_no_nic(
     assert result.code == 0, result.stderr
     assert [line.split(":")[1].strip() for line in result.stdout.splitlines()] == ["lo"]
     assert ours_left(network) == []
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_namespace_configured_between_create_and_start(capsa: Capsa, tmp_path: Path) -> None:
+    """Docker 28's order: the spec asks for a new namespace, `create` returns, the engine moves its
+    veth into /proc/<container pid>/ns/net and configures it, then `start`: the guest gets that network."""
+    subnet = random.randrange(1, 255)
+    peer_ns = f"capsa-nt-{os.getpid() % 10000}-{random.randrange(1 << 16):04x}-p"
+    container_ip, peer_ip, mac = f"10.241.{subnet}.2", f"10.241.{subnet}.1", f"02:ca:05:a1:{subnet:02x}:02"
+    spec_with_network(capsa, None, SCRIPT)
+    created = False
+    try:
+        ip("netns", "add", peer_ns)
+        result = capsa("create", "--bundle", str(capsa.bundle), "late-net")
+        assert result.code == 0, result.stderr
+        created = True
+        pid = int(capsa.state("late-net")["pid"])
+        # The container's PID lives in a network namespace of its own, not the host's.
+        assert os.stat(f"/proc/{pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
+        ip("-n", peer_ns, "link", "add", "peer0", "type", "veth", "peer", "name", "eth0", "netns", str(pid))
+        inside = ["nsenter", f"--net=/proc/{pid}/ns/net", "ip"]
+        for args in (
+            ["link", "set", "eth0", "address", mac],
+            ["addr", "add", f"{container_ip}/24", "dev", "eth0"],
+            ["link", "set", "eth0", "up"],
+            ["route", "add", "default", "via", peer_ip],
+        ):
+            subprocess.run([*inside, *args], check=True, capture_output=True)
+        ip("-n", peer_ns, "addr", "add", f"{peer_ip}/24", "dev", "peer0")
+        ip("-n", peer_ns, "link", "set", "peer0", "up")
+
+        result = capsa("start", "late-net")
+        assert result.code == 0, result.stderr
+
+        net = Wire("", peer_ns, container_ip, peer_ip, "", "", mac, 1500)
+        assert peer_get(net, container_ip, 80) == "served-by-the-container\n"
+        assert f"link/ether {mac}" in capsa("exec", "late-net", "ip", "-o", "link", "show", "eth0").stdout
+    finally:
+        if created:
+            capsa("delete", "--force", "late-net")
+        subprocess.run(["ip", "netns", "del", peer_ns], capture_output=True)

@@ -221,3 +221,13 @@ def test_network_config() -> None:
         parse_config({"network": {"model": "bridge"}})
     with pytest.raises(ConfigError, match=r"network\.queues: unknown key"):
         parse_config({"network": {"queues": 2}})
+
+
+def test_a_spec_asking_for_a_new_network_namespace() -> None:
+    from capsa.runtime.lifecycle import wants_private_netns
+
+    assert wants_private_netns({"linux": {"namespaces": [{"type": "pid"}, {"type": "network"}]}})
+    assert wants_private_netns({"linux": {"namespaces": [{"type": "network", "path": ""}]}})
+    assert not wants_private_netns({"linux": {"namespaces": [{"type": "network", "path": "/run/netns/cni-1"}]}})
+    assert not wants_private_netns({"linux": {"namespaces": [{"type": "pid"}]}})  # the host's: refused elsewhere
+    assert not wants_private_netns({})

@@ -188,11 +188,15 @@ def guest_spec(spec: dict[str, Any], rootfs: str, join_pid: int = 0) -> dict[str
     - ``hooks`` are dropped: config.md "POSIX-platform Hooks" run in the
       runtime namespace, which for capsa is the host; they name host
       binaries (dockerd's libnetwork-setkey, say) the guest does not have.
-    - A namespace entry with a ``path`` joins a host namespace
-      (config-linux.md "Namespaces").  For ``network`` that is the engine's
-      network namespace, which the VM mirrors into the guest's own network
-      (DESIGN.md 7), so the entry is removed and the container uses the
-      guest's network; for the others the host path means nothing in the
+    - The ``network`` entry is removed: the container uses the guest's own
+      network, which is the VM's mirror of the network namespace the
+      container has on the host (DESIGN.md 7), whether the spec names one
+      (Podman, CNI) or asks for a new one that an engine configures
+      between create and start (Docker 28, through the shim's namespace;
+      the NIC arrives after crun create).  Without a NIC the guest's
+      network is loopback only, as a new namespace would be.
+    - Another entry with a ``path`` joins a host namespace
+      (config-linux.md "Namespaces"): the host path means nothing in the
       guest and the container gets a namespace of its own, unless
       ``join_pid`` names the guest process of the pod's sandbox: then the
       container joins that process's namespace of the type, as it would
@@ -217,9 +221,9 @@ def guest_spec(spec: dict[str, Any], rootfs: str, join_pid: int = 0) -> dict[str
         if isinstance(namespaces, list):
             kept: list[Any] = []
             for entry in namespaces:
+                if isinstance(entry, dict) and entry.get("type") == "network":
+                    continue
                 if isinstance(entry, dict) and entry.get("path"):
-                    if entry.get("type") == "network":
-                        continue
                     proc_name = _PROC_NS.get(str(entry.get("type")))
                     if join_pid and proc_name:
                         entry = {**entry, "path": f"/proc/{join_pid}/ns/{proc_name}"}

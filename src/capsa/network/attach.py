@@ -106,6 +106,9 @@ class NetworkAttachment:
     async def _attach(self, hypervisor: NicHypervisor, agent: NetworkAgent) -> None:
         started = time.monotonic()
         self._netns_fd = netns.open_netns(self.netns_path)
+        if netns.is_host_netns(self._netns_fd):
+            # Its links are the host's: mirroring one into a VM would cut the host off.
+            raise NetworkError(f"{self.netns_path} is the host's network namespace: a VM cannot take it over")
         links, addresses, routes = await self._in_netns(netns.read_links_addresses_routes, "read its links")
         self.endpoints = select_endpoints(links, addresses)
         devices = {endpoint.index: endpoint.name for endpoint in self.endpoints}

@@ -109,6 +109,17 @@ def open_netns(path: str) -> int:
     return fd
 
 
+def is_host_netns(netns_fd: int) -> bool:
+    """Whether ``netns_fd`` is the network namespace of PID 1 or of this process (nsfs identity)."""
+    st = os.fstat(netns_fd)
+    for own in ("/proc/1/ns/net", "/proc/self/ns/net"):
+        with contextlib.suppress(OSError):
+            other = os.stat(own)
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                return True
+    return False
+
+
 def iproute() -> Any:
     """A pyroute2 ``IPRoute`` on a netlink socket of the calling thread's namespace."""
     from pyroute2 import IPRoute

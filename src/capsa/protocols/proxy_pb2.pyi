@@ -61,6 +61,26 @@ class CreateContainerRequest(_message.Message):
 Global___CreateContainerRequest: _TypeAlias = CreateContainerRequest  # noqa: Y015
 
 @_typing.final
+class AttachNetworkRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NETNS_FIELD_NUMBER: _builtins.int
+    netns: _builtins.str
+    """path of the network namespace, e.g. /proc/PID/ns/net"""
+    def __init__(
+        self,
+        *,
+        netns: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["netns", b"netns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachNetworkRequest: _TypeAlias = AttachNetworkRequest  # noqa: Y015
+
+@_typing.final
 class InfoRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -79,6 +79,9 @@ class ProxyClient:
         request = pb.CreateContainerRequest(container_id=container_id, bundle=str(bundle))
         await self._unary("CreateContainer", request, pb.Empty, timeout=None)
 
+    async def attach_network(self, netns: str) -> None:
+        await self._unary("AttachNetwork", pb.AttachNetworkRequest(netns=netns), pb.Empty, timeout=None)
+
     async def info(self) -> pb.InfoResponse:
         return await self._unary("Info", pb.InfoRequest(), pb.InfoResponse)
 

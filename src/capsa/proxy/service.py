@@ -68,6 +68,10 @@ def build_server(proxy: Proxy) -> Server:
         await _as_status(proxy.create_container(request.container_id, request.bundle))
         return proxy_pb2.Empty()
 
+    async def attach_network(request: proxy_pb2.AttachNetworkRequest, context: Context) -> proxy_pb2.Empty:
+        await _as_status(proxy.attach_network(request.netns))
+        return proxy_pb2.Empty()
+
     async def info(request: proxy_pb2.InfoRequest, context: Context) -> proxy_pb2.InfoResponse:
         return await _as_status(proxy.info())
 
@@ -83,6 +87,7 @@ def build_server(proxy: Proxy) -> Server:
         PROXY_SERVICE,
         {
             "CreateContainer": unary_method(proxy_pb2.CreateContainerRequest, create_container),
+            "AttachNetwork": unary_method(proxy_pb2.AttachNetworkRequest, attach_network),
             "Info": unary_method(proxy_pb2.InfoRequest, info),
             "ResizeVM": unary_method(proxy_pb2.ResizeVMRequest, resize_vm),
             "Shutdown": unary_method(proxy_pb2.ShutdownRequest, shutdown),

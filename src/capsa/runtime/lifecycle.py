@@ -141,6 +141,8 @@ def _create_locked(
 
     with_proxy(run_dir, config.agent.request_timeout, create_in_vm)
     args = [*rt.helper_args(), f"--id={state.id}"]  # an ID may begin with "-"
+    if wants_private_netns(bundle.spec):
+        args.append("--new-netns")
     if request.console_socket:
         args += ["--console-socket", request.console_socket]
     elif bundle.terminal:
@@ -169,6 +171,9 @@ def start(rt: Runtime, container_id: str) -> None:
         hooks.run_hooks(spec, "startContainer", oci_state(state, status))
 
         async def start_in_vm(client: ProxyClient) -> None:
+            if wants_private_netns(spec) and pids.alive(state.pid, state.pid_start):
+                # What an engine put into the shim's namespace since create (Docker 28).
+                await client.attach_network(f"/proc/{state.pid}/ns/net")
             await client.agent.start_container(state.id)
 
         with_proxy(rt.store.dir(container_id), rt.config.agent.request_timeout, start_in_vm)
@@ -329,6 +334,19 @@ def _spec(state: ContainerState, missing_ok: bool = False) -> dict[str, Any]:
             return {}
         raise CapsaError(f"{path}: cannot read the container's spec: {exc}") from exc
     return spec if isinstance(spec, dict) else {}
+
+
+def wants_private_netns(spec: dict[str, Any]) -> bool:
+    """Whether the spec asks for a new network namespace without naming one (config-linux.md "Namespaces").
+
+    Its shim then lives in a new one, which is the namespace an engine that
+    configures ``/proc/<container pid>/ns/net`` after create (Docker) sees.
+    """
+    linux = spec.get("linux")
+    namespaces = linux.get("namespaces") if isinstance(linux, dict) else None
+    return isinstance(namespaces, list) and any(
+        isinstance(entry, dict) and entry.get("type") == "network" and not entry.get("path") for entry in namespaces
+    )
 
 
 def check_pid_file(path: Path | None) -> None:

@@ -1,7 +1,7 @@
 """``capsa-shim``: the host process that stands for one process in the guest.
 
 ``capsa-shim --root R --id ID [--exec-id E --process FILE] [--terminal]
-[--console-socket PATH] --ready-fd N``
+[--console-socket PATH] [--new-netns] --ready-fd N``
 
 Started by ``capsa create`` (the container's init) or ``capsa exec`` (an
 extra process), never by hand.  Engines treat the PID in ``--pid-file`` as
@@ -15,6 +15,12 @@ and its exit status is what they report.  Hence the shim:
 - lives exactly as long as the guest process, exits with its status (the
   exit code, or 128+N for signal N; 255 when the VM itself went away), and
   forwards the signals it receives to it.
+
+With ``--new-netns`` (a spec that wants a network namespace of its own
+without naming one) the shim lives in a new, empty network namespace:
+engines that configure ``/proc/<container pid>/ns/net`` after ``create``
+(Docker) configure that one, not the host's, and ``capsa start`` puts the
+VM on whatever they put there (:mod:`capsa.network.attach`).
 
 It reaches the agent through ``proxy.sock``; its log is ``shim.log`` (or
 ``exec-E.log``) in the container's state directory.
@@ -33,6 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from capsa.agent import libc
 from capsa.cli.report import setup_logging
 from capsa.config import load_config
 from capsa.errors import AgentError, CapsaError
@@ -42,6 +49,8 @@ from capsa.shim import console
 from capsa.shim.relay import ProcessIO, raw_terminal, relay
 
 log = logging.getLogger("capsa.shim")
+
+CLONE_NEWNET = 0x40000000
 
 #: The exit status when the process's fate is unknown because its VM is gone.
 VM_LOST_STATUS = 255
@@ -55,6 +64,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--process", default=None, help="the exec's OCI process JSON")
     parser.add_argument("--terminal", action="store_true")
     parser.add_argument("--console-socket", default=None)
+    parser.add_argument("--new-netns", action="store_true")
     parser.add_argument("--config", default=None)
     parser.add_argument("--debug", action="store_true")
     parser.add_argument("--ready-fd", type=int, default=-1)
@@ -73,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         process: dict[str, Any] | None = None
         if args.process:
             process = json.loads(Path(args.process).read_text())
+        if args.new_netns:
+            # Before any thread: unshare moves only the calling thread.
+            libc.unshare(CLONE_NEWNET)
     except (CapsaError, OSError, ValueError) as exc:
         ready.fail(str(exc))
         return 1
