@@ -8,6 +8,7 @@ from capsa.agent import libc, storage
 from capsa.agent.sandbox import _refuse_subpath
 from capsa.errors import InvalidArgument, StorageError
 from capsa.protocols import agent_pb2 as pb
+from capsa.runtime import mounts
 from capsa.runtime.mounts import GUEST_SHARE_DIR
 
 
@@ -47,3 +48,8 @@ def test_a_failed_bind_names_its_source() -> None:
     assert str(error.value) == (
         "cannot mount bind of /nonexistent-capsa-src at /proc/nonexistent-capsa/target: No such file or directory"
     )
+
+
+def test_the_agent_reads_the_block_device_annotation_the_host_writes() -> None:
+    # Two definitions on purpose: the agent must not import the host's mounts module (see storage.py).
+    assert storage.BLOCK_DEVICE_ANNOTATION == mounts.BLOCK_DEVICE_ANNOTATION
