@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import json
+import subprocess
 import sys
 
 import pytest
@@ -324,3 +326,14 @@ def test_placeholders_stand_in_only_for_missing_modules_and_leave_afterwards() -
             _ = placeholder.create_default_context
     assert "capsa_no_such_module" not in sys.modules
     assert "capsa_no_such_module.sub" not in sys.modules
+
+
+def test_the_agents_start_imports_no_network_code_nor_the_hosts_modules() -> None:
+    # Startup is on the critical path of every sandbox (under TCG each
+    # module costs guest time): pyroute2 and the planning code wait for the
+    # first UpdateInterface/UpdateRoutes, and the host's runtime modules
+    # (pathlib, hashlib, urllib behind them) stay out.
+    code = "import sys, json, capsa.agent.main; print(json.dumps(sorted(sys.modules)))"
+    loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, text=True).stdout)
+    unwanted = ("pyroute2", "capsa.agent.network", "capsa.agent.netlink", "capsa.runtime.mounts", "ipaddress")
+    assert [name for name in loaded if name.startswith(unwanted)] == []
