@@ -129,14 +129,21 @@ def test_guest_spec_drops_what_only_means_something_on_the_host() -> None:
         "root": {"path": "/g/rootfs"},
         "process": {"args": ["sh"]},
         "linux": {
-            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "mount"}],
+            "namespaces": [
+                {"type": "pid"},
+                {"type": "network", "path": "/proc/1/ns/net"},
+                {"type": "ipc"},
+                {"type": "mount"},
+            ],
             "cgroupsPath": "/docker/abc",
         },
     }
     assert spec["linux"]["namespaces"][1]["path"] == "/run/netns/cni-1234"  # input untouched
-    # A network namespace without a path goes too: the guest's network is the one an engine
+    # A network namespace without a path too: the guest's network is the one an engine
     # configures later in the container's namespace on the host (or loopback only).
-    assert crun.guest_spec({"linux": {"namespaces": [{"type": "network"}]}}, "/r")["linux"] == {"namespaces": []}
+    assert crun.guest_spec({"linux": {"namespaces": [{"type": "network"}]}}, "/r")["linux"] == {
+        "namespaces": [{"type": "network", "path": "/proc/1/ns/net"}]
+    }
 
 
 @pytest.mark.parametrize("raw", [b"{", b"[1]", b'{"process": 3}'])
@@ -297,10 +304,12 @@ def test_a_pods_container_joins_the_sandbox_containers_namespaces() -> None:
     }
     joined = crun.guest_spec(spec, "/r", join_pid=37)["linux"]["namespaces"]
     # The guest process of the sandbox, not the host PID; the network is the guest's own.
+    guest_network = {"type": "network", "path": "/proc/1/ns/net"}
     assert joined == [
         {"type": "ipc", "path": "/proc/37/ns/ipc"},
         {"type": "uts", "path": "/proc/37/ns/uts"},
+        guest_network,
         {"type": "pid"},
     ]
     alone = crun.guest_spec(spec, "/r")["linux"]["namespaces"]
-    assert alone == [{"type": "ipc"}, {"type": "uts"}, {"type": "pid"}]
+    assert alone == [{"type": "ipc"}, {"type": "uts"}, guest_network, {"type": "pid"}]

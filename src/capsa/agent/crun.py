@@ -181,6 +181,11 @@ def bundle_config(spec: dict[str, Any], rootfs: str, join_pid: int = 0) -> bytes
 _PROC_NS = {"pid": "pid", "ipc": "ipc", "uts": "uts", "mount": "mnt", "user": "user", "cgroup": "cgroup"}
 
 
+#: The guest's network namespace, where the NICs of the engine's network are
+#: (the agent is PID 1): every container's network in the VM.
+GUEST_NETNS = "/proc/1/ns/net"
+
+
 def guest_spec(spec: dict[str, Any], rootfs: str, join_pid: int = 0) -> dict[str, Any]:
     """The engine's spec, made to mean in the guest what it meant on the host.
 
@@ -188,13 +193,16 @@ def guest_spec(spec: dict[str, Any], rootfs: str, join_pid: int = 0) -> dict[str
     - ``hooks`` are dropped: config.md "POSIX-platform Hooks" run in the
       runtime namespace, which for capsa is the host; they name host
       binaries (dockerd's libnetwork-setkey, say) the guest does not have.
-    - The ``network`` entry is removed: the container uses the guest's own
-      network, which is the VM's mirror of the network namespace the
-      container has on the host (DESIGN.md 7), whether the spec names one
-      (Podman, CNI) or asks for a new one that an engine configures
-      between create and start (Docker 28, through the shim's namespace;
-      the NIC arrives after crun create).  Without a NIC the guest's
-      network is loopback only, as a new namespace would be.
+    - The ``network`` entry joins the guest's own network namespace
+      (PID 1's, :data:`GUEST_NETNS`): that is the VM's mirror of the
+      network namespace the container has on the host (DESIGN.md 7),
+      whether the spec names one (Podman, CNI) or asks for a new one that
+      an engine configures between create and start (Docker 28, through
+      the shim's namespace; the NIC arrives after crun create).  Without a
+      NIC the guest's network is loopback only, as a new namespace would
+      be.  The entry stays (with that path) because crun applies
+      ``net.*`` sysctls only to a container with a network namespace
+      entry, and they then apply to the guest's network.
     - Another entry with a ``path`` joins a host namespace
       (config-linux.md "Namespaces"): the host path means nothing in the
       guest and the container gets a namespace of its own, unless
@@ -222,6 +230,7 @@ def guest_spec(spec: dict[str, Any], rootfs: str, join_pid: int = 0) -> dict[str
             kept: list[Any] = []
             for entry in namespaces:
                 if isinstance(entry, dict) and entry.get("type") == "network":
+                    kept.append({"type": "network", "path": GUEST_NETNS})
                     continue
                 if isinstance(entry, dict) and entry.get("path"):
                     proc_name = _PROC_NS.get(str(entry.get("type")))
