@@ -46,7 +46,7 @@ GROUPS = ("shim", "qemu", "virtiofsd", "containers")
 
 def group_of(proc: Proc) -> str:
     argv0 = proc.cmdline.split(" ", 1)[0]
-    if "containerd-shim" in argv0:
+    if "containerd-shim" in argv0 or "capsa.shim.v2" in proc.cmdline:
         return "shim"
     if "qemu-system" in argv0:
         return "qemu"
@@ -132,16 +132,18 @@ def report(results: dict[str, Figures], sizes: list[int], rounds: int) -> None:
         f"\n{rounds} round(s), medians; guest {hv.default_memory_mib} MiB / {hv.default_vcpus} vCPU, "
         f"boot = {hv.boot}, shared fs {config.shared_fs.kind}\n"
     )
-    print("Time (CRI calls as the kubelet makes them):\n")
+    print("Time (CRI calls as the kubelet makes them), median (min):\n")
     print("| handler | pod size | RunPodSandbox | container 1 | further containers (each) |")
     print("|---|---|---|---|---|")
+
+    def cell(values: list[float]) -> str:
+        return f"{statistics.median(values):.3f} s ({min(values):.3f})" if values else "-"
+
     for handler, fig in results.items():
         for size in sizes:
-            pod = statistics.median(fig.pod_start[size])
-            first = statistics.median(s[0] for s in fig.container_start[size])
+            first = [s[0] for s in fig.container_start[size]]
             rest = [x for s in fig.container_start[size] for x in s[1:]]
-            rest_text = f"{statistics.median(rest):.3f} s" if rest else "-"
-            print(f"| {handler} | {size} | {pod:.3f} s | {first:.3f} s | {rest_text} |")
+            print(f"| {handler} | {size} | {cell(fig.pod_start[size])} | {cell(first)} | {cell(rest)} |")
     print("\nHost memory of the idle pod, MiB (RSS / PSS):\n")
     print("| handler | pod size | " + " | ".join(GROUPS) + " | total PSS | PSS per container |")
     print("|---|---|" + "---|" * len(GROUPS) + "---|---|")
