@@ -134,6 +134,9 @@ def test_killed_vm_stops_every_container(k: ShimContainerd, handler: str) -> Non
             60,
             "every container of the pod to exit",
         )
+        for cid in ids:
+            status = k.call("ContainerStatus", cri.ContainerStatusRequest(container_id=cid)).status
+            assert status.exit_code != 0 and status.finished_at > 0, status
         status = k.call("PodSandboxStatus", cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id)).status
         assert status.state == cri.SANDBOX_NOTREADY
     left = k.wait_nothing_left()
