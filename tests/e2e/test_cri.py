@@ -52,11 +52,12 @@ def start_containers(k: ShimContainerd, pod_id: str, pod: cri.PodSandboxConfig, 
 
 
 def state_paths(procs: list[Proc]) -> list[Path]:
-    """The runtime's state (sockets, state directories) that the shim, QEMU and
-    virtiofsd name outside the test's directory: below /run/capsa and /run/containerd."""
+    """The runtime's state (sockets, state directories, the VM's RAM file) that the
+    shim, QEMU and virtiofsd name outside the test's directory: below /run/capsa
+    and /run/containerd, and /dev/shm/capsa-*."""
     found = set()
     for proc in procs:
-        for match in re.finditer(r"/run/(?:capsa|containerd)/[^\s,=]+", proc.cmdline):
+        for match in re.finditer(r"(?:/run/(?:capsa|containerd)/|/dev/shm/capsa-)[^\s,=]+", proc.cmdline):
             path = Path(match.group(0))
             # The directory right below the shim's own (/run/capsa/v2/<pod>, /run/capsa/s/<hash>).
             found.add(Path(*path.parts[:5]) if len(path.parts) > 5 else path)
@@ -128,6 +129,7 @@ def test_killed_vm_stops_every_container(k: ShimContainerd, handler: str) -> Non
         ids = start_containers(k, pod_id, pod, 2)
         qemus = k.qemus()
         assert len(qemus) == 1, f"not one QEMU for the pod: {[str(q) for q in qemus]}"
+        state = state_paths(k.processes())
         os.kill(qemus[0].pid, signal.SIGKILL)
         wait_for(
             lambda: all(k.container_state(cid) == cri.CONTAINER_EXITED for cid in ids),
@@ -141,6 +143,7 @@ def test_killed_vm_stops_every_container(k: ShimContainerd, handler: str) -> Non
         assert status.state == cri.SANDBOX_NOTREADY
     left = k.wait_nothing_left()
     assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)
+    assert [p for p in state if p.exists()] == [], "state left behind"
 
 
 def test_shim_named_by_path(k: ShimContainerd, handler: str) -> None:
