@@ -12,6 +12,8 @@ Targets, all in one invocation, on the same host disk:
   "virtio-9p"`` (a configuration file of the benchmark's own, in its temp dir);
 - ``virtio-blk volume``: a raw ext4 image file on the host disk, attached as
   a block volume (a mount of type ext4 whose source is the image).
+- with ``--virtiofs-cache MODE``: the virtio-fs rootfs and volume again
+  with ``shared_fs.virtiofs_cache = MODE`` (virtiofsd's ``-o cache=``).
 
 Each round and target: ``dd if=/dev/zero bs=1M count=256 conv=fsync`` (the
 write counts until the data is on the host's disk), then the host drops its
@@ -25,7 +27,7 @@ kernel's copy loops in QEMU's translator.
 
 Prints the median MiB/s of N rounds and the ratio to the host's.  Run as
 root after scripts/setup.sh, with capsa's Python:
-/opt/capsa/venv/bin/python bench/storage.py [--rounds N] [--size-mib M]
+/opt/capsa/venv/bin/python bench/storage.py [--rounds N] [--size-mib M] [--virtiofs-cache none ...]
 """
 
 from __future__ import annotations
@@ -86,23 +88,28 @@ def make_bundle(work: Path) -> Path:
     return bundle
 
 
-def config_with(work: Path, kind: str) -> Path:
-    """The host's configuration with ``[shared_fs] kind`` replaced (a file in the benchmark's temp dir)."""
+def config_with(work: Path, kind: str, cache: str | None = None) -> Path:
+    """The host's configuration with ``[shared_fs] kind`` (and ``virtiofs_cache``) replaced, in the temp dir."""
     source = Path(os.environ.get("CAPSA_CONFIG", DEFAULT_CONFIG_PATH))
     lines = source.read_text().splitlines() if source.exists() else []
-    section, done = "", False
+    wanted = {"kind": kind, **({"virtiofs_cache": cache} if cache is not None else {})}
+    section, done = "", set()
     for index, line in enumerate(lines):
         stripped = line.strip()
         if stripped.startswith("["):
             section = stripped
-        elif section == "[shared_fs]" and re.match(r"kind\s*=", stripped):
-            lines[index] = f'kind = "{kind}"'
-            done = True
-    if not done and "[shared_fs]" in lines:
-        lines.insert(lines.index("[shared_fs]") + 1, f'kind = "{kind}"')
-    elif not done:
-        lines += ["[shared_fs]", f'kind = "{kind}"']
-    path = work / f"configuration-{kind}.toml"
+            continue
+        key = re.match(r"(\w+)\s*=", stripped)
+        if section == "[shared_fs]" and key and key.group(1) in wanted:
+            lines[index] = f'{key.group(1)} = "{wanted[key.group(1)]}"'
+            done.add(key.group(1))
+    missing = [f'{key} = "{value}"' for key, value in wanted.items() if key not in done]
+    if missing and "[shared_fs]" in lines:
+        at = lines.index("[shared_fs]") + 1
+        lines[at:at] = missing
+    elif missing:
+        lines += ["[shared_fs]", *missing]
+    path = work / f"configuration-{kind}-{cache or 'default'}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -153,16 +160,23 @@ def report(targets: list[Target], size_mib: int, rounds: int) -> None:
     host = targets[0]
     host_write, host_read = statistics.median(host.write), statistics.median(host.read)
     print(f"sequential {size_mib} MiB, dd bs=1M; write with conv=fsync, read after dropping caches; median of {rounds}")
-    print(f"{'target':<22} {'write MiB/s':>12} {'x host':>7} {'read MiB/s':>11} {'x host':>7}")
+    print(f"{'target':<29} {'write MiB/s':>12} {'x host':>7} {'read MiB/s':>11} {'x host':>7}")
     for target in targets:
         write, read = statistics.median(target.write), statistics.median(target.read)
-        print(f"{target.name:<22} {write:>12.1f} {write / host_write:>7.2f} {read:>11.1f} {read / host_read:>7.2f}")
+        print(f"{target.name:<29} {write:>12.1f} {write / host_write:>7.2f} {read:>11.1f} {read / host_read:>7.2f}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument(
+        "--virtiofs-cache",
+        action="append",
+        default=[],
+        choices=("auto", "always", "none"),
+        help="also measure virtio-fs rootfs and volume with this shared_fs.virtiofs_cache (repeatable)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root (QEMU, virtiofsd, dropping the page cache)")
@@ -187,6 +201,12 @@ def main() -> int:
             Target("9p volume", nine_p, "/vol", [bind]),
             Target("virtio-blk volume", virtio_fs, "/blk", [blk]),
         ]
+        for cache in args.virtiofs_cache:
+            config = config_with(work, "virtio-fs", cache)
+            targets += [
+                Target(f"virtio-fs cache={cache} rootfs", config, "/bench"),
+                Target(f"virtio-fs cache={cache} volume", config, "/vol", [bind]),
+            ]
         serial = 0
         for round_ in range(args.rounds):
             for target in targets:
