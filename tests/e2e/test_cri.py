@@ -170,3 +170,44 @@ def test_pod_ip_inside(k: ShimContainerd, handler: str) -> None:
             assert f"inet {ip}/" in result.stdout.decode(), result.stdout.decode()
     left = k.wait_nothing_left()
     assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)
+
+
+def test_container_limits(k: ShimContainerd, handler: str) -> None:
+    """A container's CPU and memory limits reach its cgroup (the host's under runc,
+    the guest's under capsa), and under capsa the pod VM grows to hold them: the
+    guest gains the memory and the vCPUs (as many as ``max_vcpus`` allows), online."""
+    quota_cpus, limit_mib = 2, 768
+    resources = cri.LinuxContainerResources(
+        cpu_period=100000, cpu_quota=quota_cpus * 100000, memory_limit_in_bytes=limit_mib << 20
+    )
+    with k.pod(f"limits-{handler}", handler) as (pod_id, pod):
+        config = cri.ContainerConfig(
+            metadata=cri.ContainerMetadata(name="limited"),
+            image=cri.ImageSpec(image=BUSYBOX_IMAGE),
+            command=SLEEP,
+            linux=cri.LinuxContainerConfig(resources=resources),
+        )
+        cid = k.call(
+            "CreateContainer", cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod)
+        ).container_id
+        k.call("StartContainer", cri.StartContainerRequest(container_id=cid))
+        if handler == "runc":
+            # The host's cgroup v1 hierarchies, as the container sees them.
+            script = "cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us /sys/fs/cgroup/memory/memory.limit_in_bytes"
+        else:
+            # The guest's cgroup v2 (no cgroup namespace: CRI adds none on a v1 host).
+            script = "d=/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup); cut -d' ' -f1 $d/cpu.max; cat $d/memory.max"
+        result = k.exec_sync(cid, ["sh", "-c", f"{script}; nproc; grep MemTotal /proc/meminfo"])
+        assert result.exit_code == 0, result.stderr
+        quota, limit, nproc, memtotal = result.stdout.decode().splitlines()
+        assert (int(quota), int(limit)) == (quota_cpus * 100000, limit_mib << 20)
+        if handler == "capsa":
+            from capsa.config import host_cpus, load_config, max_vcpus_for
+
+            hv = load_config().hypervisor
+            assert int(nproc) == min(hv.default_vcpus + quota_cpus, max_vcpus_for(hv, host_cpus())), nproc
+            memtotal_mib = int(memtotal.split()[1]) // 1024
+            # The kernel keeps some of the RAM for itself; the limit came on top of the default.
+            assert memtotal_mib > hv.default_memory_mib * 0.9 + limit_mib, memtotal
+    left = k.wait_nothing_left()
+    assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)
