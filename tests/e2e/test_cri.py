@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -209,5 +210,20 @@ def test_container_limits(k: ShimContainerd, handler: str) -> None:
             memtotal_mib = int(memtotal.split()[1]) // 1024
             # The kernel keeps some of the RAM for itself; the limit came on top of the default.
             assert memtotal_mib > hv.default_memory_mib * 0.9 + limit_mib, memtotal
+    left = k.wait_nothing_left()
+    assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)
+
+
+def test_exec_sync_timeout(k: ShimContainerd, handler: str) -> None:
+    """ExecSync past its timeout: containerd kills the exec'd process and says so; the
+    container goes on, and the killed process is gone from it."""
+    with k.pod(f"timeout-{handler}", handler) as (pod_id, pod):
+        (cid,) = start_containers(k, pod_id, pod, 1)
+        started = time.monotonic()
+        with pytest.raises(AssertionError, match="timeout"):
+            k.exec_sync(cid, ["sleep", "67"], timeout=2)
+        assert time.monotonic() - started < 30
+        wait_for(lambda: "sleep 67" not in k.exec_sync(cid, ["ps"]).stdout.decode(), 30, "the timed-out exec to end")
+        assert k.container_state(cid) == cri.CONTAINER_RUNNING
     left = k.wait_nothing_left()
     assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)
