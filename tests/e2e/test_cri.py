@@ -227,3 +227,51 @@ def test_exec_sync_timeout(k: ShimContainerd, handler: str) -> None:
         assert k.container_state(cid) == cri.CONTAINER_RUNNING
     left = k.wait_nothing_left()
     assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)
+
+
+def create_started(k: ShimContainerd, pod_id: str, pod: cri.PodSandboxConfig, name: str, command: list[str]) -> str:
+    cid = k.create_container(pod_id, pod, name, command)
+    k.call("StartContainer", cri.StartContainerRequest(container_id=cid))
+    return cid
+
+
+def finished(k: ShimContainerd, cid: str) -> cri.ContainerStatus:
+    wait_for(lambda: k.container_state(cid) == cri.CONTAINER_EXITED, 60, f"container {cid[:12]} to exit")
+    return k.call("ContainerStatus", cri.ContainerStatusRequest(container_id=cid)).status
+
+
+def test_container_lifecycle_in_a_running_pod(k: ShimContainerd, handler: str) -> None:
+    """Containers come and go while the pod (and its VM) stays: an exit status and
+    the container's output reach CRI (its log file), StopContainer's SIGTERM is
+    honoured or followed by SIGKILL after the grace period, RemoveContainer
+    removes one, and a new container still joins the pod."""
+    with k.pod(f"cycle-{handler}", handler) as (pod_id, pod):
+        talker = create_started(k, pod_id, pod, "talker", ["sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 3"])
+        status = finished(k, talker)
+        assert status.exit_code == 3, status
+        log = Path(status.log_path).read_text()
+        # CRI's log format: <time> <stream> <F|P> <line>
+        assert " stdout F to-stdout\n" in log and " stderr F to-stderr\n" in log, log
+
+        polite = create_started(k, pod_id, pod, "polite", ["sh", "-c", 'trap "exit 0" TERM; while :; do sleep 1; done'])
+        stubborn = create_started(k, pod_id, pod, "stubborn", ["sh", "-c", 'trap "" TERM; while :; do sleep 1; done'])
+        # Give the shells time to set their traps.
+        time.sleep(1)
+        k.call("StopContainer", cri.StopContainerRequest(container_id=polite, timeout=20))
+        assert finished(k, polite).exit_code == 0
+        started = time.monotonic()
+        k.call("StopContainer", cri.StopContainerRequest(container_id=stubborn, timeout=2))
+        assert finished(k, stubborn).exit_code == 128 + signal.SIGKILL
+        assert time.monotonic() - started >= 2
+
+        for cid in (talker, polite, stubborn):
+            k.call("RemoveContainer", cri.RemoveContainerRequest(container_id=cid))
+        listed = k.call("ListContainers", cri.ListContainersRequest(filter=cri.ContainerFilter(pod_sandbox_id=pod_id)))
+        assert listed.containers == []
+
+        late = create_started(k, pod_id, pod, "late", SLEEP)
+        assert k.exec_sync(late, ["true"]).exit_code == 0
+        assert len(k.shims()) == 1
+        assert len(k.qemus()) == (1 if handler == "capsa" else 0)
+    left = k.wait_nothing_left()
+    assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)
