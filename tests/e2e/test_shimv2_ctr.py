@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,6 +100,33 @@ def test_exec_ps_metrics_pause_kill(k: ShimContainerd, runtime: str) -> None:
         k.ctr(NS, "tasks", "delete", cid).check()
         assert task_status(k, cid) == "absent"
     finally:
+        k.ctr(NS, "tasks", "delete", "--force", cid)
+        k.ctr(NS, "containers", "delete", cid)
+
+
+def test_foreground_run_gets_the_exit_status_of_a_kill(k: ShimContainerd, runtime: str) -> None:
+    """``ctr run --rm`` in the foreground, ``ctr task kill`` from elsewhere: the
+    container's trap answers SIGTERM with 42, which ``ctr run`` exits with (the
+    shim's Wait and /tasks/exit carry it), and --rm removes the container."""
+    cid = f"f-{runtime}"
+    proc = subprocess.Popen(
+        k.ctr_argv(NS, *ctr_run(k, runtime, "--rm", BUSYBOX_IMAGE, cid, "sh", "-c", TRAP_LOOP)),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: task_status(k, cid) == "RUNNING", 120, "the task to run")
+        # Let the shell reach its trap before the signal comes.
+        time.sleep(1)
+        k.ctr(NS, "tasks", "kill", "--signal", "SIGTERM", cid).check()
+        assert proc.wait(timeout=60) == 42, proc.stderr.read() if proc.stderr else ""
+        wait_for(lambda: k.ctr(NS, "containers", "ls", "--quiet").out.split().count(cid) == 0, 30, "--rm")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
         k.ctr(NS, "tasks", "delete", "--force", cid)
         k.ctr(NS, "containers", "delete", cid)
 
