@@ -10,7 +10,6 @@ harness: the same steps, the host's kernel instead of a VM.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
 from collections.abc import Iterator
@@ -18,8 +17,7 @@ from pathlib import Path
 
 import pytest
 from cri import api_pb2 as cri
-from cri.harness import BUSYBOX_IMAGE, SUBNET, ShimContainerd, capsa_shim, host_boot_id, wait_for
-from e2e_support import Proc
+from cri.harness import BUSYBOX_IMAGE, SUBNET, ShimContainerd, capsa_shim, host_boot_id, state_paths, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vm, pytest.mark.slow]
 
@@ -50,19 +48,6 @@ def start_containers(k: ShimContainerd, pod_id: str, pod: cri.PodSandboxConfig, 
     for cid in ids:
         k.call("StartContainer", cri.StartContainerRequest(container_id=cid))
     return ids
-
-
-def state_paths(procs: list[Proc]) -> list[Path]:
-    """The runtime's state (sockets, state directories, the VM's RAM file) that the
-    shim, QEMU and virtiofsd name outside the test's directory: below /run/capsa
-    and /run/containerd, and /dev/shm/capsa-*."""
-    found = set()
-    for proc in procs:
-        for match in re.finditer(r"(?:/run/(?:capsa|containerd)/|/dev/shm/capsa-)[^\s,=]+", proc.cmdline):
-            path = Path(match.group(0))
-            # The directory right below the shim's own (/run/capsa/v2/<pod>, /run/capsa/s/<hash>).
-            found.add(Path(*path.parts[:5]) if len(path.parts) > 5 else path)
-    return sorted(found)
 
 
 def test_version(k: ShimContainerd) -> None:

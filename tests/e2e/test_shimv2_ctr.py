@@ -22,6 +22,7 @@ from cri.harness import (
     ShimContainerd,
     capsa_shim,
     kernel_release,
+    state_paths,
     wait_for,
 )
 from e2e_support import run_in_pty
@@ -166,6 +167,8 @@ def test_killed_vm_ends_the_task(k: ShimContainerd, runtime: str) -> None:
         wait_for(lambda: len(k.ctr(NS, "tasks", "ps", cid).stdout.splitlines()) >= 3, 60, "the exec to run")
         qemus = k.qemus()
         assert len(qemus) == 1, f"not one QEMU for the task: {[str(q) for q in qemus]}"
+        state = state_paths(k.processes())
+        assert state, "capsa's shim names no state directory or socket"
         os.kill(qemus[0].pid, signal.SIGKILL)
         wait_for(lambda: task_status(k, cid) == "STOPPED", 60, "the task to stop")
         assert exec_proc.wait(timeout=60) != 0
@@ -179,6 +182,7 @@ def test_killed_vm_ends_the_task(k: ShimContainerd, runtime: str) -> None:
         k.ctr(NS, "containers", "delete", cid)
     left = k.wait_nothing_left()
     assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)
+    assert [p for p in state if p.exists()] == [], "state left behind"
 
 
 def test_nothing_left(k: ShimContainerd) -> None:

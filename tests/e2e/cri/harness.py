@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -437,3 +438,16 @@ def kernel_release(runtime: str) -> str:
     if runtime == "runc":
         return os.uname().release
     return expected_kernel_release(_Capsa())  # type: ignore[arg-type]  # it reads only .capsa
+
+
+def state_paths(procs: list[Proc]) -> list[Path]:
+    """The runtime's state (sockets, state directories, the VM's RAM file) that the
+    shim, QEMU and virtiofsd name outside the test's directory: below /run/capsa
+    and /run/containerd, and /dev/shm/capsa-*."""
+    found = set()
+    for proc in procs:
+        for match in re.finditer(r"(?:/run/(?:capsa|containerd)/|/dev/shm/capsa-)[^\s,=]+", proc.cmdline):
+            path = Path(match.group(0))
+            # The directory right below the shim's own (/run/capsa/v2/<pod>, /run/capsa/s/<hash>).
+            found.add(Path(*path.parts[:5]) if len(path.parts) > 5 else path)
+    return sorted(found)
