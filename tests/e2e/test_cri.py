@@ -17,7 +17,17 @@ from pathlib import Path
 
 import pytest
 from cri import api_pb2 as cri
-from cri.harness import BUSYBOX_IMAGE, SUBNET, ShimContainerd, capsa_shim, host_boot_id, state_paths, wait_for
+from cri.harness import (
+    BUSYBOX_IMAGE,
+    SUBNET,
+    ShimContainerd,
+    capsa_shim,
+    cri_unready,
+    host_boot_id,
+    skip_or_fail,
+    state_paths,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vm, pytest.mark.slow]
 
@@ -28,6 +38,8 @@ SLEEP = ["sleep", "3600"]
 
 @pytest.fixture(scope="module")
 def k(session_dir: Path, image_tar: Path) -> Iterator[ShimContainerd]:
+    if reason := cri_unready():
+        skip_or_fail(reason)
     engine = ShimContainerd(session_dir, image_tar, capsa_shim())
     try:
         yield engine
@@ -39,7 +51,7 @@ def k(session_dir: Path, image_tar: Path) -> Iterator[ShimContainerd]:
 def handler(request: pytest.FixtureRequest) -> str:
     name: str = request.param
     if name == "capsa" and capsa_shim() is None:
-        pytest.skip("containerd-shim-capsa-v2 is not installed (set CAPSA_E2E_SHIM or reinstall capsa)")
+        skip_or_fail("containerd-shim-capsa-v2 is not installed (set CAPSA_E2E_SHIM or reinstall capsa)")
     return name
 
 

@@ -21,7 +21,9 @@ from cri.harness import (
     RUNC_RUNTIME,
     ShimContainerd,
     capsa_shim,
+    cri_unready,
     kernel_release,
+    skip_or_fail,
     state_paths,
     wait_for,
 )
@@ -35,6 +37,8 @@ TRAP_LOOP = 'trap "exit 42" TERM; while :; do sleep 1; done'
 
 @pytest.fixture(scope="module")
 def k(session_dir: Path, image_tar: Path) -> Iterator[ShimContainerd]:
+    if reason := cri_unready():
+        skip_or_fail(reason)
     engine = ShimContainerd(session_dir, image_tar, capsa_shim())
     try:
         engine.import_busybox(NS)
@@ -47,7 +51,7 @@ def k(session_dir: Path, image_tar: Path) -> Iterator[ShimContainerd]:
 def runtime(request: pytest.FixtureRequest) -> str:
     name: str = request.param
     if name == "capsa" and capsa_shim() is None:
-        pytest.skip("containerd-shim-capsa-v2 is not installed (set CAPSA_E2E_SHIM or reinstall capsa)")
+        skip_or_fail("containerd-shim-capsa-v2 is not installed (set CAPSA_E2E_SHIM or reinstall capsa)")
     return name
 
 
