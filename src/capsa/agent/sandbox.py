@@ -145,6 +145,10 @@ class Sandbox:
         bundle = os.path.join(self._containers_dir, container_id)
         mounted: list[str] = []
         try:
+            if self.options.guest:
+                # A pod's VM grows (hot-plug) before a container that needs it
+                # is created; the kernel leaves new vCPUs offline.
+                hotplug.online_hotplugged()
             spec = await storage.with_guest_devices(crun.load_spec(spec_json))
             _refuse_subpath(storages)
             os.makedirs(bundle, exist_ok=True)
