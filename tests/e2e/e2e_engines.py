@@ -6,6 +6,14 @@ made, is configured for this host (no CAP_SYS_RESOURCE, hybrid cgroups: the
 cgroupfs manager and ulimits that do not raise the host's), changes nothing
 in the host's network (``--network none``), and on ``stop()`` ends exactly
 the processes it started, unmounts what it mounted and removes its files.
+
+Given ``netns`` (the path of a network namespace the test made), Podman and
+Docker run with their default bridge networks instead, entirely inside that
+namespace: the engine's processes enter it with ``nsenter --net`` (the
+network namespace only: mounts stay shared with the host, so every engine
+command sees the same overlay and netns mounts), so the bridge, its NAT
+rules, published ports and ``docker-proxy`` live there, and the host's own
+namespace gets no address, bridge or rule.
 """
 
 from __future__ import annotations
@@ -63,6 +71,11 @@ def _wait_daemon(proc: subprocess.Popen[bytes], socket: Path, log: Path, ready: 
     raise EngineError(f"{what} did not answer within {START_TIMEOUT}s:\n{_tail(log)}")
 
 
+def in_netns(netns: Path | None) -> list[str]:
+    """The argv prefix that runs a command in the network namespace ``netns`` (and no other namespace)."""
+    return [] if netns is None else ["nsenter", f"--net={netns}"]
+
+
 def _stop_daemon(proc: subprocess.Popen[bytes] | None, grace: float = 20.0) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -79,9 +92,11 @@ class Podman:
 
     name = "podman"
 
-    def __init__(self, runtime: Runtime, session: Path, image_tar: Path) -> None:
-        self.runtime = runtime = runtime.tagged("podman")
-        self.dir = session / "podman"
+    def __init__(self, runtime: Runtime, session: Path, image_tar: Path, *, netns: Path | None = None) -> None:
+        tag = "podman" if netns is None else "podman-net"
+        self.runtime = runtime = runtime.tagged(tag)
+        self.netns = netns
+        self.dir = session / tag
         self.root = self.dir / "root"
         self.runroot = self.dir / "run"
         self.tmp = self.dir / "tmp"
@@ -97,8 +112,12 @@ class Podman:
             "[containers]\n"
             f"default_ulimits = [{', '.join(f'{chr(34)}{u}{chr(34)}' for u in ULIMITS)}]\n"
             'log_driver = "k8s-file"\n'
-            'netns = "none"\n'
-            "[engine]\n"
+            + ('netns = "none"\n' if netns is None else "")
+            # With a network: an empty private CNI config dir, so Podman's
+            # built-in default network ("podman", cni-podman0, 10.88.0.0/16)
+            # is the one used, not whatever the host's /etc/cni/net.d holds.
+            + ("" if netns is None else f'[network]\nnetwork_config_dir = "{self.dir / "cni"}"\n')
+            + "[engine]\n"
             'cgroup_manager = "cgroupfs"\n'
             'events_logger = "file"\n'
             f'events_logfile_path = "{self.dir / "events.log"}"\n'
@@ -115,6 +134,7 @@ class Podman:
 
     def argv(self, *args: str) -> list[str]:
         return [
+            *in_netns(self.netns),
             "podman",
             "--root", str(self.root),
             "--runroot", str(self.runroot),
@@ -145,7 +165,7 @@ class Containerd:
 
     name = "containerd"
 
-    def __init__(self, runtime: Runtime, session: Path, namespace: str, tag: str) -> None:
+    def __init__(self, runtime: Runtime, session: Path, namespace: str, tag: str, netns: Path | None = None) -> None:
         self.runtime = runtime = runtime.tagged(tag)
         self.namespace = namespace
         self.dir = _short_dir("c")
@@ -170,7 +190,7 @@ class Containerd:
         (self.dir / "tmp").mkdir()
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                ["containerd", "--config", str(config)],
+                [*in_netns(netns), "containerd", "--config", str(config)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -215,20 +235,26 @@ class Docker:
 
     name = "docker"
 
-    def __init__(self, runtime: Runtime, session: Path, image_tar: Path) -> None:
-        self.runtime = runtime = runtime.tagged("docker")
-        self.containerd = Containerd(runtime, session, namespace="e2", tag="docker")
-        self.dir = session / "docker"
+    def __init__(self, runtime: Runtime, session: Path, image_tar: Path, *, netns: Path | None = None) -> None:
+        tag = "docker" if netns is None else "docker-net"
+        self.runtime = runtime = runtime.tagged(tag)
+        self.netns = netns
+        self.containerd = Containerd(runtime, session, namespace="e2", tag=tag, netns=netns)
+        self.dir = session / tag
         self.dir.mkdir(parents=True, exist_ok=True)
         # dockerd passes --root <exec root>/runtime-runc/<namespace> to every
         # runtime (20.10 names the directory after runc whatever the runtime).
         self.exec_root = _short_dir("d")
         self.runtime_root = self.exec_root / "runtime-runc" / self.containerd.namespace
         self.host = self.exec_root / "d.sock"
-        self.log = session / "dockerd.log"
+        self.log = session / f"{tag}d.log"
         self.runtime_name = "capsa" if runtime.capsa else "e2e-runc"
         self.proc: subprocess.Popen[bytes] | None = None
+        # Without a namespace of the test's: no bridge, no iptables rules (the
+        # tests use --network none); with one, docker0 and its rules live there.
+        no_network = ["--bridge=none", "--iptables=false", "--ip6tables=false", "--ip-masq=false"]
         argv = [
+            *in_netns(netns),
             "dockerd",
             "--data-root", str(self.dir / "data"),
             "--exec-root", str(self.exec_root),
@@ -239,7 +265,7 @@ class Docker:
             "--containerd-plugins-namespace", self.containerd.namespace + "p",
             "--exec-opt", "native.cgroupdriver=cgroupfs",
             *[a for u in ULIMITS for a in ("--default-ulimit", u)],
-            "--bridge=none", "--iptables=false", "--ip6tables=false", "--ip-masq=false",
+            *(no_network if netns is None else []),
             "--storage-driver", "overlay2",
             "--add-runtime", f"{self.runtime_name}={runtime.wrapper}",
         ]  # fmt: skip

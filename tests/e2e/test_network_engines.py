@@ -1,0 +1,214 @@
+"""Podman's and Docker's default bridge networks with the runtime under test.
+
+Each engine runs in a network namespace the test made (``nsenter --net``:
+``e2e_engines.in_netns``), so its bridge (Podman 4.3's CNI ``cni-podman0``,
+10.88.0.0/16; Docker's ``docker0``, 172.17.0.0/16), its NAT rules and its
+published ports live there, and the test's "host side" (the client of
+``-p``) runs there too: nothing gets an address, a bridge or a rule in the
+host's own namespace.  What a user sees:
+
+- ``-p 127.0.0.1:18080:80`` to busybox ``httpd``: a GET from the host side
+  to 127.0.0.1:18080 returns the page (a file on a volume);
+- the container's ``eth0`` has the IP, prefix and MAC ``inspect`` reports,
+  and it reaches the bridge's gateway address;
+- two containers on the bridge reach each other (TCP and ping), and the
+  host side reaches the container's own address;
+- after ``rm``: no tap and no ingress qdisc left in the container's network
+  namespace (held open by the test, so it can be looked at after the
+  engine let go of it), no namespace of the engine's left, no runtime
+  process left.
+
+Under runc (``CAPSA_E2E_RUNTIME=runc``) the same tests pass, which proves
+they test the engines' contract, not capsa's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from e2e_engines import Docker, Podman, in_netns
+from e2e_support import Runtime, assert_nothing_left, kill_pids, mounts_under, session_processes, unmount_under
+
+pytestmark = [pytest.mark.e2e, pytest.mark.vm, pytest.mark.slow]
+
+Engine = Podman | Docker
+PORT = 18080
+PAGE = "served-by-the-container\n"
+# busybox-static's wget crashes (its static glibc), so HTTP requests are written with nc.
+REQUEST = "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 {host} {port}"
+# The runtime's network devices in the engine's namespace: capsa's taps and macvtaps.
+OURS = re.compile(r"^\d+: \S*_capsa[:@]", re.MULTILINE)
+
+
+def ip_netns(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", *args], capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture(scope="module", params=["podman", "docker"])
+def engine(request: pytest.FixtureRequest, runtime: Runtime, session_dir: Path, image_tar: Path) -> Iterator[Engine]:
+    """One engine on its default bridge, in a network namespace of its own that the test deletes afterwards."""
+    name = f"capsa-e2e-{request.param}-{os.getpid()}"
+    made = ip_netns("add", name)
+    assert made.returncode == 0, made.stderr
+    netns = Path("/run/netns") / name
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=30)
+        found: Engine = (Podman if request.param == "podman" else Docker)(runtime, session_dir, image_tar, netns=netns)
+        try:
+            yield found
+        finally:
+            found.stop()
+    finally:
+        ip_netns("del", name)
+
+
+def run_args(engine: Engine, *args: str) -> list[str]:
+    runtime = ["--runtime", engine.runtime_name] if isinstance(engine, Docker) else []
+    return ["run", *runtime, "--network", "bridge", *args]
+
+
+def host_side(engine: Engine, script: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    assert engine.netns is not None
+    argv = [*in_netns(engine.netns), "busybox", "sh", "-c", script]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+
+def body(response: str) -> str:
+    return response.replace("\r\n", "\n").split("\n\n", 1)[-1]
+
+
+def host_get(engine: Engine, host: str, port: int, timeout: float = 60) -> str:
+    """An HTTP GET from the host side, retried while the container's server comes up; the body."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = host_side(engine, REQUEST.format(host=host, port=port))
+        if " 200 OK" in result.stdout or time.monotonic() > deadline:
+            return body(result.stdout) if " 200 OK" in result.stdout else result.stdout + result.stderr
+        time.sleep(0.5)
+
+
+def container_get(engine: Engine, cid: str, host: str, port: int, timeout: float = 60) -> str:
+    """An HTTP GET from inside container ``cid``, retried like ``host_get``; the body."""
+    request = REQUEST.format(host=host, port=port)
+    script = f"i=0; while [ $i -lt {int(timeout)} ]; do {request} && exit; sleep 1; i=$((i+1)); done"
+    return body(engine("exec", cid, "sh", "-c", script, timeout=timeout + 30).stdout)
+
+
+def rm(engine: Engine, *cids: str) -> None:
+    """Remove containers whatever state a failed test left them in, keeping the test's own failure."""
+    with contextlib.suppress(AssertionError):
+        if engine("rm", "--force", *cids, timeout=120).code != 0:
+            # A runtime process that holds the engine up is ended first (marked, naming the container).
+            session = engine.runtime.session
+            kill_pids([p.pid for p in session_processes(session, []) if p.marked and any(c in p.cmdline for c in cids)])
+            engine("rm", "--force", *cids, timeout=60)
+
+
+def netns_path(engine: Engine, cid: str) -> str:
+    return engine.inspect(cid, "{{.NetworkSettings.SandboxKey}}")
+
+
+def leftovers_in(netns: str) -> list[str]:
+    """The runtime's links and any ingress qdisc in the namespace at ``netns`` (a path or /proc/self/fd/N)."""
+    links = subprocess.run(
+        ["nsenter", f"--net={netns}", "ip", "-o", "link"], capture_output=True, text=True, timeout=30
+    )
+    qdiscs = subprocess.run(
+        ["nsenter", f"--net={netns}", "tc", "qdisc", "show"], capture_output=True, text=True, timeout=30
+    )
+    assert links.returncode == 0 and qdiscs.returncode == 0, links.stderr + qdiscs.stderr
+    found = [line for line in links.stdout.splitlines() if OURS.match(line)]
+    return found + [line for line in qdiscs.stdout.splitlines() if "ingress" in line]
+
+
+@pytest.fixture(scope="class")
+def web(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """busybox httpd on port 80 serving a page from a read-only volume, published on the host side's 127.0.0.1."""
+    www = tmp_path_factory.mktemp("www")
+    (www / "index.html").write_text(PAGE)
+    publish = ("-p", f"127.0.0.1:{PORT}:80", "-v", f"{www}:/www:ro")
+    cid = engine(*run_args(engine, "-d", *publish, engine.image, "httpd", "-f", "-p", "80", "-h", "/www")).check().out
+    try:
+        yield cid
+    finally:
+        rm(engine, cid)
+
+
+class TestBridge:
+    """One published web server on the engine's default bridge, and what can reach it."""
+
+    def test_published_port_serves_the_page(self, engine: Engine, web: str) -> None:
+        assert host_get(engine, "127.0.0.1", PORT) == PAGE
+
+    def test_eth0_has_the_ip_and_mac_the_engine_reports(self, engine: Engine, web: str) -> None:
+        address = engine.inspect(web, "{{.NetworkSettings.IPAddress}}/{{.NetworkSettings.IPPrefixLen}}")
+        mac = engine.inspect(web, "{{.NetworkSettings.MacAddress}}")
+        assert re.fullmatch(r"\d+\.\d+\.\d+\.\d+/\d+", address) and mac, (address, mac)
+        link = engine("exec", web, "ip", "-o", "link", "show", "eth0").check().out
+        addr = engine("exec", web, "ip", "-o", "-4", "addr", "show", "eth0").check().out
+        assert f"link/ether {mac}" in link
+        assert f"inet {address} " in addr
+        # The host side reaches the container at that address, not only through the published port.
+        assert host_get(engine, address.split("/")[0], 80) == PAGE
+
+    def test_reaches_the_bridge_gateway(self, engine: Engine, web: str) -> None:
+        gateway = engine.inspect(web, "{{.NetworkSettings.Gateway}}")
+        assert engine.netns is not None
+        bridge = subprocess.run(
+            [*in_netns(engine.netns), "ip", "-o", "-4", "addr"], capture_output=True, text=True, timeout=30
+        ).stdout
+        assert f"inet {gateway}/" in bridge, f"the gateway {gateway} is not the bridge's address:\n{bridge}"
+        route = engine("exec", web, "ip", "route").check().out
+        assert f"default via {gateway} dev eth0" in route
+        ping = engine("exec", web, "ping", "-c", "3", "-W", "5", gateway, timeout=60)
+        assert ping.code == 0 and " 0% packet loss" in ping.stdout, ping.stdout + ping.stderr
+
+    def test_two_containers_on_the_bridge_reach_each_other(self, engine: Engine, web: str) -> None:
+        peer = engine(*run_args(engine, "-d", engine.image, "sleep", "600")).check().out
+        try:
+            web_ip = engine.inspect(web, "{{.NetworkSettings.IPAddress}}")
+            peer_ip = engine.inspect(peer, "{{.NetworkSettings.IPAddress}}")
+            assert web_ip != peer_ip
+            assert container_get(engine, peer, web_ip, 80) == PAGE
+            ping = engine("exec", web, "ping", "-c", "3", "-W", "5", peer_ip, timeout=60)
+            assert ping.code == 0 and " 0% packet loss" in ping.stdout, ping.stdout + ping.stderr
+        finally:
+            rm(engine, peer)
+
+
+def test_nothing_left_after_the_container_goes(engine: Engine, runtime: Runtime) -> None:
+    """While it runs, the container's namespace holds capsa's tap (under capsa);
+    after ``rm`` that namespace, held open here past the engine's own teardown,
+    holds no tap and no ingress qdisc, the engine left no namespace, and no
+    runtime process is left."""
+    cid = engine(*run_args(engine, "-d", engine.image, "sleep", "600")).check().out
+    try:
+        path = netns_path(engine, cid)
+        held = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except BaseException:
+        rm(engine, cid)
+        raise
+    try:
+        links = subprocess.run(["nsenter", f"--net={path}", "ip", "-o", "link"], capture_output=True, text=True)
+        assert bool(OURS.search(links.stdout)) == runtime.capsa, links.stdout
+    finally:
+        rm(engine, cid)
+    try:
+        assert leftovers_in(f"/proc/{os.getpid()}/fd/{held}") == []
+    finally:
+        os.close(held)
+    if mounts_under([Path(path)]):
+        # The engine kept the namespace (its path is still an nsfs mount; Docker
+        # unlinks the emptied file later): nothing of ours may be in it either.
+        found = leftovers_in(path)
+        unmount_under([Path(path)])
+        pytest.fail(f"the engine left its network namespace {path} (holding {found or 'nothing of ours'})")
+    words = ("conmon",) if isinstance(engine, Podman) else ("containerd-shim",)
+    assert_nothing_left(runtime, engine.runtime_root, engine.needles, engine_words=words)
