@@ -484,3 +484,15 @@ def assert_nothing_left(runtime: Runtime, root: Path, needles: list[str], engine
     while (found := left()) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert found == [], "left behind:\n" + "\n".join(found)
+
+
+def runtime_pids(session: Path) -> set[int]:
+    """The runtime's processes alive now (by the session marker)."""
+    return {p.pid for p in session_processes(session, []) if p.marked}
+
+
+def end_runtime_processes(session: Path, since: set[int]) -> None:
+    """After a failed test: end the runtime's processes that were not alive in
+    ``since`` (those the test made), so an engine stuck waiting on one of them
+    can clean up."""
+    kill_pids(sorted(runtime_pids(session) - since), grace=2)

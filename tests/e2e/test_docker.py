@@ -5,12 +5,36 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 
 import pytest
 from e2e_engines import Docker
-from e2e_support import Runtime, assert_nothing_left, expected_kernel_release, run_in_pty
+from e2e_support import (
+    Runtime,
+    assert_nothing_left,
+    end_runtime_processes,
+    expected_kernel_release,
+    run_in_pty,
+    runtime_pids,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vm, pytest.mark.slow]
+
+
+@contextlib.contextmanager
+def removed_after(docker: Docker, name: str) -> Iterator[None]:
+    """Remove container ``name`` after the block, whatever state a failure left it
+    in, keeping the block's own error: if the block failed, the runtime processes
+    it made are ended first, since one that hangs holds Docker's rm up too."""
+    before = runtime_pids(docker.runtime.session)
+    try:
+        yield
+    except BaseException:
+        end_runtime_processes(docker.runtime.session, before)
+        raise
+    finally:
+        with contextlib.suppress(AssertionError):
+            docker("rm", "--force", name, timeout=60)
 
 
 def docker_run(docker: Docker, *args: str) -> list[str]:
@@ -37,34 +61,30 @@ def test_missing_command(docker: Docker) -> None:
 
 def test_interactive_tty(docker: Docker) -> None:
     """``docker run -it``: a shell on a pty of the caller's size, typed into."""
-    try:
+    with removed_after(docker, "e2e-it"):
         result = run_in_pty(
             docker.argv(*docker_run(docker, "-it", "--rm", "--name", "e2e-it", docker.image, "sh")),
             rows=29,
             cols=97,
             send=[("# ", "tty; stty size; exit 3\r")],
-            timeout=90,
+            timeout=60,
         )
-    finally:
-        with contextlib.suppress(AssertionError):  # keep the test's own failure, if any
-            docker("rm", "--force", "e2e-it", timeout=60)
-    assert result.code == 3, result.output
-    assert "/dev/pts/0" in result.output
-    assert "29 97" in result.output
+        assert result.code == 3, result.output
+        assert "/dev/pts/0" in result.output
+        assert "29 97" in result.output
 
 
 def test_exec_tty(docker: Docker) -> None:
-    cid = docker(*docker_run(docker, "-d", docker.image, "sleep", "1000")).check().out
-    try:
+    with removed_after(docker, "e2e-exec-it"):
+        docker(*docker_run(docker, "-d", "--name", "e2e-exec-it", docker.image, "sleep", "1000")).check()
         # (Docker 20.10 leaves an exec's terminal at 0x0 even with runc: no size check.)
         result = run_in_pty(
-            docker.argv("exec", "-it", cid, "sh"), send=[("# ", "tty; echo typed-$((6*7)); exit 4\r")], timeout=90
+            docker.argv("exec", "-it", "e2e-exec-it", "sh"),
+            send=[("# ", "tty; echo typed-$((6*7)); exit 4\r")],
+            timeout=60,
         )
         assert result.code == 4, result.output
         assert "/dev/pts/" in result.output and "typed-42" in result.output
-    finally:
-        with contextlib.suppress(AssertionError):
-            docker("rm", "--force", cid, timeout=60)
 
 
 def test_detached_exec_and_stop(docker: Docker) -> None:
