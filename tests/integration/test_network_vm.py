@@ -233,9 +233,7 @@ def test_macvtap_puts_the_guest_on_the_namespace_network(
 
 @pytest.mark.vm
 @pytest.mark.slow
-def test_model_none_gives_no_nic(
-    capsa: Capsa, network: Wire, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_model_none_gives_no_nic(capsa: Capsa, network: Wire, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     use_network_model("none", tmp_path / "configuration.toml", monkeypatch)
     spec_with_network(capsa, network, "ip -o link")
     result = capsa.run("net-none")
