@@ -29,7 +29,7 @@ packages=(
     linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio kmod xz-utils
     busybox-static erofs-utils e2fsprogs zstd lz4 iproute2 procps psmisc
     podman conmon docker.io containerd runc  # the engines tests/e2e drives (Podman 4.3, Docker 20.10, containerd 1.6)
-    containernetworking-plugins  # CNI bridge + host-local for the CRI pods of tests/e2e/test_cri.py
+    containernetworking-plugins iptables  # CNI: the CRI pods of tests/e2e/test_cri.py, and Podman 4.3's network backend (no netavark: bridge, portmap, firewall, tuning) in test_network_engines.py
 )
 missing=()
 for p in "${packages[@]}"; do
