@@ -282,3 +282,40 @@ def test_namespace_configured_between_create_and_start(capsa: Capsa, tmp_path: P
         if created:
             capsa("delete", "--force", "late-net")
         subprocess.run(["ip", "netns", "del", peer_ns], capture_output=True)
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_an_interface_added_while_running_gets_a_nic(capsa: Capsa, network: Wire) -> None:
+    """CNI chaining, `podman network connect`: a second veth appears in the running container's
+    namespace; the guest gets a NIC for it with its MAC and address, and the peer reaches it."""
+    spec_with_network(capsa, network, SCRIPT)
+    second_ip = network.container_ip.replace("10.240.", "10.242.")
+    second_peer_ip = network.peer_ip.replace("10.240.", "10.242.")
+    second_mac = network.mac.replace("02:ca:05:a0", "02:ca:05:a2")
+    result = capsa.run("net-late", "--detach")
+    assert result.code == 0, result.stderr
+    try:
+        c, p = ["-n", network.container_ns], ["-n", network.peer_ns]
+        ip(*c, "link", "add", "eth1", "type", "veth", "peer", "name", "peer1", "netns", network.peer_ns)
+        ip(*c, "link", "set", "eth1", "address", second_mac)
+        ip(*c, "addr", "add", f"{second_ip}/24", "dev", "eth1")
+        ip(*c, "link", "set", "eth1", "up")
+        ip(*p, "addr", "add", f"{second_peer_ip}/24", "dev", "peer1")
+        ip(*p, "link", "set", "peer1", "up")
+        deadline = time.monotonic() + 30
+        link = ""
+        while time.monotonic() < deadline:
+            link = capsa("exec", "net-late", "ip", "-o", "addr", "show").stdout
+            if f"inet {second_ip}/24" in link:
+                break
+            time.sleep(0.5)
+        assert f"inet {second_ip}/24" in link, link
+        assert second_mac in capsa("exec", "net-late", "ip", "-o", "link", "show", "eth1").stdout
+        ping = ["ip", "netns", "exec", network.peer_ns, "busybox", "ping", "-c", "2", "-W", "2", second_ip]
+        assert subprocess.run(ping, capture_output=True).returncode == 0
+        assert len([line for line in ip(*c, "-o", "link").splitlines() if "tap" in line and "_capsa" in line]) == 2
+    finally:
+        deleted = capsa("delete", "--force", "net-late")
+    assert deleted.code == 0, deleted.stderr
+    assert ours_left(network) == []

@@ -231,3 +231,77 @@ def test_a_spec_asking_for_a_new_network_namespace() -> None:
     assert not wants_private_netns({"linux": {"namespaces": [{"type": "network", "path": "/run/netns/cni-1"}]}})
     assert not wants_private_netns({"linux": {"namespaces": [{"type": "pid"}]}})  # the host's: refused elsewhere
     assert not wants_private_netns({})
+
+
+class _Recorder:
+    """The hypervisor and agent a refresh talks to: what it asked of them."""
+
+    def __init__(self) -> None:
+        self.interfaces: list[str] = []
+        self.routes: list[list[str]] = []
+
+    async def plug_nic(self, tap_fd: int, mac: str, mtu: int, slot: int) -> None:
+        raise AssertionError("_plug is replaced in these tests")
+
+    async def update_interface(self, interface: object) -> object:
+        self.interfaces.append(f"{interface.name} {[a.address for a in interface.addresses]}")  # type: ignore[attr-defined]
+        return interface
+
+    async def update_routes(self, routes: object) -> object:
+        self.routes.append([r.dest for r in routes.routes])  # type: ignore[attr-defined]
+        return routes
+
+
+class _ScriptedAttachment(NetworkAttachment):
+    """A refresh over a namespace given as data; plugging only records."""
+
+    def __init__(self) -> None:
+        super().__init__("/run/netns/scripted", "tcfilter")
+        self.namespace: tuple[list[LinkInfo], list[AddressInfo], list[RouteInfo]] = ([], [], [])
+        self.plugged: list[tuple[str, int]] = []
+
+    async def _in_netns(self, work: object, what: str, fd: int | None = None) -> object:  # type: ignore[override]
+        return self.namespace
+
+    async def _plug(self, hypervisor: object, endpoint: Endpoint, slot: int) -> None:  # type: ignore[override]
+        from capsa.network.attach import _Made
+
+        self._made.append(_Made(endpoint, device_name(self.model, slot)))
+        self.plugged.append((endpoint.name, slot))
+
+
+def test_refresh_follows_the_namespace() -> None:
+    attachment, guest = _ScriptedAttachment(), _Recorder()
+
+    def refresh() -> bool:
+        return asyncio.run(attachment.refresh(guest, guest))
+
+    eth1 = LinkInfo(6, "eth1", "02:00:00:00:00:06", 1500, "veth")
+    attachment.namespace = (LINKS, ADDRESSES, ROUTES)
+    assert refresh()
+    assert attachment.plugged == [("eth0", 0)]
+    assert guest.interfaces == ["eth0 ['10.88.0.5', 'fd00:88::5']"]
+    assert guest.routes == [["198.51.100.0/24", "0.0.0.0/0", "192.0.2.0/24", "::/0"]]
+    assert not refresh()  # nothing changed: nothing sent
+    # An interface appears (CNI chaining): a NIC for it, and only it is configured.
+    attachment.namespace = ([*LINKS, eth1], [*ADDRESSES, AddressInfo(6, "10.99.1.2", 24)], ROUTES)
+    assert refresh()
+    assert attachment.plugged == [("eth0", 0), ("eth1", 1)]
+    assert guest.interfaces[-1] == "eth1 ['10.99.1.2']"
+    assert len(guest.routes) == 1
+    # An address added to eth0: configured again, no new NIC; a route gone: routes sent again.
+    attachment.namespace = (
+        [*LINKS, eth1],
+        [*ADDRESSES, AddressInfo(2, "10.88.0.6", 16), AddressInfo(6, "10.99.1.2", 24)],
+        ROUTES[1:],
+    )
+    assert refresh()
+    assert attachment.plugged == [("eth0", 0), ("eth1", 1)]
+    assert guest.interfaces[-1] == "eth0 ['10.88.0.5', 'fd00:88::5', '10.88.0.6']"
+    assert guest.routes[-1] == ["198.51.100.0/24", "192.0.2.0/24", "::/0"]
+    # eth1 leaves: its NIC stays; nothing is sent for it.
+    attachment.namespace = (LINKS, [*ADDRESSES, AddressInfo(2, "10.88.0.6", 16)], ROUTES[1:])
+    sent = len(guest.interfaces)
+    assert not refresh()
+    assert len(guest.interfaces) == sent
+    assert [e.name for e in attachment.endpoints] == ["eth0"]

@@ -30,12 +30,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from capsa.errors import AgentError, NetworkError
+from capsa.errors import AgentError, CapsaError, NetworkError
 from capsa.network import netns, tc
 from capsa.network.model import (
     Endpoint,
@@ -54,6 +55,9 @@ log = logging.getLogger("capsa.network")
 T = TypeVar("T")
 
 MODELS = ("tcfilter", "macvtap", "none")
+
+#: How long a burst of netlink events may go on before the namespace is read again.
+WATCH_SETTLE_SECONDS = 0.2
 
 
 class NicHypervisor(Protocol):
@@ -91,6 +95,7 @@ class NetworkAttachment:
         self.endpoints: tuple[Endpoint, ...] = ()
         self.routes: tuple[Route, ...] = ()
         self._netns_fd = -1
+        self._events: socket.socket | None = None
         self._made: list[_Made] = []
 
     async def attach(self, hypervisor: NicHypervisor, agent: NetworkAgent) -> None:
@@ -109,32 +114,85 @@ class NetworkAttachment:
         if netns.is_host_netns(self._netns_fd):
             # Its links are the host's: mirroring one into a VM would cut the host off.
             raise NetworkError(f"{self.netns_path} is the host's network namespace: a VM cannot take it over")
-        links, addresses, routes = await self._in_netns(netns.read_links_addresses_routes, "read its links")
-        self.endpoints = select_endpoints(links, addresses)
-        devices = {endpoint.index: endpoint.name for endpoint in self.endpoints}
-        for route in routes:
-            reason = route_skip_reason(route, devices)
-            if reason is not None and reason not in ("made by the kernel", "in table 255"):
-                log.info("route to %s/%d not given to the guest: %s", route.dst or "default", route.dst_len, reason)
-        self.routes = select_routes(routes, self.endpoints)
+        # Listening before the first read: no change between the two goes unseen.
+        self._events = await self._in_netns(netns.event_socket, "listen to it")
+        await self.refresh(hypervisor, agent)
         if not self.endpoints:
-            log.info("network namespace %s has no configured interface: the VM gets no NIC", self.netns_path)
+            log.info("network namespace %s has no configured interface yet: the VM has no NIC", self.netns_path)
             return
-        for slot, endpoint in enumerate(self.endpoints):
-            await self._plug(hypervisor, endpoint, slot)
-        plugged = time.monotonic()
-        for endpoint in self.endpoints:
-            await _agent_call(agent.update_interface(interface_message(endpoint)), "UpdateInterface", endpoint.name)
-        if self.routes:
-            await _agent_call(agent.update_routes(routes_message(self.routes)), "UpdateRoutes", "")
         log.info(
-            "VM on the network of %s (%s) in %.3f s (NICs plugged in %.3f s): %s",
+            "VM on the network of %s (%s) in %.3f s: %s",
             self.netns_path,
             self.model,
             time.monotonic() - started,
-            plugged - started,
-            "; ".join(f"{e.name} {e.mac} {' '.join(f'{a}/{p}' for a, p in e.addresses)}" for e in self.endpoints),
+            describe(self.endpoints),
         )
+
+    async def refresh(self, hypervisor: NicHypervisor, agent: NetworkAgent) -> bool:
+        """Bring the guest up to date with the namespace; whether anything was sent.
+
+        An endpoint that appeared (a veth moved in and addressed: CNI
+        chaining, ``podman network connect``) gets a NIC; one whose
+        addresses or MTU changed is configured again; the routes are sent
+        again when they changed.  An endpoint that went away keeps its NIC
+        (the guest sees no more traffic on it); that is logged.
+        """
+        links, addresses, routes = await self._in_netns(netns.read_links_addresses_routes, "read its links")
+        current = select_endpoints(links, addresses)
+        known = {_identity(e): e for e in self.endpoints}
+        new = [e for e in current if _identity(e) not in known]
+        changed = [e for e in current if _identity(e) in known and known[_identity(e)] != e]
+        for name, mac, _index in known.keys() - {_identity(e) for e in current}:
+            log.warning("%s (%s) left the network namespace; its NIC in the VM stays", name, mac)
+        endpoints = tuple(e for e in current if _identity(e) in known) + tuple(new)
+        devices = {endpoint.index: endpoint.name for endpoint in endpoints}
+        for route in routes:
+            reason = route_skip_reason(route, devices)
+            if reason is not None and reason not in ("made by the kernel", "in table 255"):
+                log.debug("route to %s/%d not given to the guest: %s", route.dst or "default", route.dst_len, reason)
+        wanted_routes = select_routes(routes, endpoints)
+        plugged = {_identity(made.endpoint) for made in self._made}
+        for endpoint in new:
+            # One plugged by a refresh whose guest part failed is only configured again.
+            if _identity(endpoint) not in plugged:
+                await self._plug(hypervisor, endpoint, len(self._made))
+        for endpoint in [*new, *changed]:
+            await _agent_call(agent.update_interface(interface_message(endpoint)), "UpdateInterface", endpoint.name)
+        self.endpoints = endpoints
+        send_routes = wanted_routes != self.routes and (bool(wanted_routes) or bool(self.routes))
+        if send_routes:
+            await _agent_call(agent.update_routes(routes_message(wanted_routes)), "UpdateRoutes", "")
+        self.routes = wanted_routes
+        return bool(new or changed or send_routes)
+
+    async def watch(self, hypervisor: NicHypervisor, agent: NetworkAgent) -> None:
+        """Follow the namespace until cancelled: each burst of netlink events ends in a :meth:`refresh`.
+
+        Costs nothing while the namespace is quiet (the socket is only
+        read when the kernel reports a change).  A failed refresh is logged
+        and the next change tries again.
+        """
+        sock = self._events
+        if sock is None:
+            return
+        loop = asyncio.get_running_loop()
+        pending = asyncio.Event()
+        loop.add_reader(sock.fileno(), pending.set)
+        try:
+            while True:
+                await pending.wait()
+                # An engine's change is a burst (link moved in, renamed, up,
+                # addressed, routed): let it settle, then look once.
+                await asyncio.sleep(WATCH_SETTLE_SECONDS)
+                pending.clear()
+                netns.drain(sock)
+                try:
+                    if await self.refresh(hypervisor, agent):
+                        log.info("network of %s updated: %s", self.netns_path, describe(self.endpoints))
+                except (CapsaError, OSError) as exc:
+                    log.warning("network namespace %s changed, but the VM could not follow: %s", self.netns_path, exc)
+        finally:
+            loop.remove_reader(sock.fileno())
 
     async def _plug(self, hypervisor: NicHypervisor, endpoint: Endpoint, slot: int) -> None:
         made = _Made(endpoint, device_name(self.model, slot))
@@ -167,6 +225,9 @@ class NetworkAttachment:
     async def detach(self) -> None:
         """Remove what :meth:`attach` made in the namespace; never raises, safe to call twice."""
         made, self._made = self._made, []
+        events, self._events = self._events, None
+        if events is not None:
+            events.close()
         fd, self._netns_fd = self._netns_fd, -1
         if fd < 0:
             return
@@ -196,6 +257,16 @@ class NetworkAttachment:
 
     async def _in_netns(self, work: Callable[[], T], what: str, fd: int | None = None) -> T:
         return await asyncio.to_thread(netns.run_in_netns, self._netns_fd if fd is None else fd, work, what)
+
+
+def _identity(endpoint: Endpoint) -> tuple[str, str, int]:
+    """What makes an endpoint the same one: a veth deleted and made anew is another (its tap mirrors the old)."""
+    return endpoint.name, endpoint.mac, endpoint.index
+
+
+def describe(endpoints: tuple[Endpoint, ...]) -> str:
+    """``eth0 3a:5b:00:11:22:33 10.88.0.5/16 fd00::5/64; ...``, for logs."""
+    return "; ".join(f"{e.name} {e.mac} {' '.join(f'{a}/{p}' for a, p in e.addresses)}" for e in endpoints)
 
 
 async def _agent_call(call: Awaitable[Any], method: str, device: str) -> None:

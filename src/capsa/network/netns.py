@@ -24,6 +24,7 @@ import errno
 import fcntl
 import os
 import random
+import socket
 import struct
 import threading
 import time
@@ -118,6 +119,41 @@ def is_host_netns(netns_fd: int) -> bool:
             if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
                 return True
     return False
+
+
+# linux/rtnetlink.h: the multicast groups that tell of links, addresses and routes.
+RTMGRP_LINK = 0x1
+RTMGRP_IPV4_IFADDR = 0x10
+RTMGRP_IPV4_ROUTE = 0x40
+RTMGRP_IPV6_IFADDR = 0x100
+RTMGRP_IPV6_ROUTE = 0x400
+NETLINK_ROUTE = 0
+
+
+def event_socket() -> socket.socket:
+    """A non-blocking rtnetlink socket of the current namespace that receives its link,
+    address and route changes (rtnetlink(7), "multicast groups"); only their arrival matters."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+    try:
+        groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
+        sock.bind((0, groups))
+    except OSError as exc:
+        sock.close()
+        raise NetworkError(f"cannot listen to the namespace's netlink events: {exc.strerror}") from exc
+    return sock
+
+
+def drain(sock: socket.socket) -> None:
+    """Read away every pending message (an overrun, ENOBUFS, only means there were many)."""
+    while True:
+        try:
+            if not sock.recv(65536):
+                return
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.ENOBUFS:
+                return
 
 
 def iproute() -> Any:

@@ -49,6 +49,7 @@ class Proxy:
         self.run_dir = run_dir
         self.shared = SharedDir(run_dir / SHARED_DIR_NAME)
         self.network: NetworkAttachment | None = None
+        self._network_watch: asyncio.Task[None] | None = None
         self.sandbox = Sandbox(
             config,
             SandboxSpec(id=sandbox_id, run_dir=run_dir, rootfs=self.shared.path, hostname=hostname),
@@ -168,7 +169,8 @@ class Proxy:
         """Put the VM on the engine's network namespace (:mod:`capsa.network.attach`); once per VM.
 
         After the sandbox started: the NICs are hot-plugged and the agent
-        configures them.  A failure leaves nothing in the namespace.
+        configures them.  A failure leaves nothing in the namespace.  Then
+        the VM follows the namespace's changes (interfaces added later).
         """
         hypervisor = self.sandbox.hypervisor
         if hypervisor is None:
@@ -178,6 +180,7 @@ class Proxy:
         attachment = NetworkAttachment(netns_path, self.config.network.model)
         await attachment.attach(hypervisor, self.agent)
         self.network = attachment
+        self._network_watch = asyncio.ensure_future(attachment.watch(hypervisor, self.agent))
 
     def request_shutdown(self, reason: str) -> None:
         if not self._done.is_set():
@@ -207,6 +210,11 @@ class Proxy:
         log.info("proxy stopping: %s", self.reason)
 
     async def stop(self) -> None:
+        watch, self._network_watch = self._network_watch, None
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
         self._agent = None
         await self.sandbox.stop()
         # After QEMU: its taps went with it; the qdiscs and macvtaps are ours to remove.
