@@ -13,10 +13,10 @@ host's own namespace.  What a user sees:
   and it reaches the bridge's gateway address;
 - two containers on the bridge reach each other (TCP and ping), and the
   host side reaches the container's own address;
-- after ``rm``: no tap and no ingress qdisc left in the container's network
+- after ``stop``: no tap and no ingress qdisc left in the container's network
   namespace (held open by the test, so it can be looked at after the
-  engine let go of it), no namespace of the engine's left, no runtime
-  process left.
+  engine let go of it), and no runtime process left; after ``rm``, no
+  namespace of the engine's left.
 
 Under runc (``CAPSA_E2E_RUNTIME=runc``) the same tests pass, which proves
 they test the engines' contract, not capsa's.
@@ -103,12 +103,14 @@ def container_get(engine: Engine, cid: str, host: str, port: int, timeout: float
 
 def rm(engine: Engine, *cids: str) -> None:
     """Remove containers whatever state a failed test left them in, keeping the test's own failure."""
+    # Podman's rm --force waits --time (10 s) after TERM, which httpd and sleep as PID 1 ignore.
+    now = ("--time", "0") if isinstance(engine, Podman) else ()
     with contextlib.suppress(AssertionError):
-        if engine("rm", "--force", *cids, timeout=120).code != 0:
+        if engine("rm", "--force", *now, *cids, timeout=120).code != 0:
             # A runtime process that holds the engine up is ended first (marked, naming the container).
             session = engine.runtime.session
             kill_pids([p.pid for p in session_processes(session, []) if p.marked and any(c in p.cmdline for c in cids)])
-            engine("rm", "--force", *cids, timeout=60)
+            engine("rm", "--force", *now, *cids, timeout=60)
 
 
 def netns_path(engine: Engine, cid: str) -> str:
@@ -183,11 +185,12 @@ class TestBridge:
             rm(engine, peer)
 
 
-def test_nothing_left_after_the_container_goes(engine: Engine, runtime: Runtime) -> None:
-    """While it runs, the container's namespace holds capsa's tap (under capsa);
-    after ``rm`` that namespace, held open here past the engine's own teardown,
-    holds no tap and no ingress qdisc, the engine left no namespace, and no
-    runtime process is left."""
+def test_nothing_left_after_the_container_stops(engine: Engine, runtime: Runtime) -> None:
+    """While it runs, the container's namespace holds capsa's tap (under capsa).
+    Once ``stop`` returns (both engines delete the runtime's container then),
+    that namespace, held open here past the engine's own teardown, holds no
+    tap and no ingress qdisc, and no runtime process is left; after ``rm``
+    the engine left no namespace."""
     cid = engine(*run_args(engine, "-d", engine.image, "sleep", "600")).check().out
     try:
         path = netns_path(engine, cid)
@@ -198,17 +201,17 @@ def test_nothing_left_after_the_container_goes(engine: Engine, runtime: Runtime)
     try:
         links = subprocess.run(["nsenter", f"--net={path}", "ip", "-o", "link"], capture_output=True, text=True)
         assert bool(OURS.search(links.stdout)) == runtime.capsa, links.stdout
-    finally:
-        rm(engine, cid)
-    try:
+        # sleep as PID 1 ignores TERM: the engine KILLs it after a second.
+        engine("stop", "--time", "1", cid, timeout=120).check()
         assert leftovers_in(f"/proc/{os.getpid()}/fd/{held}") == []
+        words = ("conmon",) if isinstance(engine, Podman) else ("containerd-shim",)
+        assert_nothing_left(runtime, engine.runtime_root, engine.needles, engine_words=words)
     finally:
         os.close(held)
+        rm(engine, cid)
     if mounts_under([Path(path)]):
         # The engine kept the namespace (its path is still an nsfs mount; Docker
         # unlinks the emptied file later): nothing of ours may be in it either.
         found = leftovers_in(path)
         unmount_under([Path(path)])
         pytest.fail(f"the engine left its network namespace {path} (holding {found or 'nothing of ours'})")
-    words = ("conmon",) if isinstance(engine, Podman) else ("containerd-shim",)
-    assert_nothing_left(runtime, engine.runtime_root, engine.needles, engine_words=words)
