@@ -13,6 +13,9 @@ host's own namespace.  What a user sees:
   and it reaches the bridge's gateway address;
 - two containers on the bridge reach each other (TCP and ping), and the
   host side reaches the container's own address;
+- the container reaches out: an HTTP server in a third namespace behind
+  the engine's host (its "uplink"), which has no route back to the bridge,
+  answers through the engine's masquerading;
 - after ``stop``: no tap and no ingress qdisc left in the container's network
   namespace (held open by the test, so it can be looked at after the
   engine let go of it), and no runtime process left; after ``rm``, no
@@ -41,6 +44,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.vm, pytest.mark.slow]
 Engine = Podman | Docker
 PORT = 18080
 PAGE = "served-by-the-container\n"
+# TEST-NET-2 (RFC 5737), only ever inside the test's namespaces.
+UPLINK_IP, OUTSIDE_IP = "198.51.100.1", "198.51.100.2"
 # busybox-static's wget crashes (its static glibc), so HTTP requests are written with nc.
 REQUEST = "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 {host} {port}"
 # The runtime's network devices in the engine's namespace: capsa's taps and macvtaps.
@@ -51,22 +56,43 @@ def ip_netns(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", "netns", *args], capture_output=True, text=True, timeout=30)
 
 
+def outside(engine: Engine) -> str:
+    """The name of the namespace standing for the world beyond the engine's host (see ``engine``)."""
+    assert engine.netns is not None
+    return engine.netns.name + "-out"
+
+
 @pytest.fixture(scope="module", params=["podman", "docker"])
 def engine(request: pytest.FixtureRequest, runtime: Runtime, session_dir: Path, image_tar: Path) -> Iterator[Engine]:
-    """One engine on its default bridge, in a network namespace of its own that the test deletes afterwards."""
+    """One engine on its default bridge, in a network namespace of its own (its "host"), with an uplink
+    ``198.51.100.1/24`` to a second namespace (the "outside", ``.2``, no route back to the bridge);
+    both deleted afterwards."""
     name = f"capsa-e2e-{request.param}-{os.getpid()}"
-    made = ip_netns("add", name)
-    assert made.returncode == 0, made.stderr
-    netns = Path("/run/netns") / name
+    made = [name]
     try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=30)
+        for namespace in (name, name + "-out"):
+            added = ip_netns("add", namespace)
+            assert added.returncode == 0, added.stderr
+            made.append(namespace)
+            subprocess.run(["ip", "-n", namespace, "link", "set", "lo", "up"], check=True, timeout=30)
+        here, there = ("ip", "-n", name), ("ip", "-n", name + "-out")
+        for argv in (
+            (*here, "link", "add", "uplink", "type", "veth", "peer", "name", "eth0", "netns", name + "-out"),
+            (*here, "addr", "add", f"{UPLINK_IP}/24", "dev", "uplink"),
+            (*here, "link", "set", "uplink", "up"),
+            (*there, "addr", "add", f"{OUTSIDE_IP}/24", "dev", "eth0"),
+            (*there, "link", "set", "eth0", "up"),
+        ):
+            subprocess.run(argv, check=True, timeout=30)
+        netns = Path("/run/netns") / name
         found: Engine = (Podman if request.param == "podman" else Docker)(runtime, session_dir, image_tar, netns=netns)
         try:
             yield found
         finally:
             found.stop()
     finally:
-        ip_netns("del", name)
+        for namespace in made:
+            ip_netns("del", namespace)
 
 
 def run_args(engine: Engine, *args: str) -> list[str]:
@@ -183,6 +209,18 @@ class TestBridge:
             assert ping.code == 0 and " 0% packet loss" in ping.stdout, ping.stdout + ping.stderr
         finally:
             rm(engine, peer)
+
+    def test_reaches_out_through_the_engines_nat(self, engine: Engine, web: str, tmp_path: Path) -> None:
+        """The outside has no route to the bridge's subnet: only the engine's
+        masquerading (CNI's ipMasq, Docker's MASQUERADE rule) lets the answer back."""
+        (tmp_path / "index.html").write_text("served-from-outside\n")
+        argv = [*in_netns(Path("/run/netns") / outside(engine)), "busybox", "httpd", "-f", "-p", "8080"]
+        server = subprocess.Popen([*argv, "-h", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert container_get(engine, web, OUTSIDE_IP, 8080) == "served-from-outside\n"
+        finally:
+            server.kill()
+            server.wait(timeout=30)
 
 
 def test_nothing_left_after_the_container_stops(engine: Engine, runtime: Runtime) -> None:
