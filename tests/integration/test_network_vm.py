@@ -288,7 +288,8 @@ def test_namespace_configured_between_create_and_start(capsa: Capsa, tmp_path: P
 @pytest.mark.slow
 def test_an_interface_added_while_running_gets_a_nic(capsa: Capsa, network: Wire) -> None:
     """CNI chaining, `podman network connect`: a second veth appears in the running container's
-    namespace; the guest gets a NIC for it with its MAC and address, and the peer reaches it."""
+    namespace; the guest gets a NIC for it with its MAC and address, and the peer reaches it.
+    When it goes (`network disconnect`), the NIC goes too."""
     spec_with_network(capsa, network, SCRIPT)
     second_ip = network.container_ip.replace("10.240.", "10.242.")
     second_peer_ip = network.peer_ip.replace("10.240.", "10.242.")
@@ -315,6 +316,18 @@ def test_an_interface_added_while_running_gets_a_nic(capsa: Capsa, network: Wire
         ping = ["ip", "netns", "exec", network.peer_ns, "busybox", "ping", "-c", "2", "-W", "2", second_ip]
         assert subprocess.run(ping, capture_output=True).returncode == 0
         assert len([line for line in ip(*c, "-o", "link").splitlines() if "tap" in line and "_capsa" in line]) == 2
+        # `network disconnect`: the veth goes, and the guest's NIC with it (and its tap).
+        ip(*c, "link", "del", "eth1")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            link = capsa("exec", "net-late", "ip", "-o", "link", "show").stdout
+            if "eth1" not in link:
+                break
+            time.sleep(0.5)
+        assert "eth1" not in link, link
+        assert "eth0" in link
+        assert len([line for line in ip(*c, "-o", "link").splitlines() if "tap" in line and "_capsa" in line]) == 1
+        assert peer_get(network, network.container_ip, 80) == "served-by-the-container\n"
     finally:
         deleted = capsa("delete", "--force", "net-late")
     assert deleted.code == 0, deleted.stderr

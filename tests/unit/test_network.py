@@ -240,8 +240,13 @@ class _Recorder:
         self.interfaces: list[str] = []
         self.routes: list[list[str]] = []
 
+        self.unplugged: list[int] = []
+
     async def plug_nic(self, tap_fd: int, mac: str, mtu: int, slot: int) -> None:
         raise AssertionError("_plug is replaced in these tests")
+
+    async def unplug_nic(self, slot: int) -> None:
+        self.unplugged.append(slot)
 
     async def update_interface(self, interface: object) -> object:
         self.interfaces.append(f"{interface.name} {[a.address for a in interface.addresses]}")  # type: ignore[attr-defined]
@@ -261,12 +266,14 @@ class _ScriptedAttachment(NetworkAttachment):
         self.plugged: list[tuple[str, int]] = []
 
     async def _in_netns(self, work: object, what: str, fd: int | None = None) -> object:  # type: ignore[override]
-        return self.namespace
+        # Reading gives the script; removing a tap's leftovers finds no problem.
+        return self.namespace if what == "read its links" else []
 
-    async def _plug(self, hypervisor: object, endpoint: Endpoint, slot: int) -> None:  # type: ignore[override]
+    async def _plug(self, hypervisor: object, endpoint: Endpoint) -> None:  # type: ignore[override]
         from capsa.network.attach import _Made
 
-        self._made.append(_Made(endpoint, device_name(self.model, slot)))
+        slot, self._next_slot = self._next_slot, self._next_slot + 1
+        self._made.append(_Made(endpoint, device_name(self.model, slot), slot))
         self.plugged.append((endpoint.name, slot))
 
 
@@ -299,9 +306,15 @@ def test_refresh_follows_the_namespace() -> None:
     assert attachment.plugged == [("eth0", 0), ("eth1", 1)]
     assert guest.interfaces[-1] == "eth0 ['10.88.0.5', 'fd00:88::5', '10.88.0.6']"
     assert guest.routes[-1] == ["198.51.100.0/24", "192.0.2.0/24", "::/0"]
-    # eth1 leaves: its NIC stays; nothing is sent for it.
+    # eth1 leaves (`network disconnect`): its NIC is unplugged; nothing is sent for it.
     attachment.namespace = (LINKS, [*ADDRESSES, AddressInfo(2, "10.88.0.6", 16)], ROUTES[1:])
     sent = len(guest.interfaces)
-    assert not refresh()
+    assert refresh()
+    assert guest.unplugged == [1]
     assert len(guest.interfaces) == sent
     assert [e.name for e in attachment.endpoints] == ["eth0"]
+    # It comes back (a new veth, a new ifindex): a new NIC in a new slot.
+    eth1_again = LinkInfo(7, "eth1", "02:00:00:00:00:06", 1500, "veth")
+    attachment.namespace = ([*LINKS, eth1_again], [*ADDRESSES, AddressInfo(7, "10.99.1.2", 24)], ROUTES[1:])
+    assert refresh()
+    assert attachment.plugged[-1] == ("eth1", 2)

@@ -278,3 +278,7 @@ class Hypervisor(abc.ABC):
         kernel probes it a moment later.  A VM without free hot-plug room
         (microvm, or every root port taken) is a HypervisorError.
         """
+
+    @abc.abstractmethod
+    async def unplug_nic(self, slot: int) -> None:
+        """Take out the NIC :meth:`plug_nic` plugged as ``slot``; returns once the guest let go of it."""

@@ -965,3 +965,25 @@ class QemuHypervisor(Hypervisor):
                 with contextlib.suppress(HypervisorError):
                     await self._execute("netdev_del", {"id": netdev["id"]})
                 raise
+
+    async def unplug_nic(self, slot: int, timeout: float = DEFAULT_UNPLUG_TIMEOUT) -> None:
+        """Take NIC ``slot`` out (QMP "device_del", then "netdev_del" once QEMU reports
+        ``DEVICE_DELETED``: the guest let go of it through ACPI eject); its tap fd closes with the netdev."""
+        qmp = self._qmp
+        if qmp is None or self.pid is None:
+            raise HypervisorError(f"VM {self.config.name} is not running")
+        device_id = f"nic{slot}"
+        listener = EventListener(("DEVICE_DELETED",))
+        with qmp.listen(listener):
+            await self._execute("device_del", {"id": device_id})
+            try:
+                async with asyncio.timeout(timeout):
+                    async for event in listener:
+                        data = event.get("data")
+                        if isinstance(data, dict) and data.get("device") == device_id:
+                            break
+            except TimeoutError:
+                raise HypervisorError(
+                    f"the guest of VM {self.config.name} did not release NIC {slot} within {timeout:.0f} s"
+                ) from None
+        await self._execute("netdev_del", {"id": f"netdev{slot}"})

@@ -28,6 +28,7 @@ behind, until the engine deletes the namespace, which takes them along.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -63,6 +64,8 @@ WATCH_SETTLE_SECONDS = 0.2
 class NicHypervisor(Protocol):
     async def plug_nic(self, tap_fd: int, mac: str, mtu: int, slot: int) -> None: ...
 
+    async def unplug_nic(self, slot: int) -> None: ...
+
 
 class NetworkAgent(Protocol):
     async def update_interface(self, interface: pb.Interface) -> pb.Interface: ...
@@ -81,6 +84,7 @@ class _Made:
 
     endpoint: Endpoint
     device: str
+    slot: int
     qdiscs: list[tc.IngressQdisc] = field(default_factory=list)
 
 
@@ -97,6 +101,8 @@ class NetworkAttachment:
         self._netns_fd = -1
         self._events: socket.socket | None = None
         self._made: list[_Made] = []
+        # NIC slots only grow: QEMU ids of an unplugged NIC are never reused.
+        self._next_slot = 0
 
     async def attach(self, hypervisor: NicHypervisor, agent: NetworkAgent) -> None:
         """Give the VM a NIC per endpoint and configure the guest; on failure, undo it all and raise."""
@@ -142,8 +148,7 @@ class NetworkAttachment:
         known = {_identity(e): e for e in self.endpoints}
         new = [e for e in current if _identity(e) not in known]
         changed = [e for e in current if _identity(e) in known and known[_identity(e)] != e]
-        for name, mac, _index in known.keys() - {_identity(e) for e in current}:
-            log.warning("%s (%s) left the network namespace; its NIC in the VM stays", name, mac)
+        left = known.keys() - {_identity(e) for e in current}
         endpoints = tuple(e for e in current if _identity(e) in known) + tuple(new)
         devices = {endpoint.index: endpoint.name for endpoint in endpoints}
         for route in routes:
@@ -151,11 +156,18 @@ class NetworkAttachment:
             if reason is not None and reason not in ("made by the kernel", "in table 255"):
                 log.debug("route to %s/%d not given to the guest: %s", route.dst or "default", route.dst_len, reason)
         wanted_routes = select_routes(routes, endpoints)
+        for made in [made for made in self._made if _identity(made.endpoint) in left]:
+            # `network disconnect`: the NIC goes, and its addresses and routes with it.
+            log.info("%s (%s) left the network namespace: unplugging its NIC", made.endpoint.name, made.endpoint.mac)
+            await hypervisor.unplug_nic(made.slot)
+            self._made.remove(made)
+            for problem in await self._in_netns(functools.partial(_undo, [made]), f"remove {made.device}"):
+                log.warning("network namespace %s: %s", self.netns_path, problem)
         plugged = {_identity(made.endpoint) for made in self._made}
         for endpoint in new:
             # One plugged by a refresh whose guest part failed is only configured again.
             if _identity(endpoint) not in plugged:
-                await self._plug(hypervisor, endpoint, len(self._made))
+                await self._plug(hypervisor, endpoint)
         for endpoint in [*new, *changed]:
             await _agent_call(agent.update_interface(interface_message(endpoint)), "UpdateInterface", endpoint.name)
         self.endpoints = endpoints
@@ -163,7 +175,7 @@ class NetworkAttachment:
         if send_routes:
             await _agent_call(agent.update_routes(routes_message(wanted_routes)), "UpdateRoutes", "")
         self.routes = wanted_routes
-        return bool(new or changed or send_routes)
+        return bool(new or changed or left or send_routes)
 
     async def watch(self, hypervisor: NicHypervisor, agent: NetworkAgent) -> None:
         """Follow the namespace until cancelled: each burst of netlink events ends in a :meth:`refresh`.
@@ -194,8 +206,9 @@ class NetworkAttachment:
         finally:
             loop.remove_reader(sock.fileno())
 
-    async def _plug(self, hypervisor: NicHypervisor, endpoint: Endpoint, slot: int) -> None:
-        made = _Made(endpoint, device_name(self.model, slot))
+    async def _plug(self, hypervisor: NicHypervisor, endpoint: Endpoint) -> None:
+        slot, self._next_slot = self._next_slot, self._next_slot + 1
+        made = _Made(endpoint, device_name(self.model, slot), slot)
         self._made.append(made)
         if self.model == "tcfilter":
             plan = tc.mirror_plan(endpoint.name, made.device)
@@ -233,21 +246,8 @@ class NetworkAttachment:
             return
         try:
             if made:
-
-                def undo() -> list[str]:
-                    problems: list[str] = []
-                    with netns.iproute() as ipr:
-                        for item in reversed(made):
-                            problems += tc.remove(ipr, tc.teardown_plan(tuple(item.qdiscs)))
-                    for item in reversed(made):
-                        # A tap normally went with QEMU's fd; a macvtap stays until deleted.
-                        problem = netns.delete_link(item.device)
-                        if problem:
-                            problems.append(problem)
-                    return problems
-
                 try:
-                    problems = await self._in_netns(undo, "remove its taps", fd)
+                    problems = await self._in_netns(lambda: _undo(made), "remove its taps", fd)
                 except Exception as exc:  # teardown reports, never raises
                     problems = [str(exc)]
                 for problem in problems:
@@ -257,6 +257,20 @@ class NetworkAttachment:
 
     async def _in_netns(self, work: Callable[[], T], what: str, fd: int | None = None) -> T:
         return await asyncio.to_thread(netns.run_in_netns, self._netns_fd if fd is None else fd, work, what)
+
+
+def _undo(made: list[_Made]) -> list[str]:
+    """In the namespace: remove the qdiscs (their filters with them) and links of ``made``; the problems."""
+    problems: list[str] = []
+    with netns.iproute() as ipr:
+        for item in reversed(made):
+            problems += tc.remove(ipr, tc.teardown_plan(tuple(item.qdiscs)))
+    for item in reversed(made):
+        # A tap normally went with QEMU's fd; a macvtap stays until deleted.
+        problem = netns.delete_link(item.device)
+        if problem:
+            problems.append(problem)
+    return problems
 
 
 def _identity(endpoint: Endpoint) -> tuple[str, str, int]:
