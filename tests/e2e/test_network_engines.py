@@ -37,7 +37,15 @@ from pathlib import Path
 
 import pytest
 from e2e_engines import Docker, Podman, in_netns
-from e2e_support import Runtime, assert_nothing_left, kill_pids, mounts_under, session_processes, unmount_under
+from e2e_support import (
+    Runtime,
+    assert_nothing_left,
+    kill_pids,
+    mounts_under,
+    session_processes,
+    unmount_under,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vm, pytest.mark.slow]
 
@@ -46,6 +54,7 @@ PORT = 18080
 PAGE = "served-by-the-container\n"
 # TEST-NET-2 (RFC 5737), only ever inside the test's namespaces.
 UPLINK_IP, OUTSIDE_IP = "198.51.100.1", "198.51.100.2"
+SECOND = "e2e-second"  # a second bridge network, connected to a running container
 # busybox-static's wget crashes (its static glibc), so HTTP requests are written with nc.
 REQUEST = "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 {host} {port}"
 # The runtime's network devices in the engine's namespace: capsa's taps and macvtaps.
@@ -95,9 +104,9 @@ def engine(request: pytest.FixtureRequest, runtime: Runtime, session_dir: Path, 
             ip_netns("del", namespace)
 
 
-def run_args(engine: Engine, *args: str) -> list[str]:
+def run_args(engine: Engine, *args: str, network: str = "bridge") -> list[str]:
     runtime = ["--runtime", engine.runtime_name] if isinstance(engine, Docker) else []
-    return ["run", *runtime, "--network", "bridge", *args]
+    return ["run", *runtime, "--network", network, *args]
 
 
 def host_side(engine: Engine, script: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -221,6 +230,40 @@ class TestBridge:
         finally:
             server.kill()
             server.wait(timeout=30)
+
+    def test_a_network_connected_while_it_runs_reaches_it(self, engine: Engine, web: str) -> None:
+        """``network connect`` of a second bridge network to the running container
+        (a veth the engine adds to its namespace after start): the container shows
+        it with the address and MAC ``inspect`` reports, and a container on that
+        network reaches it there; after ``network disconnect`` the address is gone."""
+        engine("network", "create", SECOND).check()
+        peer = None
+        try:
+            engine("network", "connect", SECOND, web).check()
+            settings = f'(index .NetworkSettings.Networks "{SECOND}")'
+            address = engine.inspect(web, f"{{{{{settings}.IPAddress}}}}/{{{{{settings}.IPPrefixLen}}}}")
+            mac = engine.inspect(web, f"{{{{{settings}.MacAddress}}}}")
+            assert re.fullmatch(r"\d+\.\d+\.\d+\.\d+/\d+", address) and mac, (address, mac)
+
+            def shown() -> bool:
+                links = engine("exec", web, "ip", "-o", "link").stdout
+                addrs = engine("exec", web, "ip", "-o", "-4", "addr").stdout
+                return f"link/ether {mac}" in links and f"inet {address} " in addrs
+
+            wait_until(shown, 60, f"{address} ({mac}) in the container")
+            peer = engine(*run_args(engine, "-d", engine.image, "sleep", "600", network=SECOND)).check().out
+            assert container_get(engine, peer, address.split("/")[0], 80) == PAGE
+            engine("network", "disconnect", SECOND, web).check()
+            wait_until(
+                lambda: f"inet {address} " not in engine("exec", web, "ip", "-o", "-4", "addr").stdout,
+                60,
+                f"{address} to leave the container",
+            )
+        finally:
+            if peer is not None:
+                rm(engine, peer)
+            engine("network", "disconnect", SECOND, web)
+            engine("network", "rm", SECOND)
 
 
 def test_nothing_left_after_the_container_stops(engine: Engine, runtime: Runtime) -> None:
