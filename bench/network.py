@@ -27,10 +27,12 @@ Then the setup cost: ``create`` + ``start`` (until the container runs) of
 ``sleep`` with the spec naming a configured namespace (capsa: read the
 namespace, tap + tc mirroring, NIC hot-plug, the agent's UpdateInterface
 and UpdateRoutes) and with a new empty one (the default spec), for both
-runtimes; medians.
+runtimes; medians.  ``--macvtap`` adds capsa with ``[network] model =
+"macvtap"`` (a passthru macvtap on the veth instead of a tap and tc
+mirroring) as a third container on the bridge.
 
 Run as root after scripts/setup.sh, with capsa's Python:
-/opt/capsa/venv/bin/python bench/network.py [--rounds N] [--size-mib M]
+/opt/capsa/venv/bin/python bench/network.py [--rounds N] [--size-mib M] [--setup-rounds N] [--macvtap]
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from capsa.cli.spec import default_spec
+from capsa.config import DEFAULT_CONFIG_PATH
 from capsa.network.netns import open_netns, run_in_netns
 
 BUSYBOX = Path("/bin/busybox")
@@ -100,12 +103,12 @@ def wire(tag: str, runtimes: tuple[str, ...]) -> Iterator[tuple[str, list[Side]]
             made.append(name)
             address = f"{SUBNET}.{2 + index}"
             ip("netns", "add", name)
-            ip("-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", f"v{runtime}", "netns", host)
+            ip("-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", f"v{index}", "netns", host)
             ip("-n", name, "addr", "add", f"{address}/24", "dev", "eth0")
             ip("-n", name, "link", "set", "eth0", "up")
             ip("-n", name, "link", "set", "lo", "up")
             ip("-n", name, "route", "add", "default", "via", HOST_IP)
-            ip("-n", host, "link", "set", f"v{runtime}", "master", "br0", "up")
+            ip("-n", host, "link", "set", f"v{index}", "master", "br0", "up")
             sides.append(Side(runtime, f"/run/netns/{name}", address))
         yield f"/run/netns/{host}", sides
     finally:
@@ -133,13 +136,13 @@ def make_bundle(work: Path, name: str, args: list[str], netns: str | None, env: 
 
 
 class Runtime:
-    """``capsa`` (this Python's) or ``runc``, each with a state root in the work dir."""
+    """``capsa`` (this Python's, with ``config`` when given) or ``runc``, each with a state root in the work dir."""
 
-    def __init__(self, name: str, work: Path) -> None:
+    def __init__(self, name: str, work: Path, config: Path | None = None) -> None:
         self.name = name
         root = work / f"{name}-root"
-        self.argv = [sys.executable, "-m", "capsa"] if name == "capsa" else ["runc"]
-        self.argv += ["--root", str(root)]
+        self.argv = [sys.executable, "-m", "capsa"] if name.startswith("capsa") else ["runc"]
+        self.argv += ["--root", str(root), *(["--config", str(config)] if config is not None else [])]
         self.log = work / f"{name}.log"
 
     def __call__(self, *args: str, timeout: float = 120) -> None:
@@ -154,6 +157,20 @@ class Runtime:
 
     def delete(self, cid: str) -> None:
         subprocess.run([*self.argv, "delete", "--force", cid], capture_output=True, timeout=120)
+
+
+def config_with_model(work: Path, model: str) -> Path:
+    """The configuration in force with ``[network] model`` replaced, as a file in the work dir."""
+    source = Path(os.environ.get("CAPSA_CONFIG", DEFAULT_CONFIG_PATH))
+    kept, skipping = [], False
+    for line in source.read_text().splitlines() if source.exists() else []:
+        if line.strip().startswith("["):
+            skipping = line.strip() == "[network]"
+        if not skipping:
+            kept.append(line)
+    path = work / f"configuration-{model}.toml"
+    path.write_text("\n".join([*kept, "[network]", f'model = "{model}"', ""]))
+    return path
 
 
 def host_socket(host_fd: int) -> socket.socket:
@@ -262,21 +279,22 @@ def spread(values: list[float], unit: str, digits: int) -> str:
 
 
 def report(sides: list[Side], args: argparse.Namespace) -> None:
-    by = {side.runtime: side for side in sides}
-    capsa, runc = by["capsa"], by["runc"]
+    runc = next(side for side in sides if side.runtime == "runc")
     print(f"TCP, {args.size_mib} MiB per transfer, bridge in a namespace of its own; median (min-max) of {args.rounds}")
-    print(f"{'direction':<18} {'capsa':>26} {'runc':>26} {'capsa/runc':>10}")
+    print(f"{'direction':<18} {'runtime':<14} {'throughput':>28} {'x runc':>7}")
     for label, attr in (("container -> host", "to_host"), ("host -> container", "from_host")):
-        mine, base = getattr(capsa, attr), getattr(runc, attr)
-        ratio = statistics.median(mine) / statistics.median(base)
-        print(f"{label:<18} {spread(mine, 'MiB/s', 1):>26} {spread(base, 'MiB/s', 1):>26} {ratio:>10.3f}")
+        base = statistics.median(getattr(runc, attr))
+        for side in sides:
+            figures = getattr(side, attr)
+            ratio = statistics.median(figures) / base
+            print(f"{label:<18} {side.runtime:<14} {spread(figures, 'MiB/s', 1):>28} {ratio:>7.3f}")
     if args.setup_rounds:
         print(f"create + start of `sleep`, median (min-max) of {args.setup_rounds}")
-        print(f"{'runtime':<8} {'bridge namespace':>24} {'empty namespace':>24} {'difference':>10}")
-        for side in (capsa, runc):
+        print(f"{'runtime':<14} {'bridge namespace':>24} {'empty namespace':>24} {'difference':>10}")
+        for side in sides:
             extra = statistics.median(side.setup_netns) - statistics.median(side.setup_empty)
             print(
-                f"{side.runtime:<8} {spread(side.setup_netns, 's', 3):>24} "
+                f"{side.runtime:<14} {spread(side.setup_netns, 's', 3):>24} "
                 f"{spread(side.setup_empty, 's', 3):>24} {extra:>+9.3f}s"
             )
 
@@ -286,6 +304,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--size-mib", type=int, default=128)
     parser.add_argument("--setup-rounds", type=int, default=5, help="rounds of the setup-cost part (0: skip it)")
+    parser.add_argument("--macvtap", action="store_true", help='also capsa with [network] model = "macvtap"')
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root (network namespaces, QEMU, runc)")
@@ -293,8 +312,10 @@ def main() -> int:
         raise SystemExit("runc is not installed: run scripts/setup.sh")
     work = Path(tempfile.mkdtemp(prefix="capsa-bn-"))
     try:
-        names = ("capsa", "runc")
-        runtimes = {name: Runtime(name, work) for name in names}
+        runtimes = {name: Runtime(name, work) for name in ("capsa", "runc")}
+        if args.macvtap:
+            runtimes["capsa-macvtap"] = Runtime("capsa-macvtap", work, config_with_model(work, "macvtap"))
+        names = tuple(runtimes)
         with wire(f"{os.getpid()}", names) as (host_path, sides):
             host_fd = open_netns(host_path)
             try:
