@@ -16,6 +16,8 @@ host's own namespace.  What a user sees:
 - the container reaches out: an HTTP server in a third namespace behind
   the engine's host (its "uplink"), which has no route back to the bridge,
   answers through the engine's masquerading;
+- ``--network host`` under capsa: refused with the runtime's one line,
+  nothing left (under runc it runs on the engine host's links);
 - after ``stop``: no tap and no ingress qdisc left in the container's network
   namespace (held open by the test, so it can be looked at after the
   engine let go of it), and no runtime process left; after ``rm``, no
@@ -264,6 +266,23 @@ class TestBridge:
                 rm(engine, peer)
             engine("network", "disconnect", SECOND, web)
             engine("network", "rm", SECOND)
+
+
+def test_host_network_is_refused_with_one_clear_line(engine: Engine, runtime: Runtime) -> None:
+    """``--network host`` (no network namespace of its own in the spec): runc
+    runs it on the engine host's links (here the test's namespace, with its
+    ``uplink``); capsa cannot put a VM on the host's network and says so,
+    through the engine, leaving nothing behind."""
+    result = engine(*run_args(engine, "--rm", engine.image, "ip", "-o", "link", network="host"), timeout=120)
+    if runtime.capsa:
+        assert result.code != 0
+        assert "host's network namespace cannot be shared" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    else:
+        assert result.code == 0 and "uplink" in result.stdout, result.stdout + result.stderr
+    assert engine("ps", "--all", "--quiet").check().out == ""
+    words = ("conmon",) if isinstance(engine, Podman) else ("containerd-shim",)
+    assert_nothing_left(runtime, engine.runtime_root, engine.needles, engine_words=words)
 
 
 def test_nothing_left_after_the_container_stops(engine: Engine, runtime: Runtime) -> None:
