@@ -16,6 +16,8 @@ host's own namespace.  What a user sees:
 - the container reaches out: an HTTP server in a third namespace behind
   the engine's host (its "uplink"), which has no route back to the bridge,
   answers through the engine's masquerading;
+- ``network connect`` of a second network while it runs, and ``network
+  disconnect``; a network with IPv6, reached over IPv6;
 - ``--network host`` under capsa: refused with the runtime's one line,
   nothing left (under runc it runs on the engine host's links);
 - after ``stop``: no tap and no ingress qdisc left in the container's network
@@ -57,6 +59,7 @@ PAGE = "served-by-the-container\n"
 # TEST-NET-2 (RFC 5737), only ever inside the test's namespaces.
 UPLINK_IP, OUTSIDE_IP = "198.51.100.1", "198.51.100.2"
 SECOND = "e2e-second"  # a second bridge network, connected to a running container
+DUAL, V6_SUBNET = "e2e-dual", "fd00:ca05:e2e::/64"  # a network with IPv6 (Docker needs its subnet named)
 # busybox-static's wget crashes (its static glibc), so HTTP requests are written with nc.
 REQUEST = "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 {host} {port}"
 # The runtime's network devices in the engine's namespace: capsa's taps and macvtaps.
@@ -266,6 +269,36 @@ class TestBridge:
                 rm(engine, peer)
             engine("network", "disconnect", SECOND, web)
             engine("network", "rm", SECOND)
+
+
+def test_dual_stack_network(engine: Engine, tmp_path: Path) -> None:
+    """A user-made network with IPv6 (Podman picks a ULA subnet; Docker is given one): the
+    container shows the IPv6 address ``inspect`` reports, the host side and another
+    container reach its server over IPv6."""
+    (tmp_path / "index.html").write_text(PAGE)
+    subnet = ("--subnet", "10.77.0.0/24", "--subnet", V6_SUBNET) if isinstance(engine, Docker) else ()
+    engine("network", "create", "--ipv6", *subnet, DUAL).check()
+    cids: list[str] = []
+    try:
+        served = ("-v", f"{tmp_path}:/www:ro", engine.image, "httpd", "-f", "-p", "80", "-h", "/www")
+        cids.append(engine(*run_args(engine, "-d", *served, network=DUAL)).check().out)
+        settings = f'(index .NetworkSettings.Networks "{DUAL}")'
+        template = f"{{{{{settings}.GlobalIPv6Address}}}}/{{{{{settings}.GlobalIPv6PrefixLen}}}}"
+        address = engine.inspect(cids[0], template)
+        assert ":" in address and not address.startswith("/"), address
+        wait_until(
+            lambda: f"inet6 {address} " in engine("exec", cids[0], "ip", "-o", "-6", "addr").stdout,
+            60,
+            f"{address} in the container",
+        )
+        v6 = address.split("/")[0]
+        assert host_get(engine, v6, 80) == PAGE
+        cids.append(engine(*run_args(engine, "-d", engine.image, "sleep", "600", network=DUAL)).check().out)
+        assert container_get(engine, cids[1], v6, 80) == PAGE
+    finally:
+        if cids:
+            rm(engine, *cids)
+        engine("network", "rm", DUAL)
 
 
 def test_host_network_is_refused_with_one_clear_line(engine: Engine, runtime: Runtime) -> None:
