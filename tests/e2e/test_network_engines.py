@@ -8,7 +8,8 @@ published ports live there, and the test's "host side" (the client of
 host's own namespace.  What a user sees:
 
 - ``-p 127.0.0.1:18080:80`` to busybox ``httpd``: a GET from the host side
-  to 127.0.0.1:18080 returns the page (a file on a volume);
+  to 127.0.0.1:18080 returns the page (a file on a volume); with ``-p
+  18081:80`` a client beyond the engine's host gets it too;
 - the container's ``eth0`` has the IP, prefix and MAC ``inspect`` reports,
   and it reaches the bridge's gateway address;
 - two containers on the bridge reach each other (TCP and ping), and the
@@ -54,7 +55,8 @@ from e2e_support import (
 pytestmark = [pytest.mark.e2e, pytest.mark.vm, pytest.mark.slow]
 
 Engine = Podman | Docker
-PORT = 18080
+PORT = 18080  # published on the engine host's 127.0.0.1
+PUBLIC_PORT = 18081  # published on all its addresses
 PAGE = "served-by-the-container\n"
 # TEST-NET-2 (RFC 5737), only ever inside the test's namespaces.
 UPLINK_IP, OUTSIDE_IP = "198.51.100.1", "198.51.100.2"
@@ -175,7 +177,7 @@ def web(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
     """busybox httpd on port 80 serving a page from a read-only volume, published on the host side's 127.0.0.1."""
     www = tmp_path_factory.mktemp("www")
     (www / "index.html").write_text(PAGE)
-    publish = ("-p", f"127.0.0.1:{PORT}:80", "-v", f"{www}:/www:ro")
+    publish = ("-p", f"127.0.0.1:{PORT}:80", "-p", f"{PUBLIC_PORT}:80", "-v", f"{www}:/www:ro")
     cid = engine(*run_args(engine, "-d", *publish, engine.image, "httpd", "-f", "-p", "80", "-h", "/www")).check().out
     try:
         yield cid
@@ -188,6 +190,17 @@ class TestBridge:
 
     def test_published_port_serves_the_page(self, engine: Engine, web: str) -> None:
         assert host_get(engine, "127.0.0.1", PORT) == PAGE
+
+    def test_published_on_every_address_serves_the_outside(self, engine: Engine, web: str) -> None:
+        """``-p 18081:80`` (all addresses): a client in the outside namespace reaches it at the uplink's
+        address, through the engine's DNAT (the request never touches the engine host's loopback)."""
+        request = REQUEST.format(host=UPLINK_IP, port=PUBLIC_PORT)
+        argv = [*in_netns(Path("/run/netns") / outside(engine)), "busybox", "sh", "-c", request]
+        deadline = time.monotonic() + 60
+        while " 200 OK" not in (got := subprocess.run(argv, capture_output=True, text=True, timeout=60)).stdout:
+            assert time.monotonic() < deadline, got.stdout + got.stderr
+            time.sleep(0.5)
+        assert body(got.stdout) == PAGE
 
     def test_eth0_has_the_ip_and_mac_the_engine_reports(self, engine: Engine, web: str) -> None:
         address = engine.inspect(web, "{{.NetworkSettings.IPAddress}}/{{.NetworkSettings.IPPrefixLen}}")
