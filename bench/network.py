@@ -17,7 +17,9 @@ Both containers run the same busybox servers: port 5001 sends ``--size-mib``
 MiB of zeros to whoever connects (``dd | nc``: container to host), port
 5002 reads what it is sent until EOF and closes (host to container).  The
 host side times each transfer from ``connect`` to the peer's close and
-checks the byte count.  Rounds alternate capsa and runc, so drift in the
+checks the byte count.  A third server echoes: the host side times
+200 one-byte request/response round trips on one connection (TCP_NODELAY)
+and takes their median (round trip latency, lower is better).  Rounds alternate capsa and runc, so drift in the
 shared host's load hits both; the report gives the median MiB/s of
 ``--rounds`` rounds and the ratio capsa/runc.  Under TCG (these hosts)
 the guest's CPU, and so its TCP stack and virtio-net driver, is emulated,
@@ -60,12 +62,15 @@ BUSYBOX = Path("/bin/busybox")
 APPLETS = ("sh", "dd", "nc", "cat", "sleep")
 SUBNET = "10.251.0"
 HOST_IP = f"{SUBNET}.1"
-SEND_PORT, RECEIVE_PORT = 5001, 5002
-# Port 5001 streams $MIB MiB to each client; port 5002 swallows what it gets, then closes.
+SEND_PORT, RECEIVE_PORT, ECHO_PORT = 5001, 5002, 5003
+# Port 5001 streams $MIB MiB to each client; port 5002 swallows what it gets, then closes;
+# port 5003 echoes.
 SERVERS = (
     f"nc -ll -p {SEND_PORT} -e sh -c 'dd if=/dev/zero bs=1M count=$MIB 2>/dev/null' & "
-    f"nc -ll -p {RECEIVE_PORT} -e sh -c 'cat > /dev/null' & wait"
+    f"nc -ll -p {RECEIVE_PORT} -e sh -c 'cat > /dev/null' & "
+    f"nc -ll -p {ECHO_PORT} -e cat & wait"
 )
+ECHOES = 200  # round trips per round
 CHUNK = 1 << 20
 
 
@@ -78,6 +83,7 @@ class Side:
     ip: str
     to_host: list[float] = field(default_factory=list)  # MiB/s per round
     from_host: list[float] = field(default_factory=list)
+    round_trip: list[float] = field(default_factory=list)  # median microseconds per round
     setup_netns: list[float] = field(default_factory=list)  # create + start seconds
     setup_empty: list[float] = field(default_factory=list)
 
@@ -225,6 +231,23 @@ def send(host_fd: int, address: str, size: int) -> float:
         return time.perf_counter() - began
 
 
+def echo(host_fd: int, address: str, count: int) -> float:
+    """Request/response latency: ``count`` one-byte round trips on one TCP connection
+    (``TCP_NODELAY``); the median in microseconds."""
+    times = []
+    with host_socket(host_fd) as sock:
+        sock.settimeout(30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.connect((address, ECHO_PORT))
+        for _ in range(count):
+            began = time.perf_counter()
+            sock.sendall(b"x")
+            if sock.recv(1) != b"x":
+                raise RuntimeError(f"the echo server at {address} did not echo")
+            times.append(time.perf_counter() - began)
+    return statistics.median(times) * 1e6
+
+
 def throughput(
     sides: list[Side], runtimes: dict[str, Runtime], host_fd: int, work: Path, args: argparse.Namespace
 ) -> None:
@@ -241,9 +264,10 @@ def throughput(
             for side in sides:
                 side.to_host.append(args.size_mib / receive(host_fd, side.ip, size))
                 side.from_host.append(args.size_mib / send(host_fd, side.ip, size))
+                side.round_trip.append(echo(host_fd, side.ip, ECHOES))
                 print(
                     f"round {round_ + 1}: {side.runtime}: container->host {side.to_host[-1]:.1f} MiB/s, "
-                    f"host->container {side.from_host[-1]:.1f} MiB/s",
+                    f"host->container {side.from_host[-1]:.1f} MiB/s, round trip {side.round_trip[-1]:.0f} us",
                     file=sys.stderr,
                 )
     finally:
@@ -288,6 +312,10 @@ def report(sides: list[Side], args: argparse.Namespace) -> None:
             figures = getattr(side, attr)
             ratio = statistics.median(figures) / base
             print(f"{label:<18} {side.runtime:<14} {spread(figures, 'MiB/s', 1):>28} {ratio:>7.3f}")
+    base = statistics.median(runc.round_trip)
+    for side in sides:
+        ratio = statistics.median(side.round_trip) / base
+        print(f"{'1-byte round trip':<18} {side.runtime:<14} {spread(side.round_trip, 'us', 0):>28} {ratio:>7.2f}")
     if args.setup_rounds:
         print(f"create + start of `sleep`, median (min-max) of {args.setup_rounds}")
         print(f"{'runtime':<14} {'bridge namespace':>24} {'empty namespace':>24} {'difference':>10}")
