@@ -84,7 +84,7 @@ def engine(request: pytest.FixtureRequest, runtime: Runtime, session_dir: Path, 
     ``198.51.100.1/24`` to a second namespace (the "outside", ``.2``, no route back to the bridge);
     both deleted afterwards."""
     name = f"capsa-e2e-{request.param}-{os.getpid()}"
-    made = [name]
+    made: list[str] = []
     try:
         for namespace in (name, name + "-out"):
             added = ip_netns("add", namespace)
@@ -174,7 +174,8 @@ def leftovers_in(netns: str) -> list[str]:
 
 @pytest.fixture(scope="class")
 def web(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """busybox httpd on port 80 serving a page from a read-only volume, published on the host side's 127.0.0.1."""
+    """busybox httpd on port 80 serving a page from a read-only volume, published on the engine host's 127.0.0.1:18080
+    and on all its addresses' 18081."""
     www = tmp_path_factory.mktemp("www")
     (www / "index.html").write_text(PAGE)
     publish = ("-p", f"127.0.0.1:{PORT}:80", "-p", f"{PUBLIC_PORT}:80", "-v", f"{www}:/www:ro")
