@@ -92,8 +92,10 @@ class Podman:
 
     name = "podman"
 
-    def __init__(self, runtime: Runtime, session: Path, image_tar: Path, *, netns: Path | None = None) -> None:
-        tag = "podman" if netns is None else "podman-net"
+    def __init__(
+        self, runtime: Runtime, session: Path, image_tar: Path, *, netns: Path | None = None, tag: str | None = None
+    ) -> None:
+        tag = tag or ("podman" if netns is None else "podman-net")
         self.runtime = runtime = runtime.tagged(tag)
         self.netns = netns
         self.dir = session / tag
@@ -235,8 +237,10 @@ class Docker:
 
     name = "docker"
 
-    def __init__(self, runtime: Runtime, session: Path, image_tar: Path, *, netns: Path | None = None) -> None:
-        tag = "docker" if netns is None else "docker-net"
+    def __init__(
+        self, runtime: Runtime, session: Path, image_tar: Path, *, netns: Path | None = None, tag: str | None = None
+    ) -> None:
+        tag = tag or ("docker" if netns is None else "docker-net")
         self.runtime = runtime = runtime.tagged(tag)
         self.netns = netns
         self.containerd = Containerd(runtime, session, namespace="e2", tag=tag, netns=netns)

@@ -18,6 +18,7 @@ import json
 import os
 import pty
 import select
+import shlex
 import shutil
 import signal
 import struct
@@ -189,6 +190,9 @@ class Runtime:
     binary: Path
     session: Path
     tag: str = "cli"
+    #: Exported by the wrapper to the runtime (e.g. ``CAPSA_CONFIG``: the
+    #: engines do not pass their own environment on).
+    env: dict[str, str] = field(default_factory=dict)
     wrapper: Path = field(init=False)
     default_root: Path = field(init=False)
     argv_log: Path = field(init=False)
@@ -208,7 +212,8 @@ class Runtime:
             "# e2e: log the argv, mark every process the runtime starts, keep state private\n"
             f'printf "%s %s\\n" {self.tag} "$*" >> {self.argv_log}\n'
             f"export {MARK_VAR}={self.session}\n"
-            "# keep each spec an engine hands to create, for the report\n"
+            + "".join(f"export {key}={shlex.quote(value)}\n" for key, value in sorted(self.env.items()))
+            + "# keep each spec an engine hands to create, for the report\n"
             f"mkdir -p {self.specs}; b=; n=; for a; do\n"
             '  [ "$n" = 1 ] && b=$a; n=; case $a in --bundle|-b) n=1;; --bundle=*) b=${a#--bundle=};; esac\n'
             "done\n"
@@ -222,7 +227,7 @@ class Runtime:
     def tagged(self, tag: str) -> Runtime:
         """The same runtime behind a wrapper whose log lines say ``tag`` (the
         engines clear their environment, so the wrapper's name is what tells)."""
-        return Runtime(self.binary, self.session, tag)
+        return Runtime(self.binary, self.session, tag, dict(self.env))
 
     @property
     def capsa(self) -> bool:

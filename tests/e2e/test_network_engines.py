@@ -26,8 +26,11 @@ host's own namespace.  What a user sees:
   engine let go of it), and no runtime process left; after ``rm``, no
   namespace of the engine's left.
 
-Under runc (``CAPSA_E2E_RUNTIME=runc``) the same tests pass, which proves
-they test the engines' contract, not capsa's.
+Every test runs with capsa's default network model (``tcfilter``: a tap
+and tc mirroring) and again with ``macvtap`` (``-macvtap`` engines: the
+wrapper hands the runtime a configuration saying so).  Under runc
+(``CAPSA_E2E_RUNTIME=runc``) the same tests pass (the ``-macvtap`` ones are
+skipped), which proves they test the engines' contract, not capsa's.
 """
 
 from __future__ import annotations
@@ -78,11 +81,33 @@ def outside(engine: Engine) -> str:
     return engine.netns.name + "-out"
 
 
-@pytest.fixture(scope="module", params=["podman", "docker"])
+def macvtap_runtime(runtime: Runtime, session_dir: Path) -> Runtime:
+    """The runtime under test with ``[network] model = "macvtap"`` (a copy of the configuration in
+    force, handed to it by the wrapper as ``CAPSA_CONFIG``)."""
+    from capsa.config import resolve_config_path
+
+    base = resolve_config_path(None)[0]
+    kept, skipping = [], False
+    for line in base.read_text().splitlines() if base.exists() else []:
+        if line.strip().startswith("["):
+            skipping = line.strip() == "[network]"
+        if not skipping:
+            kept.append(line)
+    config = session_dir / "configuration-macvtap.toml"
+    config.write_text("\n".join([*kept, "[network]", 'model = "macvtap"', ""]))
+    return Runtime(runtime.binary, runtime.session, "macvtap", {**runtime.env, "CAPSA_CONFIG": str(config)})
+
+
+@pytest.fixture(scope="module", params=["podman", "docker", "podman-macvtap", "docker-macvtap"])
 def engine(request: pytest.FixtureRequest, runtime: Runtime, session_dir: Path, image_tar: Path) -> Iterator[Engine]:
     """One engine on its default bridge, in a network namespace of its own (its "host"), with an uplink
     ``198.51.100.1/24`` to a second namespace (the "outside", ``.2``, no route back to the bridge);
-    both deleted afterwards."""
+    both deleted afterwards.  ``-macvtap``: capsa with its other network model (nothing new under runc)."""
+    kind, _, model = request.param.partition("-")
+    if model:
+        if not runtime.capsa:
+            pytest.skip("the network model is capsa's")
+        runtime = macvtap_runtime(runtime, session_dir)
     name = f"capsa-e2e-{request.param}-{os.getpid()}"
     made: list[str] = []
     try:
@@ -101,7 +126,8 @@ def engine(request: pytest.FixtureRequest, runtime: Runtime, session_dir: Path, 
         ):
             subprocess.run(argv, check=True, timeout=30)
         netns = Path("/run/netns") / name
-        found: Engine = (Podman if request.param == "podman" else Docker)(runtime, session_dir, image_tar, netns=netns)
+        tag = f"{kind}-net" + (f"-{model}" if model else "")
+        found: Engine = (Podman if kind == "podman" else Docker)(runtime, session_dir, image_tar, netns=netns, tag=tag)
         try:
             yield found
         finally:
@@ -348,6 +374,9 @@ def test_nothing_left_after_the_container_stops(engine: Engine, runtime: Runtime
     try:
         links = subprocess.run(["nsenter", f"--net={path}", "ip", "-o", "link"], capture_output=True, text=True)
         assert bool(OURS.search(links.stdout)) == runtime.capsa, links.stdout
+        if runtime.capsa:  # the model configured is the one used: a passthru macvtap, else a tap
+            device = "mvtap0_capsa@eth0:" if "macvtap" in engine.runtime.tag else "tap0_capsa:"
+            assert f" {device} " in links.stdout, links.stdout
         # sleep as PID 1 ignores TERM: the engine KILLs it after a second.
         engine("stop", "--time", "1", cid, timeout=120).check()
         assert leftovers_in(f"/proc/{os.getpid()}/fd/{held}") == []
