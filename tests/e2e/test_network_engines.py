@@ -363,7 +363,7 @@ def test_nothing_left_after_the_container_stops(engine: Engine, runtime: Runtime
     Once ``stop`` returns (both engines delete the runtime's container then),
     that namespace, held open here past the engine's own teardown, holds no
     tap and no ingress qdisc, and no runtime process is left; after ``rm``
-    the engine left no namespace."""
+    the engine left no namespace and (Podman's CNI) no address leased."""
     cid = engine(*run_args(engine, "-d", engine.image, "sleep", "600")).check().out
     try:
         path = netns_path(engine, cid)
@@ -372,6 +372,9 @@ def test_nothing_left_after_the_container_stops(engine: Engine, runtime: Runtime
         rm(engine, cid)
         raise
     try:
+        # Podman's CNI host-local IPAM keeps a file per leased address, shared with the host's own podman.
+        lease = Path("/var/lib/cni/networks/podman") / engine.inspect(cid, "{{.NetworkSettings.IPAddress}}")
+        assert not isinstance(engine, Podman) or lease.read_text().split()[0] == cid
         links = subprocess.run(["nsenter", f"--net={path}", "ip", "-o", "link"], capture_output=True, text=True)
         assert bool(OURS.search(links.stdout)) == runtime.capsa, links.stdout
         if runtime.capsa:  # the model configured is the one used: a passthru macvtap, else a tap
@@ -391,3 +394,5 @@ def test_nothing_left_after_the_container_stops(engine: Engine, runtime: Runtime
         found = leftovers_in(path)
         unmount_under([Path(path)])
         pytest.fail(f"the engine left its network namespace {path} (holding {found or 'nothing of ours'})")
+    # The engine released the address (it ran its network teardown although the container was in a VM).
+    assert not (lease.exists() and lease.read_text().split()[0] == cid), f"{lease} still leased to {cid}"
