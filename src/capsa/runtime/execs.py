@@ -62,7 +62,11 @@ def start_exec(rt: Runtime, request: ExecRequest) -> daemon.Started:
         args.append("--terminal")
     try:
         shim = daemon.start(
-            "capsa.shim", args, output=run_dir / f"exec-{exec_id}.out", timeout=SHIM_START_TIMEOUT, inherit_stdio=True
+            "capsa.shim",
+            args,
+            output=run_dir / f"exec-{exec_id}.out",
+            timeout=SHIM_START_TIMEOUT,
+            inherit_stdio=not request.console_socket,  # the pty is its stdio (see lifecycle.create)
         )
     finally:
         process_file.unlink(missing_ok=True)

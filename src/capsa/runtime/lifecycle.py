@@ -147,7 +147,16 @@ def _create_locked(
         args += ["--console-socket", request.console_socket]
     elif bundle.terminal:
         args.append("--terminal")
-    shim = daemon.start("capsa.shim", args, output=run_dir / "shim.out", timeout=SHIM_START_TIMEOUT, inherit_stdio=True)
+    # With a console socket the pty is the container's stdio, and our own must
+    # not outlive us: go-runc (containerd's runc shim) reads create's stdout
+    # to EOF before it takes the console, as runc lets go of it.
+    shim = daemon.start(
+        "capsa.shim",
+        args,
+        output=run_dir / "shim.out",
+        timeout=SHIM_START_TIMEOUT,
+        inherit_stdio=not request.console_socket,
+    )
     state.pid, state.pid_start = shim.pid, shim.start_time
     state.status = Status.CREATED
     rt.store.save(state)
