@@ -193,3 +193,23 @@ def test_nothing_left(k: ShimContainerd) -> None:
     assert k.ctr(NS, "containers", "ls", "--quiet").check().out == ""
     left = k.wait_nothing_left()
     assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)
+
+
+def test_an_oom_kill_reaches_containerd_as_an_event(k: ShimContainerd, runtime: str) -> None:
+    """A process the OOM killer takes in the container's cgroup (the guest's under capsa)
+    becomes containerd's ``/tasks/oom`` event, as runc's shim reports it."""
+    cid = f"oom-{runtime}"
+    with subprocess.Popen(
+        k.ctr_argv(NS, "events"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as events:
+        try:
+            time.sleep(0.5)  # subscribed before the container starts
+            script = "tail /dev/zero; sleep 2"  # tail is killed; the shell lives on
+            limit = str(32 << 20)
+            k.ctr(NS, *ctr_run(k, runtime, "--rm", "--memory-limit", limit, BUSYBOX_IMAGE, cid, "sh", "-c", script))
+        finally:
+            time.sleep(0.5)
+            events.terminate()
+        output, _ = events.communicate(timeout=30)
+    oom = [line for line in output.splitlines() if "/tasks/oom" in line]
+    assert oom and f'"container_id":"{cid}"' in oom[0], output[-2000:]

@@ -313,3 +313,9 @@ def test_a_pods_container_joins_the_sandbox_containers_namespaces() -> None:
     ]
     alone = crun.guest_spec(spec, "/r")["linux"]["namespaces"]
     assert alone == [{"type": "ipc"}, {"type": "uts"}, guest_network, {"type": "pid"}]
+
+
+def test_oom_kills_are_counted_from_memory_events(tmp_path: Path) -> None:
+    assert cgroup.oom_kills(str(tmp_path)) == 0  # no memory controller: no file, no kills
+    (tmp_path / "memory.events").write_text("low 0\nhigh 0\nmax 12\noom 3\noom_kill 2\noom_group_kill 0\n")
+    assert cgroup.oom_kills(str(tmp_path)) == 2

@@ -653,7 +653,6 @@ def test_network_calls_check_their_input_and_a_host_agent_leaves_its_hosts_netwo
         assert "host's network" in await expect_error(Code.FAILED_PRECONDITION, update(good))
         routes = pb.UpdateRoutesRequest(routes=pb.Routes(routes=[pb.Route(dest="default", device="lo")]))
         await expect_error(Code.FAILED_PRECONDITION, call(client, "UpdateRoutes", routes, pb.Routes))
-        await expect_error(Code.UNIMPLEMENTED, call(client, "GetOOMEvent", pb.GetOOMEventRequest(), pb.OOMEvent))
 
     run(agent, scenario)
 

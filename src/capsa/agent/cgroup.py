@@ -70,6 +70,11 @@ def read_stats(cgroup_dir: str) -> CgroupStats:
     )
 
 
+def oom_kills(cgroup_dir: str) -> int:
+    """How many processes the OOM killer took in this cgroup (memory.events ``oom_kill``)."""
+    return parse_flat_keyed(_read(cgroup_dir, "memory.events")).get("oom_kill", 0)
+
+
 def read_pids(cgroup_dir: str) -> list[int]:
     """cgroup.procs: the PIDs (in the agent's PID namespace) of the cgroup."""
     return [int(line) for line in _read(cgroup_dir, "cgroup.procs").split()]

@@ -32,6 +32,9 @@ from capsa.runtime.ids import validate_id
 
 log = logging.getLogger("capsa.agent")
 
+#: How often a waiting GetOOMEvent looks at the containers' memory.events.
+OOM_POLL_SECONDS = 0.5
+
 # How long crun may take to pass the pty master after it exited successfully.
 CONSOLE_TIMEOUT_SECONDS = 5.0
 # How long RemoveContainer waits for the init to die after SIGKILL.
@@ -65,6 +68,7 @@ class Sandbox:
         # counts its storages the same way).
         self._storages: dict[str, tuple[pb.Storage, int]] = {}
         self._counter = itertools.count(1)
+        self._oom_reported: dict[str, int] = {}
         self._crun_version: str | None = None
         self._no_pivot: bool | None = None
         self._containers_dir = os.path.join(options.state_dir, "containers")
@@ -394,6 +398,24 @@ class Sandbox:
     def stats(self, container_id: str) -> cgroup.CgroupStats:
         container = self.registry.get(container_id)
         return cgroup.read_stats(self._cgroup_dir(container))
+
+    async def next_oom_event(self, poll_interval: float = OOM_POLL_SECONDS) -> str:
+        """Wait until the OOM killer strikes in some container; return its ID.
+
+        cgroup v2 counts kills in ``memory.events`` (``oom_kill``); each call
+        reports one container whose count grew since it was last reported
+        (Kata's GetOOMEvent: one caller, the host, loops on it).  Polled
+        while a caller waits, so an idle sandbox pays nothing.
+        """
+        while True:
+            for container in self.registry.all():
+                if not container.cgroup:
+                    continue
+                kills = cgroup.oom_kills(cgroup.directory(container.cgroup))
+                if kills > self._oom_reported.get(container.id, 0):
+                    self._oom_reported[container.id] = kills
+                    return container.id
+            await asyncio.sleep(poll_interval)
 
     def pids(self, container_id: str) -> list[int]:
         container = self.registry.get(container_id)

@@ -326,4 +326,4 @@ class AgentService:
     # --- not yet ------------------------------------------------------------------------
 
     async def get_oom_event(self, request: pb.GetOOMEventRequest) -> pb.OOMEvent:
-        raise StatusError(Code.UNIMPLEMENTED, "GetOOMEvent is not implemented by this agent yet")
+        return pb.OOMEvent(container_id=await self.sandbox.next_oom_event())

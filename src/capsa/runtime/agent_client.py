@@ -151,6 +151,11 @@ class AgentClient:
         request = pb.StatsContainerRequest(container_id=container_id)
         return await self._call("StatsContainer", request, pb.StatsContainerResponse)
 
+    async def get_oom_event(self) -> str:
+        """Wait (without a deadline) until the OOM killer strikes in a container; its ID."""
+        response = await self._call("GetOOMEvent", pb.GetOOMEventRequest(), pb.OOMEvent, timeout=None)
+        return response.container_id
+
     async def tty_win_resize(self, container_id: str, exec_id: str, rows: int, columns: int) -> None:
         request = pb.TtyWinResizeRequest(container_id=container_id, exec_id=exec_id, row=rows, column=columns)
         await self._call("TtyWinResize", request, pb.Empty)

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from capsa.config import Config, load_config
 from capsa.errors import CapsaError
+from capsa.protocols.containerd.events import task_pb2 as events
 from capsa.protocols.containerd.task.v2 import shim_pb2 as pb
 from capsa.runtime import daemon
 from capsa.runtime.daemon import ReadyPipe, set_process_name
@@ -161,7 +162,10 @@ async def _serve(args: argparse.Namespace, config: Config, ready: ReadyPipe) -> 
     def on_exit(process: Process) -> None:
         publisher.publish(exit_event(process, pod.pid))
 
-    pod = Pod(config, args.id, STATE_DIR / key, on_exit, debug=args.debug)
+    def on_oom(container_id: str) -> None:
+        publisher.publish(events.TaskOOM(container_id=container_id))
+
+    pod = Pod(config, args.id, STATE_DIR / key, on_exit, debug=args.debug, on_oom=on_oom)
     server = Server()
     register(server, TaskService(pod, publisher, done.set))
     loop = asyncio.get_running_loop()

@@ -109,15 +109,26 @@ class Container:
 
 
 OnExit = Callable[[Process], None]
+OnOOM = Callable[[str], None]
 
 
 class Pod:
-    def __init__(self, config: Config, sandbox_id: str, run_dir: Path, on_exit: OnExit, debug: bool = False) -> None:
+    def __init__(
+        self,
+        config: Config,
+        sandbox_id: str,
+        run_dir: Path,
+        on_exit: OnExit,
+        debug: bool = False,
+        on_oom: OnOOM | None = None,
+    ) -> None:
         self.config = config
         self.sandbox_id = sandbox_id
         self.run_dir = run_dir
         self.debug = debug
         self._on_exit = on_exit
+        self._on_oom = on_oom
+        self._oom_watch: asyncio.Task[None] | None = None
         self.proxy: Proxy | None = None
         self.containers: dict[str, Container] = {}
         self._vm_watch: asyncio.Task[None] | None = None
@@ -146,7 +157,20 @@ class Pod:
             raise
         self.proxy = proxy
         self._vm_watch = asyncio.ensure_future(self._watch_vm(proxy))
+        if self._on_oom is not None:
+            self._oom_watch = asyncio.ensure_future(self._watch_oom(proxy, self._on_oom))
         return proxy
+
+    async def _watch_oom(self, proxy: Proxy, on_oom: OnOOM) -> None:
+        """Pass on every OOM kill the agent reports, for the VM's life."""
+        while True:
+            try:
+                container_id = await proxy.agent.get_oom_event()
+            except CapsaError as exc:
+                log.debug("no more OOM events: %s", exc)
+                return
+            if container_id in self.containers:
+                on_oom(container_id)
 
     async def _watch_vm(self, proxy: Proxy) -> None:
         await proxy.run_until_done(handle_signals=False)
@@ -348,10 +372,11 @@ class Pod:
         if proxy is not None:
             proxy.request_shutdown("the pod is shutting down")
             await proxy.stop()
-        if self._vm_watch is not None:
-            self._vm_watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError, CapsaError):
-                await self._vm_watch
+        for watch in (self._vm_watch, self._oom_watch):
+            if watch is not None:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError, CapsaError):
+                    await watch
         for container in self.containers.values():
             if container.rootfs_mounted:
                 unmount_rootfs(container.bundle / "rootfs")
