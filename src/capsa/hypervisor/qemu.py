@@ -904,23 +904,7 @@ class QemuHypervisor(Hypervisor):
         ``DEVICE_DELETED`` event, and only then may the backing node go (QMP
         reference, "device_del").  The guest has unmounted it by then.
         """
-        qmp = self._qmp
-        if qmp is None or self.pid is None:
-            raise HypervisorError(f"VM {self.config.name} is not running")
-        device_id = virtio_blk_device_id(disk)
-        listener = EventListener(("DEVICE_DELETED",))
-        with qmp.listen(listener):
-            await self._execute("device_del", {"id": device_id})
-            try:
-                async with asyncio.timeout(timeout):
-                    async for event in listener:
-                        data = event.get("data")
-                        if isinstance(data, dict) and data.get("device") == device_id:
-                            break
-            except TimeoutError:
-                raise HypervisorError(
-                    f"the guest of VM {self.config.name} did not release disk {disk.serial} within {timeout:.0f} s"
-                ) from None
+        await self._device_del(virtio_blk_device_id(disk), f"disk {disk.serial}", timeout)
         await self._execute("blockdev-del", {"node-name": disk.node_name})
 
     @contextlib.asynccontextmanager
@@ -966,13 +950,11 @@ class QemuHypervisor(Hypervisor):
                     await self._execute("netdev_del", {"id": netdev["id"]})
                 raise
 
-    async def unplug_nic(self, slot: int, timeout: float = DEFAULT_UNPLUG_TIMEOUT) -> None:
-        """Take NIC ``slot`` out (QMP "device_del", then "netdev_del" once QEMU reports
-        ``DEVICE_DELETED``: the guest let go of it through ACPI eject); its tap fd closes with the netdev."""
+    async def _device_del(self, device_id: str, what: str, timeout: float) -> None:
+        """QMP "device_del", then wait for QEMU's ``DEVICE_DELETED``: the guest let go (ACPI eject)."""
         qmp = self._qmp
         if qmp is None or self.pid is None:
             raise HypervisorError(f"VM {self.config.name} is not running")
-        device_id = f"nic{slot}"
         listener = EventListener(("DEVICE_DELETED",))
         with qmp.listen(listener):
             await self._execute("device_del", {"id": device_id})
@@ -981,9 +963,14 @@ class QemuHypervisor(Hypervisor):
                     async for event in listener:
                         data = event.get("data")
                         if isinstance(data, dict) and data.get("device") == device_id:
-                            break
+                            return
             except TimeoutError:
                 raise HypervisorError(
-                    f"the guest of VM {self.config.name} did not release NIC {slot} within {timeout:.0f} s"
+                    f"the guest of VM {self.config.name} did not release {what} within {timeout:.0f} s"
                 ) from None
+
+    async def unplug_nic(self, slot: int, timeout: float = DEFAULT_UNPLUG_TIMEOUT) -> None:
+        """Take NIC ``slot`` out (QMP "device_del", then "netdev_del" once QEMU reports
+        ``DEVICE_DELETED``: the guest let go of it through ACPI eject); its tap fd closes with the netdev."""
+        await self._device_del(f"nic{slot}", f"NIC {slot}", timeout)
         await self._execute("netdev_del", {"id": f"netdev{slot}"})
