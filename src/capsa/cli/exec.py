@@ -19,6 +19,7 @@ from typing import Any
 from capsa.cli.context import Context
 from capsa.errors import InvalidArgument
 from capsa.runtime import execs, lifecycle
+from capsa.runtime.bundle import check_process_fields
 
 
 def add_parser(verbs: Any, name: str) -> None:
@@ -66,12 +67,7 @@ def _process(args: argparse.Namespace, ctx: Context) -> dict[str, Any]:
     command = [a for a in args.command if a != "--"] if args.command else []
     if not command:
         raise InvalidArgument("exec: give a command, or --process FILE")
-    state = lifecycle.state_of(ctx.runtime, args.id)
-    try:
-        spec = json.loads((Path(state["bundle"]) / "config.json").read_text())
-        base = copy.deepcopy(spec.get("process") or {})
-    except (OSError, ValueError):
-        base = {}
+    base = copy.deepcopy(lifecycle.container_spec(ctx.runtime, args.id).get("process") or {})
     return build_process(base, command, args)
 
 
@@ -117,13 +113,5 @@ def load_process(path: Path) -> dict[str, Any]:
         raise InvalidArgument(f"--process {path}: not valid JSON: {exc}") from exc
     if not isinstance(process, dict):
         raise InvalidArgument(f"--process {path}: expected a JSON object")
-    args = process.get("args")
-    if not isinstance(args, list) or not args or not all(isinstance(a, str) for a in args):
-        raise InvalidArgument(f"--process {path}: args: expected a non-empty array of strings")
-    cwd = process.get("cwd", "/")
-    if not isinstance(cwd, str) or not cwd.startswith("/"):
-        raise InvalidArgument(f"--process {path}: cwd: expected an absolute path")
-    env = process.get("env", [])
-    if not isinstance(env, list) or not all(isinstance(e, str) for e in env):
-        raise InvalidArgument(f"--process {path}: env: expected an array of strings")
+    check_process_fields(process, f"--process {path}: ", InvalidArgument)
     return process

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from capsa.errors import BundleError, InvalidArgument
+from capsa.errors import BundleError, CapsaError, InvalidArgument
 
 # What runc and crun assume when process.env has no PATH.
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -182,17 +182,26 @@ def _check_process(spec: dict[str, Any], where: Path) -> None:
         raise BundleError(f"{where}: process: missing (the container needs a process to run)")
     if not isinstance(process, dict):
         raise BundleError(f"{where}: process: expected an object")
+    check_process_fields(process, f"{where}: process.", BundleError)
+    if not process["args"][0]:
+        raise BundleError(f"{where}: process.args[0]: empty")
+
+
+def check_process_fields(process: dict[str, Any], prefix: str, error: type[CapsaError]) -> None:
+    """config.md "Process": args a non-empty array of strings, env strings, cwd absolute.
+
+    Shared by the bundle's process and ``exec --process``; ``prefix`` goes
+    before the field's name in the message, ``error`` is what to raise.
+    """
     args = process.get("args")
     if not isinstance(args, list) or not args or not all(isinstance(a, str) for a in args):
-        raise BundleError(f"{where}: process.args: expected a non-empty array of strings")
-    if not args[0]:
-        raise BundleError(f"{where}: process.args[0]: empty")
+        raise error(f"{prefix}args: expected a non-empty array of strings")
     env = process.get("env", [])
     if not isinstance(env, list) or not all(isinstance(e, str) for e in env):
-        raise BundleError(f"{where}: process.env: expected an array of strings")
+        raise error(f"{prefix}env: expected an array of strings")
     cwd = process.get("cwd", "/")
     if not isinstance(cwd, str) or not cwd.startswith("/"):
-        raise BundleError(f"{where}: process.cwd: expected an absolute path")
+        raise error(f"{prefix}cwd: expected an absolute path")
 
 
 def _rootfs_path(spec: dict[str, Any], bundle: Path, where: Path) -> Path:

@@ -333,6 +333,11 @@ def _running(rt: Runtime, container_id: str, what: str) -> ContainerState:
     return state
 
 
+def container_spec(rt: Runtime, container_id: str) -> dict[str, Any]:
+    """The spec a container was created from ({} if its bundle is gone); ContainerNotFound for an unknown ID."""
+    return _spec(rt.store.load(validate_id(container_id)), missing_ok=True)
+
+
 def _spec(state: ContainerState, missing_ok: bool = False) -> dict[str, Any]:
     """The bundle's spec, for its hooks (engines keep the bundle until after delete)."""
     path = Path(state.bundle) / "config.json"
