@@ -46,14 +46,11 @@ from capsa.errors import AgentError, CapsaError
 from capsa.proxy.launch import ProxyClient
 from capsa.runtime.daemon import ReadyPipe, set_process_name
 from capsa.shim import console
-from capsa.shim.relay import ProcessIO, raw_terminal, relay
+from capsa.shim.relay import VM_LOST_STATUS, ProcessIO, raw_terminal, relay
 
 log = logging.getLogger("capsa.shim")
 
 CLONE_NEWNET = 0x40000000
-
-#: The exit status when the process's fate is unknown because its VM is gone.
-VM_LOST_STATUS = 255
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

@@ -26,6 +26,9 @@ from capsa.errors import AgentError, CapsaError
 from capsa.runtime.agent_client import AgentClient
 from capsa.shim.console import window_size
 
+#: The exit status of a process whose fate is unknown because its VM went away.
+VM_LOST_STATUS = 255
+
 # runc forwards every signal to a foreground container except these.
 _NOT_FORWARDED = {signal.SIGCHLD, signal.SIGWINCH, signal.SIGURG, signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE}
 FORWARDED_SIGNALS = tuple(

@@ -39,12 +39,9 @@ from capsa.errors import CapsaError, ContainerExists, ContainerNotFound, Storage
 from capsa.proxy.proxy import Proxy
 from capsa.runtime.bundle import check_namespaces
 from capsa.runtime.resources import vm_size
-from capsa.shim.relay import ProcessIO, relay
+from capsa.shim.relay import VM_LOST_STATUS, ProcessIO, relay
 
 log = logging.getLogger("capsa.shimv2")
-
-#: The status a process gets when its VM went away under it.
-VM_LOST_STATUS = 255
 
 
 @dataclass(frozen=True)
