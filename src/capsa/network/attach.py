@@ -20,9 +20,10 @@ named like the veth, its addresses and MTU) and the routes
 Nothing is left behind (DESIGN.md decision 9): a tap exists only while a
 file descriptor holds it, and QEMU holds the only one, so it goes with
 QEMU however QEMU ends; :meth:`detach` removes the ingress qdiscs (with
-their filters) and any macvtap, and runs even after a failed attach.  Only
-a proxy killed by SIGKILL leaves the veth's ingress qdisc (and a macvtap)
-behind, until the engine deletes the namespace, which takes them along.
+their filters) and any macvtap, and runs even after a failed attach.  A
+proxy killed by SIGKILL leaves the veth's ingress qdisc (now redirecting
+to nowhere) and any macvtap behind: :func:`sweep` removes them when the
+container is deleted.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import asyncio
 import functools
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -270,6 +272,43 @@ def _undo(made: list[_Made]) -> list[str]:
         problem = netns.delete_link(item.device)
         if problem:
             problems.append(problem)
+    return problems
+
+
+#: The names :func:`device_name` gives.
+_OUR_DEVICE = re.compile(r"(mv)?tap[0-9]+_capsa")
+
+
+def sweep(netns_path: str) -> list[str]:
+    """After a VM whose proxy could not detach: remove what is left of its network in ``netns_path``.
+
+    That is every ingress qdisc redirecting to a device that is gone
+    (:func:`capsa.network.tc.dead_mirrors`) and every link named like ours.
+    A namespace that is gone already took them along.  Blocking; returns the
+    problems as messages and never raises.
+    """
+    try:
+        fd = netns.open_netns(netns_path)
+    except NetworkError:
+        return []
+    try:
+        if netns.is_host_netns(fd):
+            return []  # capsa never mirrors in the host's namespace (create refuses it)
+        return netns.run_in_netns(fd, _sweep_here, "remove what a killed VM left")
+    except Exception as exc:  # teardown reports, never raises
+        return [str(exc)]
+    finally:
+        os.close(fd)
+
+
+def _sweep_here() -> list[str]:
+    with netns.iproute() as ipr:
+        problems = tc.remove(ipr, tc.dead_mirrors(ipr))
+    for name in sorted(netns.link_names()):
+        if _OUR_DEVICE.fullmatch(name):
+            problem = netns.delete_link(name)
+            if problem:
+                problems.append(problem)
     return problems
 
 

@@ -22,6 +22,11 @@ such); :func:`apply` and :func:`remove` are the thin shell that sends it
 over rtnetlink with pyroute2, inside the namespace (the caller's thread
 must already be there: :func:`capsa.network.netns.run_in_netns`).
 Removing an ingress qdisc removes its filters with it.
+
+A proxy killed by SIGKILL cannot undo its mirrors.  Its taps go with
+QEMU's file descriptors, and the veth's filter is left redirecting to
+device index 0; :func:`dead_mirrors` finds such qdiscs so that ``delete``
+can remove them later (:func:`capsa.network.attach.sweep`).
 """
 
 from __future__ import annotations
@@ -122,6 +127,37 @@ def apply(ipr: Any, plan: tuple[TcStep, ...], made: list[IngressQdisc]) -> None:
         except NetlinkError as exc:
             reason = "the link has one already" if exc.code == errno.EEXIST else os.strerror(exc.code)
             raise NetworkError(f"`{tc_command(step)}` failed: {reason}") from exc
+
+
+def redirect_targets(filter_msg: Any) -> list[int]:
+    """The ifindexes that a dumped filter's ``mirred`` actions redirect to (0: a device that is gone)."""
+    options = filter_msg.get_attr("TCA_OPTIONS")
+    actions = options.get_attr("TCA_U32_ACT") if options is not None else None
+    if actions is None:
+        return []
+    targets = []
+    for _name, action in actions["attrs"]:
+        if action.get_attr("TCA_ACT_KIND") != "mirred":
+            continue
+        parms = action.get_attr("TCA_ACT_OPTIONS").get_attr("TCA_MIRRED_PARMS")
+        targets.append(int(parms["ifindex"]))
+    return targets
+
+
+def dead_mirrors(ipr: Any) -> list[IngressQdisc]:
+    """Ingress qdiscs of the namespace whose filters redirect to a device that no longer exists.
+
+    Such a qdisc swallows every packet of its link (the redirect drops what
+    it cannot deliver), so it is broken whoever made it; in practice it is
+    the veth's half of a mirror whose tap went with a killed proxy's QEMU.
+    """
+    links = {int(msg["index"]): str(msg.get_attr("IFLA_IFNAME")) for msg in ipr.get_links()}
+    dead = []
+    for index, name in sorted(links.items()):
+        targets = [t for f in ipr.get_filters(index=index, parent=INGRESS_HANDLE) for t in redirect_targets(f)]
+        if targets and any(t not in links for t in targets):
+            dead.append(IngressQdisc(name))
+    return dead
 
 
 def remove(ipr: Any, qdiscs: tuple[IngressQdisc, ...] | list[IngressQdisc]) -> list[str]:
