@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -332,3 +333,27 @@ def test_an_interface_added_while_running_gets_a_nic(capsa: Capsa, network: Wire
         deleted = capsa("delete", "--force", "net-late")
     assert deleted.code == 0, deleted.stderr
     assert ours_left(network) == []
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_delete_after_a_killed_proxy_leaves_the_namespace_clean(capsa: Capsa, network: Wire) -> None:
+    """SIGKILL gives the proxy no chance to take its mirror down: `delete` sweeps the namespace instead."""
+    spec_with_network(capsa, network, SCRIPT)
+    result = capsa.run("net-kill", "--detach")
+    assert result.code == 0, result.stderr
+    try:
+        proxy = json.loads((capsa.root / "net-kill" / "state.json").read_text())["proxy_pid"]
+        assert ours_left(network) != []
+        os.kill(proxy, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while capsa.status("net-kill") != "stopped":
+            assert time.monotonic() < deadline, "the container did not stop with its proxy"
+            time.sleep(0.2)
+        # What the proxy made is still there: the veth's ingress qdisc, redirecting to nowhere.
+        assert any("eth0" in line for line in ours_left(network))
+    finally:
+        deleted = capsa("delete", "--force", "net-kill")
+    assert deleted.code == 0, deleted.stderr
+    assert ours_left(network) == []
+    assert f"{network.container_ip}/24" in ip("-n", network.container_ns, "-o", "addr", "show", "eth0")

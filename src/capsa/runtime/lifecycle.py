@@ -106,6 +106,7 @@ def create(rt: Runtime, request: CreateRequest) -> Created:
         rootfs=str(bundle.rootfs),
         annotations=bundle.annotations,
         owner=_owner(),
+        netns=str(bundle.network_namespace or ""),
     )
     try:
         with rt.store.locked(container_id):
@@ -129,7 +130,7 @@ def _create_locked(
         rt.config_flag,
         rt.debug,
         timeout=config.agent.connect_timeout + PROXY_START_SLACK,
-        netns=str(bundle.network_namespace or ""),
+        netns=state.netns,
     )
     state.proxy_pid, state.proxy_start = proxy.pid, proxy.start_time
     rt.store.save(state)
@@ -252,6 +253,8 @@ def delete(rt: Runtime, container_id: str, force: bool = False) -> None:
 
 def _teardown(rt: Runtime, state: ContainerState) -> None:
     """Stop the VM and the shim, however far create got.  Never raises."""
+    # Whether the proxy took the VM off the engine's network itself.
+    detached = False
     if pids.alive(state.proxy_pid, state.proxy_start):
 
         async def shutdown(client: ProxyClient) -> None:
@@ -259,6 +262,7 @@ def _teardown(rt: Runtime, state: ContainerState) -> None:
 
         try:
             with_proxy(rt.store.dir(state.id), 5.0, shutdown)
+            detached = True
         except (CapsaError, OSError) as exc:
             log.debug("proxy shutdown request failed: %s", exc)
             pids.kill(state.proxy_pid, state.proxy_start, signal.SIGTERM)
@@ -267,6 +271,12 @@ def _teardown(rt: Runtime, state: ContainerState) -> None:
             # QEMU and virtiofsd die with it (PR_SET_PDEATHSIG).
             pids.kill(state.proxy_pid, state.proxy_start)
             pids.wait_gone(state.proxy_pid, state.proxy_start, 5.0)
+            detached = False
+    if state.netns and not detached:
+        from capsa.network.attach import sweep  # only here: it costs every other verb 40 ms to import
+
+        for problem in sweep(state.netns):
+            log.warning("network namespace %s: %s", state.netns, problem)
     # With its VM gone the shim reports a lost process and exits.
     if not pids.wait_gone(state.pid, state.pid_start, 5.0):
         pids.kill(state.pid, state.pid_start)

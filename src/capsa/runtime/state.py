@@ -54,6 +54,9 @@ class ContainerState:
     proxy_start: int = 0
     hypervisor_pid: int = 0
     virtiofsd_pid: int = 0
+    # The engine's network namespace the VM's NICs are in ("" for none): where
+    # delete sweeps after a proxy that died without taking them down.
+    netns: str = ""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
