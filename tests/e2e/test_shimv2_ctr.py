@@ -213,3 +213,54 @@ def test_an_oom_kill_reaches_containerd_as_an_event(k: ShimContainerd, runtime: 
         output, _ = events.communicate(timeout=30)
     oom = [line for line in output.splitlines() if "/tasks/oom" in line]
     assert oom and f'"container_id":"{cid}"' in oom[0], output[-2000:]
+
+
+def is_subsequence(wanted: list[str], seen: list[str]) -> bool:
+    remaining = iter(seen)
+    return all(topic in remaining for topic in wanted)
+
+
+def test_task_events_reach_containerd_in_order(k: ShimContainerd, runtime: str) -> None:
+    """The task events the shim publishes (``Events.Forward`` on TTRPC_ADDRESS) reach
+    containerd's subscribers, in the order the calls came: create, start,
+    exec-added, exec-started, paused, resumed, the init's exit, delete."""
+    cid = f"ev-{runtime}"
+    with subprocess.Popen(
+        k.ctr_argv(NS, "events"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as events:
+        try:
+            time.sleep(0.5)  # subscribed before the container starts
+            k.ctr(NS, *ctr_run(k, runtime, "--detach", BUSYBOX_IMAGE, cid, "sh", "-c", TRAP_LOOP)).check()
+            result = k.ctr(NS, "tasks", "exec", "--exec-id", "e1", cid, "true")
+            assert result.code == 0, result.stderr
+            k.ctr(NS, "tasks", "pause", cid).check()
+            k.ctr(NS, "tasks", "resume", cid).check()
+            k.ctr(NS, "tasks", "kill", "--signal", "SIGTERM", cid).check()
+            wait_for(lambda: task_status(k, cid) == "STOPPED", 60, "the task to stop")
+            k.ctr(NS, "tasks", "delete", cid).check()
+        finally:
+            k.ctr(NS, "tasks", "delete", "--force", cid)
+            k.ctr(NS, "containers", "delete", cid)
+            time.sleep(0.5)
+            events.terminate()
+        output, _ = events.communicate(timeout=30)
+    # ctr events: "<date> <time> <zone> UTC <namespace> <topic> <event as JSON>"
+    topics = [
+        word
+        for line in output.splitlines()
+        if f'"container_id":"{cid}"' in line
+        for word in line.split()[:6]
+        if word.startswith("/tasks/")
+    ]
+    wanted = [
+        "/tasks/create",
+        "/tasks/start",
+        "/tasks/exec-added",
+        "/tasks/exec-started",
+        "/tasks/paused",
+        "/tasks/resumed",
+        "/tasks/exit",
+        "/tasks/delete",
+    ]
+    assert is_subsequence(wanted, topics), f"{topics}\n{output[-2000:]}"
+    assert topics.count("/tasks/exit") >= 2, topics  # the exec's and the init's
