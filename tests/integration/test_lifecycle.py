@@ -522,7 +522,7 @@ def test_hooks_run_in_order_with_the_state_on_stdin(capsa: Capsa, tmp_path: Path
     script.chmod(0o755)
     capsa.spec(["sh", "-c", "read x; echo $x"])
     spec = json.loads((capsa.bundle / "config.json").read_text())
-    stages = ["createRuntime", "createContainer", "startContainer", "poststart", "poststop"]
+    stages = ["prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop"]
     spec["hooks"] = {stage: [hook(script, stage, hook_dir)] for stage in stages}
     (capsa.bundle / "config.json").write_text(json.dumps(spec))
 
@@ -536,9 +536,9 @@ def test_hooks_run_in_order_with_the_state_on_stdin(capsa: Capsa, tmp_path: Path
     stdin_read, stdin_write = os.pipe()
     shim = create(capsa, "hk", stdin=stdin_read)
     os.close(stdin_read)
-    assert order() == ["createRuntime", "createContainer"]
+    assert order() == stages[:3]
     start(capsa, "hk")
-    assert order() == stages[:4]
+    assert order() == stages[:5]
     os.close(stdin_write)
     assert wait_child(shim, EXIT_TIMEOUT) == 0
     delete(capsa, "hk")
@@ -547,6 +547,7 @@ def test_hooks_run_in_order_with_the_state_on_stdin(capsa: Capsa, tmp_path: Path
     # runtime.md "Lifecycle" and runc: creating during create, created before
     # the process starts, running after, stopped at the end.
     expected = {
+        "prestart": "creating",
         "createRuntime": "creating",
         "createContainer": "creating",
         "startContainer": "created",
