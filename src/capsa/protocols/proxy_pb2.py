@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63\x61psa/protocols/proxy.proto\x12\x0e\x63\x61psa.proxy.v1\"\x07\n\x05\x45mpty\">\n\x16\x43reateContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62undle\x18\x02 \x01(\t\"%\n\x14\x41ttachNetworkRequest\x12\r\n\x05netns\x18\x01 \x01(\t\"\r\n\x0bInfoRequest\"\x89\x01\n\x0cInfoResponse\x12\x11\n\tproxy_pid\x18\x01 \x01(\x05\x12\x16\n\x0ehypervisor_pid\x18\x02 \x01(\x05\x12\x15\n\rvirtiofsd_pid\x18\x03 \x01(\x05\x12\x14\n\x0cguest_kernel\x18\x04 \x01(\t\x12\r\n\x05vcpus\x18\x05 \x01(\r\x12\x12\n\nmemory_mib\x18\x06 \x01(\x04\"4\n\x0fResizeVMRequest\x12\r\n\x05vcpus\x18\x01 \x01(\r\x12\x12\n\nmemory_mib\x18\x02 \x01(\x04\"5\n\x10ResizeVMResponse\x12\r\n\x05vcpus\x18\x01 \x01(\r\x12\x12\n\nmemory_mib\x18\x02 \x01(\x04\"\x11\n\x0fShutdownRequest2\xfd\x02\n\x05Proxy\x12P\n\x0f\x43reateContainer\x12&.capsa.proxy.v1.CreateContainerRequest\x1a\x15.capsa.proxy.v1.Empty\x12\x41\n\x04Info\x12\x1b.capsa.proxy.v1.InfoRequest\x1a\x1c.capsa.proxy.v1.InfoResponse\x12L\n\rAttachNetwork\x12$.capsa.proxy.v1.AttachNetworkRequest\x1a\x15.capsa.proxy.v1.Empty\x12M\n\x08ResizeVM\x12\x1f.capsa.proxy.v1.ResizeVMRequest\x1a .capsa.proxy.v1.ResizeVMResponse\x12\x42\n\x08Shutdown\x12\x1f.capsa.proxy.v1.ShutdownRequest\x1a\x15.capsa.proxy.v1.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63\x61psa/protocols/proxy.proto\x12\x0e\x63\x61psa.proxy.v1\"\x07\n\x05\x45mpty\">\n\x16\x43reateContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62undle\x18\x02 \x01(\t\"%\n\x14\x41ttachNetworkRequest\x12\r\n\x05netns\x18\x01 \x01(\t\"\r\n\x0bInfoRequest\"\x83\x01\n\x0cInfoResponse\x12\x11\n\tproxy_pid\x18\x01 \x01(\x05\x12\x16\n\x0ehypervisor_pid\x18\x02 \x01(\x05\x12\x15\n\rvirtiofsd_pid\x18\x03 \x01(\x05J\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07R\x0cguest_kernelR\x05vcpusR\nmemory_mib\"4\n\x0fResizeVMRequest\x12\r\n\x05vcpus\x18\x01 \x01(\r\x12\x12\n\nmemory_mib\x18\x02 \x01(\x04\"5\n\x10ResizeVMResponse\x12\r\n\x05vcpus\x18\x01 \x01(\r\x12\x12\n\nmemory_mib\x18\x02 \x01(\x04\"\x11\n\x0fShutdownRequest2\xfd\x02\n\x05Proxy\x12P\n\x0f\x43reateContainer\x12&.capsa.proxy.v1.CreateContainerRequest\x1a\x15.capsa.proxy.v1.Empty\x12\x41\n\x04Info\x12\x1b.capsa.proxy.v1.InfoRequest\x1a\x1c.capsa.proxy.v1.InfoResponse\x12L\n\rAttachNetwork\x12$.capsa.proxy.v1.AttachNetworkRequest\x1a\x15.capsa.proxy.v1.Empty\x12M\n\x08ResizeVM\x12\x1f.capsa.proxy.v1.ResizeVMRequest\x1a .capsa.proxy.v1.ResizeVMResponse\x12\x42\n\x08Shutdown\x12\x1f.capsa.proxy.v1.ShutdownRequest\x1a\x15.capsa.proxy.v1.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,13 +40,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFOREQUEST']._serialized_start=159
   _globals['_INFOREQUEST']._serialized_end=172
   _globals['_INFORESPONSE']._serialized_start=175
-  _globals['_INFORESPONSE']._serialized_end=312
-  _globals['_RESIZEVMREQUEST']._serialized_start=314
-  _globals['_RESIZEVMREQUEST']._serialized_end=366
-  _globals['_RESIZEVMRESPONSE']._serialized_start=368
-  _globals['_RESIZEVMRESPONSE']._serialized_end=421
-  _globals['_SHUTDOWNREQUEST']._serialized_start=423
-  _globals['_SHUTDOWNREQUEST']._serialized_end=440
-  _globals['_PROXY']._serialized_start=443
-  _globals['_PROXY']._serialized_end=824
+  _globals['_INFORESPONSE']._serialized_end=306
+  _globals['_RESIZEVMREQUEST']._serialized_start=308
+  _globals['_RESIZEVMREQUEST']._serialized_end=360
+  _globals['_RESIZEVMRESPONSE']._serialized_start=362
+  _globals['_RESIZEVMRESPONSE']._serialized_end=415
+  _globals['_SHUTDOWNREQUEST']._serialized_start=417
+  _globals['_SHUTDOWNREQUEST']._serialized_end=434
+  _globals['_PROXY']._serialized_start=437
+  _globals['_PROXY']._serialized_end=818
 # @@protoc_insertion_point(module_scope)

@@ -102,30 +102,20 @@ class InfoResponse(_message.Message):
     PROXY_PID_FIELD_NUMBER: _builtins.int
     HYPERVISOR_PID_FIELD_NUMBER: _builtins.int
     VIRTIOFSD_PID_FIELD_NUMBER: _builtins.int
-    GUEST_KERNEL_FIELD_NUMBER: _builtins.int
-    VCPUS_FIELD_NUMBER: _builtins.int
-    MEMORY_MIB_FIELD_NUMBER: _builtins.int
     proxy_pid: _builtins.int
     hypervisor_pid: _builtins.int
     virtiofsd_pid: _builtins.int
     """0: no virtiofsd (9p)"""
-    guest_kernel: _builtins.str
-    """uname -r in the guest"""
-    vcpus: _builtins.int
-    memory_mib: _builtins.int
     def __init__(
         self,
         *,
         proxy_pid: _builtins.int = ...,
         hypervisor_pid: _builtins.int = ...,
         virtiofsd_pid: _builtins.int = ...,
-        guest_kernel: _builtins.str = ...,
-        vcpus: _builtins.int = ...,
-        memory_mib: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["guest_kernel", b"guest_kernel", "hypervisor_pid", b"hypervisor_pid", "memory_mib", b"memory_mib", "proxy_pid", b"proxy_pid", "vcpus", b"vcpus", "virtiofsd_pid", b"virtiofsd_pid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hypervisor_pid", b"hypervisor_pid", "proxy_pid", b"proxy_pid", "virtiofsd_pid", b"virtiofsd_pid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

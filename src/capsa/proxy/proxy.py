@@ -145,17 +145,18 @@ class Proxy:
         if binds:
             await asyncio.to_thread(self.shared.release, binds)
 
-    async def info(self) -> proxy_pb2.InfoResponse:
+    def info(self) -> proxy_pb2.InfoResponse:
+        """The host PIDs of this VM's processes, from what the proxy started.
+
+        No guest round trip: every ``capsa create`` asks, and the agent's
+        GetGuestDetails spawns ``crun --version`` in the emulated guest.
+        """
         hypervisor = self.sandbox.hypervisor
         virtiofsd = self.sandbox.virtiofsd
-        details = await self.agent.guest_details()
         return proxy_pb2.InfoResponse(
             proxy_pid=os.getpid(),
             hypervisor_pid=(hypervisor.pid or 0) if hypervisor else 0,
             virtiofsd_pid=(virtiofsd.pid or 0) if virtiofsd else 0,
-            guest_kernel=details.kernel_release,
-            vcpus=details.online_cpus,
-            memory_mib=details.mem_total_bytes >> 20,
         )
 
     async def resize(self, vcpus: int, memory_mib: int) -> tuple[int, int]:

@@ -73,7 +73,7 @@ def build_server(proxy: Proxy) -> Server:
         return proxy_pb2.Empty()
 
     async def info(request: proxy_pb2.InfoRequest, context: Context) -> proxy_pb2.InfoResponse:
-        return await _as_status(proxy.info())
+        return proxy.info()
 
     async def resize_vm(request: proxy_pb2.ResizeVMRequest, context: Context) -> proxy_pb2.ResizeVMResponse:
         vcpus, memory_mib = await _as_status(proxy.resize(request.vcpus, request.memory_mib))
