@@ -56,7 +56,7 @@ def execute(args: argparse.Namespace, ctx: Context) -> int:
                 raise
             return 0
         first = False
-        print(events.encode(events.stats_event(args.id, stats)), flush=True)
+        print(events.encode(events.stats_event(args.id, stats)), end="", flush=True)
         if args.stats:
             return 0
         time.sleep(interval)
