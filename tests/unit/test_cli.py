@@ -88,3 +88,24 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "version")
     assert code == 0
     assert out.startswith("capsa version ")
+
+
+def test_list_json_is_runcs(capsys: pytest.CaptureFixture[str], tmp_path: Path, config: Path) -> None:
+    from capsa.runtime.state import ContainerState, StateStore
+
+    root = tmp_path / "root"
+    code, out, _ = run(capsys, "--root", str(root), "list", "--format", "json")
+    assert (code, out) == (0, "null\n")  # Go's encoding of runc's empty (nil) list
+    store = StateStore(root)
+    store.claim("c1")
+    store.save(ContainerState(id="c1", bundle="/b", rootfs="/b/rootfs", created="2026-11-27T13:45:46.123456+00:00"))
+    code, out, _ = run(capsys, "--root", str(root), "list", "--format", "json")
+    assert code == 0
+    [entry] = json.loads(out)
+    # A UTC time as Go's RFC 3339 writes it; no shim lives, so the container is stopped with pid 0.
+    assert (entry["id"], entry["created"], entry["status"], entry["pid"]) == (
+        "c1",
+        "2026-11-27T13:45:46.123456Z",
+        "stopped",
+        0,
+    )

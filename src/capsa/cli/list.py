@@ -23,7 +23,8 @@ def execute(args: argparse.Namespace, ctx: Context) -> int:
         for state in states:
             print(state["id"])
     elif args.format == "json":
-        print(json.dumps(states))
+        # runc encodes its empty list of containers as Go's nil slice: null.
+        print(json.dumps(states or None))
     else:
         print(table(states))
     return 0

@@ -58,7 +58,8 @@ def oci_state(state: ContainerState, status: str | None = None) -> dict[str, Any
         "status": status,
         "bundle": state.bundle,
         "rootfs": state.rootfs,
-        "created": state.created,
+        # Go writes a UTC time as RFC 3339 with "Z", Python's isoformat with "+00:00".
+        "created": state.created.removesuffix("+00:00") + "Z" if state.created.endswith("+00:00") else state.created,
         "owner": state.owner,
         "annotations": state.annotations,
     }
