@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from e2e_cgroups import cgroup_dirs, memory_bytes
 from e2e_engines import Docker
 from e2e_support import (
     Runtime,
@@ -116,6 +118,24 @@ def test_stop_delivers_term(docker: Docker) -> None:
         assert docker.inspect(cid, "{{.State.ExitCode}}") == "42"
     finally:
         docker("rm", "--force", cid).check()
+
+
+def test_stats_from_the_host_cgroup(docker: Docker) -> None:
+    """containerd's runc shim loads the cgroup of the PID from ``--pid-file``
+    (capsa's shim) and ``docker stats`` reads it: it must be the container's
+    (cgroupfs driver: ``/docker/<id>``), holding the VM's processes, and gone
+    after ``rm -f``."""
+    cid = docker(*docker_run(docker, "-d", docker.image, "sleep", "1000")).check().out
+    try:
+        pid = int(docker.inspect(cid, "{{.State.Pid}}"))
+        dirs = cgroup_dirs(pid, cid)
+        assert dirs, Path(f"/proc/{pid}/cgroup").read_text()
+        result = docker("stats", "--no-stream", "--format", "{{.MemUsage}}", cid, timeout=60)
+        assert result.code == 0, result.stderr
+        assert memory_bytes(result.out) > 0, result.out
+    finally:
+        docker("rm", "--force", cid).check()
+    assert [d for d in dirs if d.exists()] == []
 
 
 def test_nothing_left(docker: Docker) -> None:

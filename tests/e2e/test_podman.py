@@ -7,8 +7,10 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from e2e_cgroups import cgroup_dirs, memory_bytes
 from e2e_engines import Podman
 from e2e_support import Runtime, assert_nothing_left, expected_kernel_release, run_in_pty, vm_process, wait_until
 
@@ -149,6 +151,24 @@ def test_killed_vm(podman: Podman, runtime: Runtime) -> None:
     finally:
         podman("rm", "--force", "--time", "0", cid).check()
     assert cid not in runtime.listed(podman.runtime_root)
+
+
+def test_stats_from_the_host_cgroup(podman: Podman) -> None:
+    """``podman stats`` loads the cgroup its container's PID is in (cgroupfs:
+    ``/libpod_parent/libpod-<id>``): under capsa the shim, QEMU, virtiofsd and
+    the proxy are there, so it works and counts the VM's memory; after
+    ``rm -f`` no directory of it is left in any hierarchy."""
+    cid = podman("run", "-d", *NET, podman.image, "sleep", "1000").check().out
+    try:
+        result = podman("stats", "--no-stream", "--format", "{{.MemUsage}}", cid, timeout=60)
+        assert result.code == 0, result.stderr
+        assert memory_bytes(result.out) > 0, result.out
+        pid = int(podman.inspect(cid, "{{.State.Pid}}"))
+        dirs = cgroup_dirs(pid, cid)
+        assert dirs, Path(f"/proc/{pid}/cgroup").read_text()
+    finally:
+        podman("rm", "--force", "--time", "0", cid).check()
+    assert [d for d in dirs if d.exists()] == []
 
 
 def test_nothing_left(podman: Podman, runtime: Runtime) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from capsa.cli.context import Context
 from capsa.errors import CapsaError
 from capsa.hypervisor.accel import resolve_accelerator
+from capsa.runtime.hostcgroup import describe_host
 from capsa.runtime.sandbox import VHOST_VSOCK
 
 
@@ -74,9 +75,15 @@ def findings(ctx: Context) -> list[Finding]:
             add(Finding("FAIL", f'shared filesystem virtio-fs: {vfsd} is missing (set shared_fs.kind = "virtio-9p")'))
     else:
         add(Finding("ok", "shared filesystem virtio-9p: built into QEMU"))
+    host_cgroups = describe_host()
+    # Without a writable hierarchy containers still run, but engines' stats read an empty cgroup.
+    usable = not ("read-only" in host_cgroups or host_cgroups.startswith("no cgroup"))
     add(
         Finding(
-            "ok", "cgroups: containers' cgroups live in the guest (cgroup v2); --systemd-cgroup is accepted and ignored"
+            "ok" if usable else "warn",
+            f"cgroups: host {host_cgroups}: the VM's host processes go into the spec's cgroupsPath "
+            "(accounting only, no limits); the container's limits apply in the guest (cgroup v2); "
+            "--systemd-cgroup names the scope's cgroupfs path, without asking systemd over D-Bus",
         )
     )
     root = ctx.root

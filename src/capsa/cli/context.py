@@ -21,6 +21,7 @@ class Context:
     config_flag: str | None
     debug: bool
     log_format: str
+    systemd_cgroup: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Context:
@@ -29,6 +30,7 @@ class Context:
             config_flag=args.config,
             debug=args.debug,
             log_format=args.log_format,
+            systemd_cgroup=bool(getattr(args, "systemd_cgroup", False)),
         )
 
     @cached_property
@@ -44,4 +46,10 @@ class Context:
     def runtime(self) -> Runtime:
         from capsa.runtime.lifecycle import Runtime  # the verbs that need no VM stay light
 
-        return Runtime(self.config, self.store, self.config_flag, self.debug or self.config.runtime.debug)
+        return Runtime(
+            self.config,
+            self.store,
+            self.config_flag,
+            self.debug or self.config.runtime.debug,
+            systemd_cgroup=self.systemd_cgroup,
+        )

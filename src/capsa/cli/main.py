@@ -80,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
     parser.add_argument("--debug", action="store_true", help="log debug messages")
     parser.add_argument("--config", default=None, help="configuration file (default /etc/capsa/configuration.toml)")
-    parser.add_argument("--systemd-cgroup", action="store_true", help="accepted for runc compatibility")
+    parser.add_argument(
+        "--systemd-cgroup",
+        action="store_true",
+        help="cgroupsPath is slice:prefix:name (the host cgroup is made where systemd would put the scope)",
+    )
     parser.add_argument("--version", "-v", action="version", version=f"capsa version {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=_Parser)
     verbs.required = True

@@ -23,6 +23,7 @@ from typing import Any
 from capsa.errors import WrongState
 from capsa.runtime import daemon
 from capsa.runtime.container import current_status
+from capsa.runtime.hostcgroup import HostCgroup
 from capsa.runtime.ids import validate_id
 from capsa.runtime.lifecycle import SHIM_START_TIMEOUT, Runtime, check_pid_file, write_pid_file
 from capsa.runtime.state import Status
@@ -61,13 +62,15 @@ def start_exec(rt: Runtime, request: ExecRequest) -> daemon.Started:
     elif terminal:
         args.append("--terminal")
     try:
-        shim = daemon.start(
-            "capsa.shim",
-            args,
-            output=run_dir / f"exec-{exec_id}.out",
-            timeout=SHIM_START_TIMEOUT,
-            inherit_stdio=not request.console_socket,  # the pty is its stdio (see lifecycle.create)
-        )
+        # Born in the container's host cgroup, as the init's shim (lifecycle.create).
+        with HostCgroup.from_dict(state.host_cgroup).joined():
+            shim = daemon.start(
+                "capsa.shim",
+                args,
+                output=run_dir / f"exec-{exec_id}.out",
+                timeout=SHIM_START_TIMEOUT,
+                inherit_stdio=not request.console_socket,  # the pty is its stdio (see lifecycle.create)
+            )
     finally:
         process_file.unlink(missing_ok=True)
     if request.pid_file is not None:

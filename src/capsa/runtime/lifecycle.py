@@ -31,7 +31,7 @@ from typing import Any
 from capsa.config import Config, host_cpus, host_memory_mib, max_memory_mib_for, max_vcpus_for
 from capsa.errors import CapsaError, InvalidArgument, WrongState
 from capsa.proxy.launch import SHUTDOWN_TIMEOUT, ProxyClient, start_proxy
-from capsa.runtime import daemon, hooks, pids
+from capsa.runtime import daemon, hooks, hostcgroup, pids
 from capsa.runtime.bundle import Bundle, load_bundle
 from capsa.runtime.container import current_status, oci_state, with_proxy
 from capsa.runtime.ids import validate_id
@@ -56,6 +56,8 @@ class Runtime:
     store: StateStore
     config_flag: str | None = None
     debug: bool = False
+    # runc's --systemd-cgroup: cgroupsPath is "slice:prefix:name" (runtime/hostcgroup.py).
+    systemd_cgroup: bool = False
 
     def helper_args(self) -> list[str]:
         args = ["--root", str(self.store.root)]
@@ -97,6 +99,8 @@ def create(rt: Runtime, request: CreateRequest) -> Created:
     hooks.validate_hooks(bundle.spec)
     # The proxy plans them again where it binds them; here a bad mount fails before a VM boots.
     plan_mounts(bundle.spec, container_id, bundle.rootfs, os.stat, bundle=bundle.path)
+    # A cgroupsPath that --systemd-cgroup cannot read fails here too, as runc refuses it.
+    hostcgroup.resolve(hostcgroup.spec_cgroups_path(bundle.spec), container_id, systemd=rt.systemd_cgroup)
     check_guest_files(rt.config)
     run_dir_ok(rt.store.dir(container_id))
     run_dir = rt.store.claim(container_id)
@@ -122,6 +126,27 @@ def create(rt: Runtime, request: CreateRequest) -> Created:
 def _create_locked(
     rt: Runtime, request: CreateRequest, bundle: Bundle, state: ContainerState, run_dir: Path
 ) -> daemon.Started:
+    # The VM's host processes are born in the container's host cgroup (engines
+    # read stats there): we hold it while we start them, and leave before the hooks.
+    cgroup = hostcgroup.setup(hostcgroup.spec_cgroups_path(bundle.spec), state.id, systemd=rt.systemd_cgroup)
+    state.host_cgroup = cgroup.to_dict()
+    rt.store.save(state)
+    with cgroup.joined():
+        shim = _start_processes(rt, request, bundle, state, run_dir)
+    # runtime.md "Lifecycle" step 5-6: these hooks run once the environment
+    # exists and before the user's process starts.  They run on the host.
+    # The create operation has not finished, so they see "creating" (as runc's do).
+    for stage in ("prestart", "createRuntime", "createContainer"):
+        hooks.run_hooks(bundle.spec, stage, oci_state(state, Status.CREATING))
+    if request.pid_file is not None:
+        write_pid_file(request.pid_file, shim.pid)
+    return shim
+
+
+def _start_processes(
+    rt: Runtime, request: CreateRequest, bundle: Bundle, state: ContainerState, run_dir: Path
+) -> daemon.Started:
+    """The proxy (and its VM) and the shim, the container created in the VM."""
     config = rt.config
     proxy = start_proxy(
         run_dir,
@@ -161,13 +186,6 @@ def _create_locked(
     state.pid, state.pid_start = shim.pid, shim.start_time
     state.status = Status.CREATED
     rt.store.save(state)
-    # runtime.md "Lifecycle" step 5-6: these hooks run once the environment
-    # exists and before the user's process starts.  They run on the host.
-    # The create operation has not finished, so they see "creating" (as runc's do).
-    for stage in ("prestart", "createRuntime", "createContainer"):
-        hooks.run_hooks(bundle.spec, stage, oci_state(state, Status.CREATING))
-    if request.pid_file is not None:
-        write_pid_file(request.pid_file, shim.pid)
     return shim
 
 
@@ -280,6 +298,8 @@ def _teardown(rt: Runtime, state: ContainerState) -> None:
     # With its VM gone the shim reports a lost process and exits.
     if not pids.wait_gone(state.pid, state.pid_start, 5.0):
         pids.kill(state.pid, state.pid_start)
+    # Last: it is removable once the processes above (and QEMU, virtiofsd, exec shims) are gone.
+    hostcgroup.HostCgroup.from_dict(state.host_cgroup).remove()
 
 
 def pause(rt: Runtime, container_id: str) -> None:

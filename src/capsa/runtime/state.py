@@ -54,6 +54,8 @@ class ContainerState:
     proxy_start: int = 0
     hypervisor_pid: int = 0
     virtiofsd_pid: int = 0
+    # The host cgroup made for the VM's processes (runtime/hostcgroup.HostCgroup.to_dict), removed by delete.
+    host_cgroup: dict[str, Any] = field(default_factory=dict)
     # The engine's network namespace the VM's NICs are in ("" for none): where
     # delete sweeps after a proxy that died without taking them down.
     netns: str = ""
