@@ -43,8 +43,9 @@ from capsa.protocols.containerd.events import task_pb2 as events
 from capsa.protocols.containerd.task.v2 import shim_pb2 as pb
 from capsa.runtime import daemon
 from capsa.runtime.daemon import ReadyPipe, set_process_name
+from capsa.runtime.hostcgroup import HostCgroup
 from capsa.shim.v2.events import Publisher
-from capsa.shim.v2.pod import Pod, Process
+from capsa.shim.v2.pod import HOST_CGROUP_FILE, Pod, Process
 from capsa.shim.v2.task import TaskService, exit_event, register
 from capsa.shim.v2.wire import TTRPC_ADDRESS_ENV, timestamp
 from capsa.storage.shared import enter_private_mount_namespace
@@ -132,6 +133,8 @@ def delete(args: argparse.Namespace) -> pb.DeleteResponse:
     key = shim_key(args, args.id)
     with contextlib.suppress(OSError):
         (SOCKET_DIR / key).unlink()
+    # The dead shim's VM dies with it (PR_SET_PDEATHSIG); then the pod's host cgroup can go.
+    HostCgroup.load(STATE_DIR / key / HOST_CGROUP_FILE).remove()
     shutil.rmtree(STATE_DIR / key, ignore_errors=True)
     with contextlib.suppress(OSError):
         (bundle / ADDRESS_FILE).unlink()

@@ -37,11 +37,16 @@ from capsa.agent.storage import split_options
 from capsa.config import Config, host_cpus, host_memory_mib, max_memory_mib_for, max_vcpus_for
 from capsa.errors import CapsaError, ContainerExists, ContainerNotFound, StorageError, WrongState
 from capsa.proxy.proxy import Proxy
+from capsa.runtime import hostcgroup
 from capsa.runtime.bundle import check_namespaces
+from capsa.runtime.hostcgroup import HostCgroup
 from capsa.runtime.resources import vm_size
 from capsa.shim.relay import VM_LOST_STATUS, ProcessIO, relay
 
 log = logging.getLogger("capsa.shimv2")
+
+#: The pod's host cgroup as made (``HostCgroup.save``), in the shim's state dir, for ``delete`` after a crash.
+HOST_CGROUP_FILE = "host-cgroup.json"
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,8 @@ class Pod:
         self.proxy: Proxy | None = None
         self.containers: dict[str, Container] = {}
         self._vm_watch: asyncio.Task[None] | None = None
+        self.host_cgroup = HostCgroup()
+        self._cgroup_origin: dict[str, str] = {}
 
     # -- the VM ---------------------------------------------------------------
 
@@ -138,6 +145,37 @@ class Pod:
         proxy = self.proxy
         hypervisor = proxy.sandbox.hypervisor if proxy else None
         return (hypervisor.pid or 0) if hypervisor else 0
+
+    def _enter_host_cgroup(self, spec: dict[str, Any]) -> None:
+        """Move this shim into the first container's host cgroup, before the VM boots (Kata's sandbox_cgroup_only).
+
+        With CRI the first container is the pod's sandbox, whose cgroupsPath is
+        below the pod cgroup: the shim, QEMU and virtiofsd (born there) are the
+        pod's overhead, accounted to the pod.  containerd passes systemd's
+        ``slice:prefix:name`` form when its runc options say SystemdCgroup; it
+        is told apart by its shape, as Kata's shim does.
+        """
+        path = hostcgroup.spec_cgroups_path(spec)
+        try:
+            cgroup = hostcgroup.setup(path, None, systemd=hostcgroup.looks_like_systemd(path))
+        except CapsaError as exc:
+            log.warning("no host cgroup for the pod: %s", exc)
+            return
+        if not cgroup:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cgroup.save(self.run_dir / HOST_CGROUP_FILE)
+        self.host_cgroup = cgroup
+        self._cgroup_origin = cgroup.enter()
+
+    def _remove_host_cgroup(self) -> None:
+        """Leave the pod's host cgroup and remove it (its other processes, QEMU and virtiofsd, are gone)."""
+        cgroup, self.host_cgroup = self.host_cgroup, HostCgroup()
+        if not cgroup:
+            return
+        cgroup.leave(self._cgroup_origin)
+        cgroup.remove()
+        (self.run_dir / HOST_CGROUP_FILE).unlink(missing_ok=True)
 
     async def _ensure_vm(self, hostname: str, netns: str = "") -> Proxy:
         """The pod's VM, booted by its first container, on that container's network namespace."""
@@ -201,6 +239,8 @@ class Pod:
             # The sandbox's spec names the pod's network namespace (CNI's); a
             # later container's names the sandbox's, and the VM is on it already.
             netns = "" if self.proxy else str(check_namespaces(spec, bundle / "config.json") or "")
+            if self.proxy is None and not self.host_cgroup:
+                await asyncio.to_thread(self._enter_host_cgroup, spec)
             proxy = await self._ensure_vm(str(spec.get("hostname", "")), netns)
             # The pod's first container is its sandbox; later ones join its namespaces.
             sandbox = next(iter(self.containers), "")
@@ -369,6 +409,7 @@ class Pod:
         if proxy is not None:
             proxy.request_shutdown("the pod is shutting down")
             await proxy.stop()
+        await asyncio.to_thread(self._remove_host_cgroup)
         for watch in (self._vm_watch, self._oom_watch):
             if watch is not None:
                 watch.cancel()
