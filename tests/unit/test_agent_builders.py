@@ -164,6 +164,8 @@ def test_kernel_cmdline_defaults_and_overrides() -> None:
     assert (default.channel, default.vsock_port, default.debug, default.guest) == ("serial", 1024, False, True)
     chosen = options.from_kernel_cmdline("capsa.channel=vsock capsa.vsock_port=2048 capsa.debug=1 quiet")
     assert (chosen.channel, chosen.vsock_port, chosen.debug) == ("vsock", 2048, True)
+    assert not default.template and not chosen.template
+    assert options.from_kernel_cmdline("quiet capsa.template=1").template
 
 
 def test_kernel_cmdline_quotes_and_bare_words() -> None:

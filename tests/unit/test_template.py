@@ -72,6 +72,39 @@ def test_key_changes_with_the_files() -> None:
     assert template.template_key(vm(), rebuilt) != template.template_key(vm(), FILES)
 
 
+def test_key_follows_the_installed_link_to_its_build(tmp_path: Path) -> None:
+    # guest/image/build.py installs the image as a link into a content-addressed cache.
+    builds = [tmp_path / "cache" / key for key in ("aaaa", "bbbb")]
+    for build in builds:
+        build.mkdir(parents=True)
+        (build / "initrd.img").write_bytes(b"x" * 64)
+        os.utime(build / "initrd.img", ns=(1, 1))  # same size and mtime: only the target differs
+    link = tmp_path / "initrd.img"
+    link.symlink_to(builds[0] / "initrd.img")
+    first = template.file_identity(link)
+    link.unlink()
+    link.symlink_to(builds[1] / "initrd.img")
+    second = template.file_identity(link)
+    assert (first.path, first.size, first.mtime_ns) == (second.path, second.size, second.mtime_ns)
+    assert template.template_key(vm(), (FILES[0], first)) != template.template_key(vm(), (FILES[0], second))
+
+
+def test_missing_file_is_a_template_error(tmp_path: Path) -> None:
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(template.TemplateError, match="dangling"):
+        template.file_identity(tmp_path / "dangling")
+
+
+def test_template_and_clone_boot_with_the_preload_flag(tmp_path: Path) -> None:
+    # The template's agent preloads for its clones; a cold VM's does not.
+    t = template.template_vm(vm(), tmp_path, tmp_path / "share", tmp_path / "memory")
+    c = template.clone_vm(vm(), tmp_path / "c.mem")
+    assert template.TEMPLATE_PARAM in values(qemu_argv(t, qmp_fd=3), "-append")[0].split()
+    assert values(qemu_argv(c, qmp_fd=3), "-append") == values(qemu_argv(t, qmp_fd=3), "-append")
+    assert template.TEMPLATE_PARAM not in values(qemu_argv(vm(), qmp_fd=3), "-append")[0].split()
+    assert template.template_vm(t, tmp_path, tmp_path, tmp_path / "m").kernel_params == t.kernel_params
+
+
 def test_template_has_no_virtiofs_and_keeps_its_ram_in_a_file(tmp_path: Path) -> None:
     t = template.template_vm(vm(), tmp_path, tmp_path / "share", tmp_path / "memory")
     argv = qemu_argv(t, qmp_fd=3)

@@ -6,6 +6,9 @@ convention of capsa's parts):
 - ``capsa.channel=serial|vsock`` (default serial): the agent channel.
 - ``capsa.vsock_port=N`` (default 1024): the AF_VSOCK port to listen on.
 - ``capsa.debug=1``: log at debug level to the console (else warnings).
+- ``capsa.template=1``: this VM is booted to be saved as a VM template
+  (:mod:`capsa.hypervisor.template`): before serving, the agent loads what
+  its clones would otherwise load on first use (the network modules).
 
 Outside a guest (tests on the host, not PID 1) argv says the same with
 ``--listen unix:PATH``, ``--crun PATH`` and friends.
@@ -36,6 +39,8 @@ class AgentOptions:
     # PID 1 in a guest mounts, reaps every orphan and powers off at the end;
     # on a host the agent does none of that.
     guest: bool = True
+    # Booted to be saved as a template: preload for the clones.
+    template: bool = False
 
 
 def split_kernel_cmdline(text: str) -> dict[str, str]:
@@ -72,8 +77,13 @@ def from_kernel_cmdline(text: str) -> AgentOptions:
         port = -1
     if not 0 < port < 2**32:
         raise InvalidArgument(f"capsa.vsock_port={raw_port!r}: expected a port number")
-    debug = params.get("capsa.debug", "0") not in ("0", "", "false", "no", "off")
-    return AgentOptions(channel=channel, vsock_port=port, debug=debug)
+    debug = _flag(params.get("capsa.debug", "0"))
+    template = _flag(params.get("capsa.template", "0"))
+    return AgentOptions(channel=channel, vsock_port=port, debug=debug, template=template)
+
+
+def _flag(value: str) -> bool:
+    return value not in ("0", "", "false", "no", "off")
 
 
 def from_argv(argv: list[str]) -> AgentOptions:

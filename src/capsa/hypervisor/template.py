@@ -36,6 +36,14 @@ entropy with ``CreateSandbox`` and the agent reseeds the CRNG from it
 shared.  ``/proc/sys/kernel/random/boot_id`` is made on first read, after
 the reseed, so it differs per clone.
 
+What the template loads for its clones.  The template VM's kernel command
+line carries ``capsa.template=1`` (:data:`TEMPLATE_PARAM`, so it is part of
+the key): its agent imports, before it first serves, what it would
+otherwise import on first use in every clone: pyroute2 and the network
+modules, about half a second of guest time under TCG for each pod that
+gets a NIC (:func:`capsa.agent.netlink.preload`).  A cold boot does not
+carry the flag and imports them only when a NIC is configured.
+
 The layout: ``<root>/<key>/memory`` (the guest RAM, a sparse file the
 template VM ran on), ``<root>/<key>/state`` (the migration stream of its
 devices, ``x-ignore-shared`` leaving the RAM out) and
@@ -73,6 +81,10 @@ log = logging.getLogger("capsa.hypervisor.template")
 #: not show (e.g. what the guest is asked to do before the save).
 LAYOUT_VERSION = 1
 
+#: On the template VM's kernel command line (and so in its key): the agent
+#: preloads for the clones (capsa.agent.options).
+TEMPLATE_PARAM = "capsa.template=1"
+
 STATE_FILE = "state"
 MEMORY_FILE = "memory"
 META_FILE = "template.json"
@@ -102,19 +114,27 @@ class TemplateError(HypervisorError):
 
 @dataclass(frozen=True)
 class FileIdentity:
-    """A file as the template saw it: same path, size and mtime means same file."""
+    """A file as the template saw it: same path, target, size and mtime means same file.
+
+    ``target`` is where the path's symlinks lead: the installed guest files
+    are links into the image builder's cache, whose directory names are
+    content hashes, so a link moved to another build changes the key even
+    if size and mtime happened to match.
+    """
 
     path: str
     size: int
     mtime_ns: int
+    target: str = ""
 
 
 def file_identity(path: Path) -> FileIdentity:
     try:
         st = path.stat()
+        target = os.path.realpath(path, strict=True)
     except OSError as exc:
         raise TemplateError(f"{path}: {exc.strerror}") from exc
-    return FileIdentity(str(path), st.st_size, st.st_mtime_ns)
+    return FileIdentity(str(path), st.st_size, st.st_mtime_ns, target)
 
 
 def template_vm(vm: VMConfig, run_dir: Path, share_dir: Path, memory_file: Path) -> VMConfig:
@@ -131,6 +151,7 @@ def template_vm(vm: VMConfig, run_dir: Path, share_dir: Path, memory_file: Path)
         run_dir=run_dir,
         agent_channel=SerialChannel(run_dir / "agent.sock"),
         shares=shares,
+        kernel_params=_template_params(vm),
         templated=True,
         incoming=False,
         memory_file=memory_file,
@@ -139,9 +160,24 @@ def template_vm(vm: VMConfig, run_dir: Path, share_dir: Path, memory_file: Path)
 
 def clone_vm(vm: VMConfig, memory_file: Path) -> VMConfig:
     """The VM restored from a template: ``vm`` without virtio-fs shares,
-    running on ``memory_file`` (a copy of the template's memory), waiting for the state."""
+    running on ``memory_file`` (a copy of the template's memory), waiting for the state.
+
+    Its kernel command line is the template's, which is what its guest booted
+    with (QEMU does not compare them: the guest read it long before the save).
+    """
     shares = tuple(share for share in vm.shares if not isinstance(share, VirtioFsShare))
-    return replace(vm, shares=shares, templated=True, incoming=True, memory_file=memory_file)
+    return replace(
+        vm,
+        shares=shares,
+        kernel_params=_template_params(vm),
+        templated=True,
+        incoming=True,
+        memory_file=memory_file,
+    )
+
+
+def _template_params(vm: VMConfig) -> tuple[str, ...]:
+    return vm.kernel_params if TEMPLATE_PARAM in vm.kernel_params else (*vm.kernel_params, TEMPLATE_PARAM)
 
 
 def copy_memory(template_dir: Path, destination: Path) -> None:
@@ -211,7 +247,7 @@ def template_key(vm: VMConfig, files: tuple[FileIdentity, ...]) -> str:
     document = {
         "layout": LAYOUT_VERSION,
         "argv": argv,
-        "files": [[f.path, f.size, f.mtime_ns] for f in files],
+        "files": [[f.path, f.size, f.mtime_ns, f.target] for f in files],
     }
     digest = hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
     return digest[:24]
