@@ -76,23 +76,29 @@ class Target:
     read: list[float] = field(default_factory=list)
 
 
-def make_bundle(work: Path) -> Path:
+def make_bundle(work: Path, applets: tuple[str, ...] = APPLETS) -> Path:
+    """A bundle directory whose rootfs is busybox with ``applets`` linked in /bin (bench/fsmeta.py needs more)."""
     bundle = work / "bundle"
     rootfs = bundle / "rootfs"
     (rootfs / "bin").mkdir(parents=True)
     shutil.copy(BUSYBOX, rootfs / "bin" / "busybox")
-    for applet in APPLETS:
+    for applet in applets:
         os.symlink("busybox", rootfs / "bin" / applet)
     for name in ("proc", "sys", "dev", "tmp", "etc", "bench", "vol", "blk"):
         (rootfs / name).mkdir()
     return bundle
 
 
-def config_with(work: Path, kind: str, cache: str | None = None) -> Path:
-    """The host's configuration with ``[shared_fs] kind`` (and ``virtiofs_cache``) replaced, in the temp dir."""
+def config_with(work: Path, kind: str, cache: str | None = None, virtiofsd: Path | None = None) -> Path:
+    """The host's configuration with ``[shared_fs] kind`` (``virtiofs_cache``, ``virtiofsd_path``) replaced.
+
+    Written to the temp dir; bench/fsmeta.py passes a ``virtiofsd`` wrapper that adds an option.
+    """
     source = Path(os.environ.get("CAPSA_CONFIG", DEFAULT_CONFIG_PATH))
     lines = source.read_text().splitlines() if source.exists() else []
     wanted = {"kind": kind, **({"virtiofs_cache": cache} if cache is not None else {})}
+    if virtiofsd is not None:
+        wanted["virtiofsd_path"] = str(virtiofsd)
     section, done = "", set()
     for index, line in enumerate(lines):
         stripped = line.strip()
@@ -109,7 +115,7 @@ def config_with(work: Path, kind: str, cache: str | None = None) -> Path:
         lines[at:at] = missing
     elif missing:
         lines += ["[shared_fs]", *missing]
-    path = work / f"configuration-{kind}-{cache or 'default'}.toml"
+    path = work / f"configuration-{kind}-{cache or 'default'}{'-' + virtiofsd.name if virtiofsd else ''}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
