@@ -312,7 +312,9 @@ class ShimContainerd:
                 f"CRI {method} failed: {code}: {details}\ncontainerd log:\n{_tail(self.log)}"
             ) from None
 
-    def pod_config(self, name: str) -> Any:
+    def pod_config(self, name: str, pid: int = cri.CONTAINER) -> Any:
+        """A pod's config; ``pid`` is its PID namespace mode (``cri.POD``: the kubelet's
+        ``shareProcessNamespace: true``, the pod's containers then pass it too)."""
         uid = secrets.token_hex(8)
         log_dir = self.pod_logs / f"{name}_{uid}"
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -324,7 +326,7 @@ class ShimContainerd:
             linux=cri.LinuxPodSandboxConfig(
                 cgroup_parent=self.cgroup_parent,
                 security_context=cri.LinuxSandboxSecurityContext(
-                    namespace_options=cri.NamespaceOption(network=cri.POD, pid=cri.CONTAINER, ipc=cri.POD)
+                    namespace_options=cri.NamespaceOption(network=cri.POD, pid=pid, ipc=cri.POD)
                 ),
             ),
         )
@@ -333,16 +335,20 @@ class ShimContainerd:
         response = self.call("RunPodSandbox", cri.RunPodSandboxRequest(config=config, runtime_handler=handler))
         return str(response.pod_sandbox_id)
 
-    def create_container(self, pod_id: str, pod: Any, name: str, command: list[str]) -> str:
+    def create_container(self, pod_id: str, pod: Any, name: str, command: list[str], resources: Any = None) -> str:
+        """A busybox container in the pod, in the pod's PID namespace mode; ``resources``
+        (a ``cri.LinuxContainerResources``) sets its limits."""
+        pid = pod.linux.security_context.namespace_options.pid
         config = cri.ContainerConfig(
             metadata=cri.ContainerMetadata(name=name, attempt=0),
             image=cri.ImageSpec(image=BUSYBOX_IMAGE),
             command=command,
             log_path=f"{name}.log",
             linux=cri.LinuxContainerConfig(
+                resources=resources,
                 security_context=cri.LinuxContainerSecurityContext(
-                    namespace_options=cri.NamespaceOption(network=cri.POD, pid=cri.CONTAINER, ipc=cri.POD)
-                )
+                    namespace_options=cri.NamespaceOption(network=cri.POD, pid=pid, ipc=cri.POD)
+                ),
             ),
         )
         response = self.call(
@@ -355,6 +361,12 @@ class ShimContainerd:
             "ExecSync", cri.ExecSyncRequest(container_id=container_id, cmd=cmd, timeout=timeout), timeout=timeout + 30
         )
 
+    def sh(self, container_id: str, script: str, timeout: int = 60) -> str:
+        """ExecSync ``sh -c script`` in the container; its stdout, which must come with exit status 0."""
+        result = self.exec_sync(container_id, ["sh", "-c", script], timeout)
+        assert result.exit_code == 0, f"{script!r} exited {result.exit_code}: {result.stderr.decode(errors='replace')}"
+        return str(result.stdout.decode())
+
     def container_state(self, container_id: str) -> int:
         status = self.call("ContainerStatus", cri.ContainerStatusRequest(container_id=container_id)).status
         return int(status.state)
@@ -364,9 +376,9 @@ class ShimContainerd:
         self.call("RemovePodSandbox", cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
 
     @contextlib.contextmanager
-    def pod(self, name: str, handler: str) -> Iterator[tuple[str, Any]]:
+    def pod(self, name: str, handler: str, pid: int = cri.CONTAINER) -> Iterator[tuple[str, Any]]:
         """A running pod sandbox (ID, config), stopped and removed on the way out."""
-        config = self.pod_config(name)
+        config = self.pod_config(name, pid)
         pod_id = self.run_pod(config, handler)
         try:
             yield pod_id, config
