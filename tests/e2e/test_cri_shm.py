@@ -39,12 +39,6 @@ def handler(request: pytest.FixtureRequest) -> str:
     return name
 
 
-def sh(k: ShimContainerd, container_id: str, script: str) -> str:
-    result = k.exec_sync(container_id, ["sh", "-c", script])
-    assert result.exit_code == 0, result.stderr
-    return str(result.stdout.decode())
-
-
 def test_a_pods_containers_share_dev_shm(k: ShimContainerd, handler: str) -> None:
     with k.pod(f"shm-{handler}", handler) as (pod_id, pod):
         ids = [k.create_container(pod_id, pod, name, SLEEP) for name in ("writer", "reader")]
@@ -52,11 +46,11 @@ def test_a_pods_containers_share_dev_shm(k: ShimContainerd, handler: str) -> Non
             k.call("StartContainer", cri.StartContainerRequest(container_id=cid))
         writer, reader = ids
 
-        assert sh(k, writer, SHM).split() == ["tmpfs", "65536"]
-        assert sh(k, reader, SHM).split() == ["tmpfs", "65536"]
-        sh(k, writer, "echo from-the-writer > /dev/shm/segment")
-        assert sh(k, reader, "cat /dev/shm/segment") == "from-the-writer\n"
-        sh(k, reader, "rm /dev/shm/segment")
-        assert sh(k, writer, "ls /dev/shm") == ""
+        assert k.sh(writer, SHM).split() == ["tmpfs", "65536"]
+        assert k.sh(reader, SHM).split() == ["tmpfs", "65536"]
+        k.sh(writer, "echo from-the-writer > /dev/shm/segment")
+        assert k.sh(reader, "cat /dev/shm/segment") == "from-the-writer\n"
+        k.sh(reader, "rm /dev/shm/segment")
+        assert k.sh(writer, "ls /dev/shm") == ""
     left = k.wait_nothing_left()
     assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)
