@@ -31,12 +31,12 @@ CHILD = textwrap.dedent(
     import errno, json, os, socket, subprocess, sys, time
     from pathlib import Path
     from capsa.runtime.mounts import plan_mounts
-    from capsa.storage.shared import SharedDir, enter_private_mount_namespace
+    from capsa.storage.shared import SharedDir, enter_mount_namespace
     from capsa.storage.virtiofsd import VirtiofsdConfig, virtiofsd_argv
 
     work = Path(sys.argv[1])
     report = {}
-    enter_private_mount_namespace()
+    enter_mount_namespace()
     shared = SharedDir(work / "shared")
     shared.create()
     spec = json.loads((work / "config.json").read_text())
@@ -160,10 +160,10 @@ def test_a_failed_bind_undoes_the_whole_call(work: Path) -> None:
         from pathlib import Path
         from capsa.errors import StorageError
         from capsa.runtime.mounts import HostBind
-        from capsa.storage.shared import SharedDir, enter_private_mount_namespace
+        from capsa.storage.shared import SharedDir, enter_mount_namespace
 
         work = Path(sys.argv[1])
-        enter_private_mount_namespace()
+        enter_mount_namespace()
         shared = SharedDir(work / "shared")
         shared.create()
         good = HostBind(work / "src", "c/mounts/0", readonly=False, directory=True, recursive=False)

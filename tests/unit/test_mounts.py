@@ -22,6 +22,7 @@ from capsa.runtime.mounts import (
     BlockVolume,
     HostBind,
     container_request,
+    host_propagation,
     is_host_bind,
     plan_mounts,
     volume_serial,
@@ -161,18 +162,16 @@ def test_podman_spec() -> None:
 
     assert plan.rootfs == "c1/rootfs"
     assert plan.binds[0] == HostBind(ROOTFS, "c1/rootfs", readonly=False, directory=True, recursive=True)
+    # Podman sends rprivate with every bind: the host binds are cut off from later host mounts.
+    private = {"propagation": "rprivate"}
     assert plan.binds[1:] == (
-        HostBind(Path(f"{PODMAN_USERDATA}/shm"), "c1/mounts/6", readonly=False, directory=True, recursive=False),
-        HostBind(Path(f"{PODMAN_USERDATA}/hostname"), "c1/mounts/7", readonly=False, directory=False, recursive=False),
-        HostBind(
-            Path(f"{PODMAN_USERDATA}/resolv.conf"), "c1/mounts/8", readonly=False, directory=False, recursive=False
-        ),
-        HostBind(Path(f"{PODMAN_USERDATA}/hosts"), "c1/mounts/9", readonly=False, directory=False, recursive=False),
-        HostBind(
-            Path(f"{PODMAN_USERDATA}/.containerenv"), "c1/mounts/10", readonly=False, directory=False, recursive=False
-        ),
-        HostBind(Path("/srv/data"), "c1/mounts/11", readonly=False, directory=True, recursive=True),
-        HostBind(Path("/srv/conf.ini"), "c1/mounts/12", readonly=True, directory=False, recursive=True),
+        HostBind(Path(f"{PODMAN_USERDATA}/shm"), "c1/mounts/6", False, True, False, **private),
+        HostBind(Path(f"{PODMAN_USERDATA}/hostname"), "c1/mounts/7", False, False, False, **private),
+        HostBind(Path(f"{PODMAN_USERDATA}/resolv.conf"), "c1/mounts/8", False, False, False, **private),
+        HostBind(Path(f"{PODMAN_USERDATA}/hosts"), "c1/mounts/9", False, False, False, **private),
+        HostBind(Path(f"{PODMAN_USERDATA}/.containerenv"), "c1/mounts/10", False, False, False, **private),
+        HostBind(Path("/srv/data"), "c1/mounts/11", readonly=False, directory=True, recursive=True, **private),
+        HostBind(Path("/srv/conf.ini"), "c1/mounts/12", readonly=True, directory=False, recursive=True, **private),
     )
 
     mounts = plan.spec["mounts"]
@@ -532,3 +531,75 @@ def test_container_request(shared_fs: str, driver: str) -> None:
         driver=driver, source="rootfs", fstype=driver, mount_point=GUEST_SHARE_DIR, subpath="c1/rootfs"
     )
     assert not request.storages
+
+
+# --- propagation: what the host side of each bind follows -------------------------------------------------------
+
+
+def volume(*options: str) -> dict[str, Any]:
+    return {"destination": "/vol", "type": "bind", "source": "/srv/data", "options": list(options)}
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["rbind", "rslave"], "rslave"),  # Kubernetes HostToContainer, docker -v SRC:DST:rslave
+        (["bind", "slave"], "slave"),
+        (["rbind", "rprivate"], "rprivate"),  # what Docker, Podman and the kubelet send by default
+        (["bind", "private"], "private"),
+        (["rbind", "runbindable"], "rprivate"),
+        (["rbind", "unbindable"], "private"),
+        (["rbind"], "rslave"),  # none given: the rootfs propagation, runc's default rslave
+        (["rbind", "rprivate", "rslave"], "rslave"),  # the last word wins
+        (["rbind", "rslave,ro"], "rslave"),
+    ],
+)
+def test_host_propagation_of_a_bind(options: list[str], expected: str) -> None:
+    plan = plan_mounts({"mounts": [volume(*options)]}, "c1", ROOTFS, fake_stat({"/srv/data": DIR}))
+    assert plan.binds[1].propagation == expected
+    assert host_propagation(volume(*options), 0) == expected
+    # The words stay for crun, which applies them inside the guest.
+    assert plan.spec["mounts"][0]["options"] == options
+
+
+@pytest.mark.parametrize(
+    ("root", "bind", "rootfs"),
+    [
+        (None, "rslave", "rslave"),
+        ("rslave", "rslave", "rslave"),
+        ("slave", "rslave", "rslave"),
+        ("rprivate", "rprivate", "rprivate"),
+        ("private", "rprivate", "rprivate"),
+        ("runbindable", "rprivate", "rprivate"),
+        # Docker and containerd's CRI set it when a bind is rshared (which is refused);
+        # alone, shared cannot go further than a slave.
+        ("rshared", "rslave", "rslave"),
+    ],
+)
+def test_binds_without_a_word_follow_the_rootfs_propagation(root: str | None, bind: str, rootfs: str) -> None:
+    spec: dict[str, Any] = {"mounts": [volume("rbind")]}
+    if root is not None:
+        spec["linux"] = {"rootfsPropagation": root}
+    plan = plan_mounts(spec, "c1", ROOTFS, fake_stat({"/srv/data": DIR}))
+    assert plan.binds[0].propagation == rootfs
+    assert plan.binds[1].propagation == bind
+
+
+@pytest.mark.parametrize("word", ["rshared", "shared"])
+def test_shared_propagation_is_refused_with_one_line(word: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        plan_mounts({"mounts": [volume("rbind", word)]}, "c1", ROOTFS, fake_stat({"/srv/data": DIR}))
+    message = str(caught.value)
+    assert message.startswith(f"mount propagation {word} of /vol cannot cross the VM boundary: ")
+    assert "\n" not in message
+
+
+def test_shared_propagation_of_what_stays_in_the_guest_is_crun_s() -> None:
+    """A guest-own path or a block volume never crosses the share: crun applies rshared in the guest."""
+    mounts = [
+        {"destination": "/dev/fuse", "type": "bind", "source": "/dev/fuse", "options": ["bind", "rshared"]},
+        {"destination": "/disk", "type": "bind", "source": "/dev/sdb", "options": ["rbind", "rshared"]},
+    ]
+    plan = plan_mounts({"mounts": mounts}, "c1", ROOTFS, fake_stat({"/dev/fuse": CHR, "/dev/sdb": BLK}))
+    assert len(plan.binds) == 1
+    assert plan.spec["mounts"][1]["options"] == ["rbind", "rw", "rshared"]

@@ -27,7 +27,7 @@ from capsa.proxy.launch import SOCKET_NAME
 from capsa.proxy.proxy import Proxy
 from capsa.proxy.service import build_server
 from capsa.runtime.daemon import ReadyPipe, set_process_name
-from capsa.storage.shared import enter_private_mount_namespace
+from capsa.storage.shared import enter_mount_namespace
 
 log = logging.getLogger("capsa.proxy")
 
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config)
         # Before any thread exists: unshare(CLONE_NEWNS) refuses a process
         # whose threads share its filesystem context.
-        enter_private_mount_namespace()
+        enter_mount_namespace()
     except CapsaError as exc:
         ready.fail(str(exc))
         return 1

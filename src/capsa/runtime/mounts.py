@@ -3,7 +3,7 @@
 A container in a VM sees host files only through the one directory the host
 shares with the guest (virtio-fs or 9p, tag :data:`SHARE_TAG`).  As in Kata
 Containers, that directory holds one subdirectory per container; bind mounts
-made on the host (in the proxy's private mount namespace, see
+made on the host (in the proxy's own mount namespace, see
 :mod:`capsa.storage.shared`) bring the container's rootfs and the source of
 every host bind mount of the spec into it::
 
@@ -47,6 +47,25 @@ Two kinds of mount do not go through the share:
   does, the guest makes a tmpfs of the same size (:class:`GuestTmpfs`)
   instead, one per host source, so the containers of a pod that bind the
   same sandbox shm share one guest tmpfs.
+
+**Propagation** (runtime-spec config.md "Mounts" options, config-linux.md
+"Rootfs Mount Propagation"; sharedsubtree.rst) crosses the VM boundary in
+one direction only.  Each host bind carries the propagation it needs on the
+host (:attr:`HostBind.propagation`, from :func:`host_propagation`):
+
+- ``rslave``/``slave`` (Kubernetes' HostToContainer), and a bind without a
+  propagation option, which follows ``linux.rootfsPropagation`` and like
+  runc's default root is a slave: mounts the host makes later under the
+  source reach the share, virtiofsd (or QEMU's 9p server) and the guest.
+- ``rprivate``/``private`` (what Docker, Podman and the kubelet send by
+  default) and ``(r)unbindable``: the host bind is cut off from the
+  host's propagation, so later host mounts stay out of the container.
+- ``rshared``/``shared`` (Kubernetes' Bidirectional) is refused: a mount
+  made in the guest lives in the guest's kernel and can never appear on
+  the host, and a volume whose user relies on that (a CSI node plugin)
+  would break silently.
+
+The propagation words themselves stay in the guest spec for crun.
 
 This module does no I/O: the caller passes ``stat`` (``os.stat``) and
 ``tmpfs_size`` (:func:`capsa.storage.host.tmpfs_size`), and the plan is
@@ -94,6 +113,20 @@ DISK_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "f
 # Option words that say how to bind, not what the filesystem on a disk does.
 _BIND_WORDS = frozenset({"bind", "rbind", "ro", "rw", "rro", "rrw"})
 _PROPAGATION = frozenset({"private", "rprivate", "shared", "rshared", "slave", "rslave", "unbindable", "runbindable"})
+# What each propagation word means for the host side of a bind: the host
+# bind must be cut off from the host's mounts (private) or follow them
+# (slave).  Unbindable is private that cannot be bound again; the host
+# still binds it into the share, so only its privacy counts there (crun
+# makes the container's mount unbindable in the guest).
+_HOST_PROPAGATION = {
+    "private": "private",
+    "rprivate": "rprivate",
+    "unbindable": "private",
+    "runbindable": "rprivate",
+    "slave": "slave",
+    "rslave": "rslave",
+}
+_SHARED_PROPAGATION = frozenset({"shared", "rshared"})
 
 # Filesystem types that, with a bind option, still mean a bind mount
 # (runc: an empty type or "none" plus "bind"/"rbind" in the options).
@@ -117,6 +150,10 @@ class HostBind:
     readonly: bool
     directory: bool  # the mount point is a directory (else an empty file)
     recursive: bool  # rbind
+    # How the bind follows the host's later mounts under its source: "rslave"
+    # or "slave" (they reach the share), "rprivate" or "private" (they do
+    # not); see :func:`host_propagation`.
+    propagation: str = "rslave"
 
 
 @dataclass(frozen=True)
@@ -228,7 +265,17 @@ def plan_mounts(
     if not posixpath.isabs(guest_share_dir):
         raise InvalidArgument(f"the guest share directory must be absolute, got {guest_share_dir!r}")
     rootfs_target = f"{container_id}/rootfs"
-    binds = [HostBind(source=rootfs, target=rootfs_target, readonly=False, directory=True, recursive=True)]
+    root_propagation = _rootfs_propagation(spec)
+    binds = [
+        HostBind(
+            source=rootfs,
+            target=rootfs_target,
+            readonly=False,
+            directory=True,
+            recursive=True,
+            propagation=root_propagation,
+        )
+    ]
     mounts = spec.get("mounts")
     if mounts is None:
         mounts = []
@@ -270,6 +317,10 @@ def plan_mounts(
             shm = tmpfs.setdefault(str(source), GuestTmpfs(_guest_shm_dir(source), size))
             guest_mounts.append({**mount, "source": shm.mount_point})
             continue
+        # Only binds through the share are checked: a block volume, a guest
+        # tmpfs or a guest-own path is the guest's, where crun applies the
+        # propagation as it is.
+        propagation = host_propagation(mount, index, root_propagation)
         target = f"{container_id}/mounts/{index}"
         binds.append(
             HostBind(
@@ -278,6 +329,7 @@ def plan_mounts(
                 readonly=_readonly(mount),
                 directory=stat_mode.S_ISDIR(mode),
                 recursive="rbind" in _options(mount),
+                propagation=propagation,
             )
         )
         guest_mounts.append({**mount, "source": posixpath.join(guest_share_dir, target)})
@@ -300,6 +352,42 @@ def plan_mounts(
         tmpfs=tuple(tmpfs.values()),
         devices=devices,
     )
+
+
+def host_propagation(mount: dict[str, Any], index: int, default: str = "rslave") -> str:
+    """The host-side propagation of a bind mount (see the module docstring); pure.
+
+    The last propagation word of the options wins, as in runc's option
+    parsing; a mount without one gets ``default``, the rootfs propagation
+    (runc binds in a namespace whose ``/`` it made ``rootfsPropagation``,
+    rslave unless the spec says otherwise).  ``shared``/``rshared`` is
+    InvalidArgument: nothing mounted inside a VM can propagate to the host.
+    """
+    words = [word for word in _options(mount) if word in _PROPAGATION]
+    if not words:
+        return default
+    if words[-1] in _SHARED_PROPAGATION:
+        destination = mount.get("destination") or f"mounts[{index}]"
+        raise InvalidArgument(
+            f"mount propagation {words[-1]} of {destination} cannot cross the VM boundary: mounts made in the VM "
+            "never reach the host (rslave, HostToContainer, does: host mounts reach the container)"
+        )
+    return _HOST_PROPAGATION[words[-1]]
+
+
+def _rootfs_propagation(spec: dict[str, Any]) -> str:
+    """The host propagation of the rootfs bind, and of binds that name none (config-linux.md rootfsPropagation).
+
+    Unset, ``slave``/``rslave`` and ``shared``/``rshared`` give rslave: the
+    host's mounts under the rootfs reach the container as they do under
+    runc's default; shared cannot go further (a mount in the guest never
+    reaches the host), and only binds that ask for it themselves are refused.
+    """
+    linux = spec.get("linux")
+    value = linux.get("rootfsPropagation") if isinstance(linux, dict) else None
+    if value in ("private", "rprivate", "unbindable", "runbindable"):
+        return "rprivate"
+    return "rslave"
 
 
 def container_request(

@@ -48,7 +48,7 @@ from capsa.shim.v2.events import Publisher
 from capsa.shim.v2.pod import HOST_CGROUP_FILE, Pod, Process
 from capsa.shim.v2.task import TaskService, exit_event, register
 from capsa.shim.v2.wire import TTRPC_ADDRESS_ENV, timestamp
-from capsa.storage.shared import enter_private_mount_namespace
+from capsa.storage.shared import enter_mount_namespace
 from capsa.ttrpc.server import Server
 
 log = logging.getLogger("capsa.shimv2")
@@ -148,7 +148,7 @@ def serve(args: argparse.Namespace) -> int:
         _log_to_fifo(Path.cwd() / "log", args.debug)
         config = load_config(None)
         # Before any thread: our rootfs mounts and binds live in a namespace of our own.
-        enter_private_mount_namespace()
+        enter_mount_namespace()
     except CapsaError as exc:
         ready.fail(str(exc))
         return 1
