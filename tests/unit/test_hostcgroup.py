@@ -319,3 +319,21 @@ def test_unified_enables_the_accounting_controllers_down_to_the_parent(tmp_path:
     # A plain file keeps the last write: the root's was asked for cpu, io and pids one by one (memory was on).
     assert (root / "cgroup.subtree_control").read_text() == "+pids"
     assert not (root / "kubepods/pod1/abc/cgroup.subtree_control").exists()
+
+
+def test_memory_limit_of_v1_and_v2(tmp_path: Path) -> None:
+    hierarchies, root = fake_host(tmp_path)
+    made = create("/kubepods/pod1/abc", hostcgroup.Hierarchies(hierarchies.layout, hierarchies.mounts[1:]), {})
+    assert hostcgroup.memory_limit_mib(made, hierarchies) is None  # nothing says a limit
+    # v1: the kernel sums up the ancestors' limits in memory.stat.
+    (root / "memory/kubepods/pod1/abc/memory.stat").write_text(
+        "cache 0\nhierarchical_memory_limit 9223372036854771712\n"
+    )
+    assert hostcgroup.memory_limit_mib(made, hierarchies) is None  # "unlimited"
+    (root / "memory/kubepods/pod1/abc/memory.stat").write_text("cache 0\nhierarchical_memory_limit 805306368\n")
+    assert hostcgroup.memory_limit_mib(made, hierarchies) == 768
+    # v2: the least memory.max on the way up; "max" is none.
+    (root / "unified/kubepods/pod1/abc/memory.max").write_text("max\n")
+    (root / "unified/kubepods/pod1/memory.max").write_text(f"{512 << 20}\n")
+    (root / "unified/kubepods/memory.max").write_text(f"{1024 << 20}\n")
+    assert hostcgroup.memory_limit_mib(made, hierarchies) == 512

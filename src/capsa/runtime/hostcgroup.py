@@ -441,6 +441,41 @@ def host_hierarchies(mountinfo: Path = MOUNTINFO) -> Hierarchies:
     return parse_mountinfo(_read(mountinfo))
 
 
+#: A v1 memory limit at or above this is "no limit" (the kernel's PAGE_COUNTER_MAX, rounded down).
+_V1_UNLIMITED = 1 << 62
+
+
+def memory_limit_mib(cgroup: HostCgroup, hierarchies: Hierarchies | None = None) -> int | None:
+    """The tightest memory limit the host puts on ``cgroup``, its own or an ancestor's, in MiB; None: none.
+
+    With CRI that is the kubelet's pod cgroup limit (the sum of the
+    containers' limits plus the RuntimeClass overhead) when every container
+    of the pod has a memory limit.  v1: ``memory.stat``'s
+    ``hierarchical_memory_limit``, which already takes the ancestors in;
+    v2: the least ``memory.max`` from the cgroup up to the mount's root.
+    """
+    mounts = {h.mountpoint: h for h in (hierarchies or host_hierarchies()).mounts}
+    limits: list[int] = []
+    for mountpoint, directory in cgroup.dirs.items():
+        hierarchy = mounts.get(mountpoint)
+        if hierarchy is None:
+            continue
+        if hierarchy.version == 1 and "memory" in hierarchy.controllers:
+            for line in _read(Path(directory, "memory.stat")).splitlines():
+                key, _, value = line.partition(" ")
+                if key == "hierarchical_memory_limit" and value.strip().isdigit():
+                    limits.append(int(value))
+        elif hierarchy.version == 2:
+            level = directory
+            while level.startswith(mountpoint.rstrip("/") + "/"):
+                value = _read(Path(level, "memory.max")).strip()
+                if value.isdigit():
+                    limits.append(int(value))
+                level = posixpath.dirname(level)
+    limited = [limit for limit in limits if limit < _V1_UNLIMITED]
+    return min(limited) // (1 << 20) if limited else None
+
+
 def create(
     cgroup: str,
     hierarchies: Hierarchies,
