@@ -47,6 +47,10 @@ log = logging.getLogger("capsa.shimv2")
 
 #: The pod's host cgroup as made (``HostCgroup.save``), in the shim's state dir, for ``delete`` after a crash.
 HOST_CGROUP_FILE = "host-cgroup.json"
+#: Host memory of a pod beyond its guest's, rounded up: QEMU's own (about 90 MiB
+#: RSS under TCG besides the guest's RAM mapping, mostly its translation cache),
+#: this shim (28 MiB PSS) and virtiofsd (3 MiB PSS); docs/performance.md.
+VM_HOST_OVERHEAD_MIB = 128
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,7 @@ class Pod:
         self._vm_watch: asyncio.Task[None] | None = None
         self.host_cgroup = HostCgroup()
         self._cgroup_origin: dict[str, str] = {}
+        self._warned_need = 0  # the VM size last warned about as over the host's memory limit
 
     # -- the VM ---------------------------------------------------------------
 
@@ -263,11 +268,37 @@ class Pod:
             size = vm_size(container.resources, 0, 0)
             vcpus += size.vcpus
             memory_mib += size.memory_mib
-        if (vcpus, memory_mib) == (hv.default_vcpus, hv.default_memory_mib):
-            return
         vcpus = min(vcpus, max_vcpus_for(hv, host_cpus()))
         memory_mib = min(memory_mib, max_memory_mib_for(hv, host_memory_mib()))
-        await self.agent_proxy.resize(vcpus, memory_mib)
+        await asyncio.to_thread(self._check_host_memory_limit, memory_mib)
+        if (vcpus, memory_mib) != (hv.default_vcpus, hv.default_memory_mib):
+            await self.agent_proxy.resize(vcpus, memory_mib)
+
+    def _check_host_memory_limit(self, guest_mib: int) -> None:
+        """Warn when the pod's host cgroup cannot hold what its VM may come to hold.
+
+        The VM is in the pod cgroup (``_enter_host_cgroup``), and the guest
+        keeps what it freed as page cache, so QEMU may in time hold all of
+        the guest's memory plus its own: under a tighter host limit the
+        host's OOM killer ends the whole pod instead of the guest's ending a
+        container (docs/kubernetes.md, "Sizing").
+        """
+        if not self.host_cgroup:
+            return
+        limit = hostcgroup.memory_limit_mib(self.host_cgroup)
+        need = guest_mib + VM_HOST_OVERHEAD_MIB
+        if limit is None or limit >= need or need == self._warned_need:
+            return
+        self._warned_need = need
+        log.warning(
+            "pod %s: its host memory limit (%d MiB) is below what its VM may hold (%d MiB of guest memory and about"
+            " %d MiB of QEMU, virtiofsd and shim): the host may OOM-kill the VM; raise the RuntimeClass's"
+            " overhead.podFixed.memory or lower default_memory_mib",
+            self.sandbox_id,
+            limit,
+            guest_mib,
+            VM_HOST_OVERHEAD_MIB,
+        )
 
     def container(self, container_id: str) -> Container:
         try:
