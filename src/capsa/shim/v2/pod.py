@@ -460,7 +460,7 @@ def _open_output(path: str, opened: list[int]) -> int:
 
 
 def mount_rootfs(mounts: Sequence[RootfsMount], target: Path) -> None:
-    """Mount containerd's rootfs mounts at ``target`` (in our private mount namespace)."""
+    """Mount containerd's rootfs mounts at ``target`` (in our own mount namespace: it never reaches the host)."""
     target.mkdir(exist_ok=True)
     for mount in mounts:
         flags, data = split_options(list(mount.options))
