@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -223,3 +224,41 @@ def test_virtiofs_device_wait(tmp_path: Path) -> None:
     asyncio.run(clone.wait_virtiofs_devices(1, str(tmp_path)))
     os.rmdir(tmp_path / "virtio3")
     asyncio.run(clone.wait_virtiofs_devices(0, str(tmp_path)))
+
+
+def make_template(store: template.TemplateStore, key: str, used: float) -> None:
+    directory = store.root / key
+    directory.mkdir(parents=True)
+    (directory / template.STATE_FILE).write_bytes(b"s")
+    (directory / template.MEMORY_FILE).write_bytes(b"m")
+    meta = {"key": key, "state_bytes": 1, "memory_bytes": 1}
+    (directory / template.META_FILE).write_text(json.dumps(meta))
+    os.utime(directory / template.META_FILE, (used, used))
+
+
+def test_prune_keeps_the_templates_used_last(tmp_path: Path) -> None:
+    store = template.TemplateStore(tmp_path)
+    now = time.time()
+    for age, key in enumerate(["t0", "t1", "t2", "t3", "t4"]):
+        make_template(store, key, now - 100 * (age + 1))  # t0 the newest
+    assert store.find("t4") is not None  # a use makes t4 the latest
+    (tmp_path / "t9").mkdir()  # incomplete: someone is making it
+    old_work = tmp_path / "t8.new"
+    old_work.mkdir()
+    os.utime(old_work, (now - 2 * template.STALE_WORK_SECONDS,) * 2)
+    (tmp_path / "t7.new").mkdir()  # a maker at work now
+
+    async def prune_while_t3_is_being_made() -> list[str]:
+        async with store.locked("t3", timeout=1):
+            return store.prune(keep=2)
+
+    assert sorted(asyncio.run(prune_while_t3_is_being_made())) == ["t1", "t2"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [
+        "t0",
+        "t3",
+        "t4",
+        "t7.new",
+        "t9",
+    ]
+    assert sorted(store.prune(keep=2)) == ["t3"]
+    assert store.prune(keep=2) == []

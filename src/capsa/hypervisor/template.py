@@ -50,6 +50,11 @@ devices, ``x-ignore-shared`` leaving the RAM out) and
 ``<root>/<key>/template.json`` (what was hashed, for people), written last,
 so a template without it is incomplete.  Creation runs under an exclusive
 ``flock`` on ``<root>/<key>.lock``.
+
+Every setting or image change makes a new template of about 120 MiB, so
+the store keeps only the :data:`KEEP_TEMPLATES` used last: each use touches
+``template.json``, and making a template prunes the rest
+(:meth:`TemplateStore.prune`).
 """
 
 from __future__ import annotations
@@ -88,6 +93,12 @@ TEMPLATE_PARAM = "capsa.template=1"
 STATE_FILE = "state"
 MEMORY_FILE = "memory"
 META_FILE = "template.json"
+
+#: How many templates the store keeps, by last use: one per configuration in
+#: use (plain, 9p, a pod's size...) with room for a few more.
+KEEP_TEMPLATES = 8
+#: A ``<key>.new`` work directory this old is left from a maker that died.
+STALE_WORK_SECONDS = 3600
 
 # Placeholder that makes the key independent of per-sandbox paths.
 _KEY_RUN_DIR = Path("/capsa-template")
@@ -293,10 +304,57 @@ class TemplateStore:
                 return None
         except (OSError, ValueError, AttributeError):
             return None
+        # The time of last use, which prune goes by (a read-only store just keeps all).
+        with contextlib.suppress(OSError):
+            os.utime(directory / META_FILE)
         return directory
 
     def discard(self, key: str) -> None:
         shutil.rmtree(self.root / key, ignore_errors=True)
+
+    def prune(self, keep: int = KEEP_TEMPLATES) -> list[str]:
+        """Remove all but the ``keep`` templates used last, and dead makers' work; the keys removed.
+
+        A template being made or restored right now is not at risk: making
+        holds its lock, which prune must get first, and restoring follows a
+        :meth:`find` that made it the latest used.
+        """
+        used: list[tuple[float, str]] = []
+        try:
+            entries = list(os.scandir(self.root))
+        except OSError:
+            return []
+        for entry in entries:
+            if entry.name.endswith(".new") and entry.is_dir(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    if time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_WORK_SECONDS:
+                        shutil.rmtree(entry.path, ignore_errors=True)
+            elif entry.is_dir(follow_symlinks=False):
+                try:
+                    used.append((os.stat(Path(entry.path, META_FILE)).st_mtime, entry.name))
+                except OSError:
+                    continue  # incomplete: its maker is at work or discards it
+        removed = []
+        for _, key in sorted(used, reverse=True)[keep:]:
+            if self._remove_unless_locked(key):
+                removed.append(key)
+        return removed
+
+    def _remove_unless_locked(self, key: str) -> bool:
+        try:
+            fd = os.open(self.root / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        try:
+            self.discard(key)
+        finally:
+            os.close(fd)
+        return True
 
     @contextlib.asynccontextmanager
     async def locked(self, key: str, timeout: float) -> AsyncIterator[None]:

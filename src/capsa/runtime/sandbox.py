@@ -264,6 +264,8 @@ class Sandbox:
                 if found is None:
                     log.info("making VM template %s in %s", key, store.root)
                     found = await store.create(key, vm, self._check_template_agent, config.agent.connect_timeout)
+                    for old in await asyncio.to_thread(store.prune):
+                        log.info("removed VM template %s, used least lately", old)
         self._mark("template_ready")
         await self._share_rootfs()
         self._mark("rootfs_shared")
