@@ -96,7 +96,7 @@ META_FILE = "template.json"
 
 #: How many templates the store keeps, by last use: one per configuration in
 #: use (plain, 9p, a pod's size...) with room for a few more.
-KEEP_TEMPLATES = 8
+KEEP_TEMPLATES = 12
 #: A ``<key>.new`` work directory this old is left from a maker that died.
 STALE_WORK_SECONDS = 3600
 
