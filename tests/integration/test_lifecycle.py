@@ -167,6 +167,24 @@ def test_create_start_wait_delete(capsa: Capsa, tmp_path: Path) -> None:
     assert leftovers(capsa.root) == []
 
 
+def test_exec_in_a_created_container(capsa: Capsa, tmp_path: Path) -> None:
+    """runc lets a process into a container that is created but not started; it stays created."""
+    capsa.spec(["sh", "-c", "echo started; sleep 600"])
+    out = tmp_path / "out"
+    with open(out, "wb") as o:
+        shim = create(capsa, "ec", stdout=o)
+    result = capsa("exec", "ec", "sh", "-c", "echo in-created; cat /proc/1/cmdline | tr '\\0' ' '")
+    assert result.code == 0, result.stderr
+    assert result.stdout.startswith("in-created\n")
+    assert "crun" in result.stdout  # PID 1 is still crun's init, waiting to be started
+    assert capsa.status("ec") == "created"
+    assert file_text(out) == ""
+    start(capsa, "ec")
+    wait_for_text(out, "started\n")
+    delete(capsa, "ec", "--force")
+    assert wait_child(shim, EXIT_TIMEOUT) == 137
+
+
 def test_exec_foreground_detached_and_from_a_process_file(capsa: Capsa, tmp_path: Path) -> None:
     capsa.spec(["sleep", "600"])
     shim = create(capsa, "ex")

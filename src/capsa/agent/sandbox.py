@@ -276,7 +276,8 @@ class Sandbox:
         if not exec_id:
             raise InvalidArgument("an exec needs a non-empty exec_id")
         validate_id(exec_id)
-        container.require(ContainerState.RUNNING, action="exec in")
+        # A created container too, as runc and crun allow: its init waits on the exec fifo in its namespaces.
+        container.require(ContainerState.RUNNING, ContainerState.CREATED, action="exec in")
         if exec_id in container.execs:
             raise ContainerExists(f"exec {exec_id} already exists in container {container_id}")
         process = crun.load_process(process_json)
