@@ -442,7 +442,8 @@ def test_lifecycle_order_is_enforced(agent: Agent) -> None:
         exec_request = pb.ExecProcessRequest(
             container_id="order", exec_id="e1", process_json=json.dumps({"args": ["/bin/true"]}).encode()
         )
-        await expect_error(Code.FAILED_PRECONDITION, empty(client, "ExecProcess", exec_request))
+        await empty(client, "ExecProcess", exec_request)  # created, not started: runc allows it
+        assert await wait(client, "order", "e1") == (0, 0)
         await expect_error(
             Code.FAILED_PRECONDITION, empty(client, "PauseContainer", pb.PauseContainerRequest(container_id="order"))
         )
@@ -454,6 +455,10 @@ def test_lifecycle_order_is_enforced(agent: Agent) -> None:
         await expect_error(
             Code.FAILED_PRECONDITION, empty(client, "PauseContainer", pb.PauseContainerRequest(container_id="order"))
         )
+        paused_exec = pb.ExecProcessRequest(
+            container_id="order", exec_id="e2", process_json=json.dumps({"args": ["/bin/true"]}).encode()
+        )
+        await expect_error(Code.FAILED_PRECONDITION, empty(client, "ExecProcess", paused_exec))
         await empty(client, "ResumeContainer", pb.ResumeContainerRequest(container_id="order"))
         await remove(client, "order")
 
