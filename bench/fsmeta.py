@@ -54,7 +54,6 @@ Run as root after scripts/setup.sh, with capsa's Python:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import select
@@ -82,7 +81,7 @@ TIMEOUT = 900.0  # one container's whole run, generous for TCG on a busy host
 # Steps, in the order the script runs them, and their column headings.
 STEPS = {
     "create": "create 2000",
-    "find": "find|wc",
+    "find": "find, wc -l",
     "ls_cold": "ls -lR cold",
     "ls_warm": "ls -lR warm",
     "read_cold": "cat all cold",
@@ -312,7 +311,7 @@ class Container:
                 raise RuntimeError("timed out waiting for the container")
             chunk = os.read(self.proc.stdout.fileno(), 65536)
             if not chunk:
-                raise EOFError
+                raise EOFError(f"stdout closed after {self.output[-3:]}; {self.log.read_text(errors='replace')[-800:]}")
             self.pending += chunk
         line, self.pending = self.pending.split(b"\n", 1)
         self.output.append(line.decode())
@@ -324,9 +323,11 @@ class Container:
 
     def finish(self) -> str:
         """Read to EOF and reap; all of stdout, or an error with the end of capsa's stderr."""
-        with contextlib.suppress(EOFError):
+        try:
             while True:
                 self.read_line()
+        except EOFError:
+            pass
         status = self.proc.wait(timeout=max(self.deadline - time.monotonic(), 1.0))
         if status != 0:
             raise RuntimeError(f"exit status {status}: {self.log.read_text(errors='replace').strip()[-500:]}")
@@ -486,12 +487,24 @@ def main() -> int:
         serial = 0
         for round_ in range(args.rounds):
             for target in targets:
-                reset_round(target)
-                serial += 1
-                record(target, run_phase(target, work, bundle, "create", serial))
-                drop_host_caches()
-                serial += 1
-                record(target, run_phase(target, work, bundle, "use", serial))
+                for attempt in (1, 2):
+                    # A VM that dies on this shared host should not cost the other targets' rounds: one retry.
+                    try:
+                        reset_round(target)
+                        serial += 1
+                        create = run_phase(target, work, bundle, "create", serial)
+                        drop_host_caches()
+                        serial += 1
+                        use = run_phase(target, work, bundle, "use", serial)
+                        break
+                    except RuntimeError as error:
+                        print(f"round {round_ + 1}: {target.name}: attempt {attempt} failed: {error}", file=sys.stderr)
+                        if target.config is not None and len(target.coherency) > round_:
+                            target.coherency.pop()
+                        if attempt == 2:
+                            raise
+                record(target, create)
+                record(target, use)
                 summary = ", ".join(f"{step} {values[-1]:.2f}" for step, values in target.seconds.items())
                 print(f"round {round_ + 1}: {target.name}: {summary}", file=sys.stderr)
                 if target.coherency:

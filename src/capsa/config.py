@@ -105,6 +105,9 @@ class HypervisorConfig:
 class SharedFsConfig:
     kind: str = "virtio-fs"
     virtiofsd_path: Path = Path("/usr/lib/qemu/virtiofsd")
+    # auto, not none: none breaks mmap(MAP_SHARED) of writable files and is
+    # slower on metadata; always never shows host changes to volumes
+    # (bench/fsmeta.py, docs/performance.md).
     virtiofs_cache: str = "auto"
 
 
