@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from e2e_engines import OUTSIDE_DIRS, Containerd, Docker, Podman
@@ -29,6 +30,9 @@ from e2e_support import (
     session_processes,
     unmount_under,
 )
+
+if TYPE_CHECKING:
+    from cri.harness import ShimContainerd
 
 TOOLS = ("podman", "conmon", "/usr/bin/docker", "dockerd", "containerd", "ctr", "containerd-shim-runc-v2")
 
@@ -128,3 +132,31 @@ def containerd(runtime: Runtime, session_dir: Path, image_tar: Path) -> Iterator
         yield engine
     finally:
         engine.stop()
+
+
+# The CRI tests' containerd (one per module) and the handlers every CRI case runs under.
+# cri.harness needs grpcio (a dev extra): imported only by the tests that use it.
+
+
+@pytest.fixture(scope="module")
+def k(session_dir: Path, image_tar: Path) -> Iterator[ShimContainerd]:
+    from cri.harness import ShimContainerd, capsa_shim, cri_unready, skip_or_fail
+
+    if reason := cri_unready():
+        skip_or_fail(reason)
+    engine = ShimContainerd(session_dir, image_tar, capsa_shim())
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(params=["runc", "capsa"])
+def handler(request: pytest.FixtureRequest) -> str:
+    """runc proves each case; capsa is what it is about."""
+    from cri.harness import capsa_shim, skip_or_fail
+
+    name: str = request.param
+    if name == "capsa" and capsa_shim() is None:
+        skip_or_fail("containerd-shim-capsa-v2 is not installed (set CAPSA_E2E_SHIM or reinstall capsa)")
+    return name

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,38 +20,15 @@ from cri.harness import (
     BUSYBOX_IMAGE,
     SUBNET,
     ShimContainerd,
-    capsa_shim,
-    cri_unready,
     host_boot_id,
-    skip_or_fail,
     state_paths,
     wait_for,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vm, pytest.mark.slow]
 
-HANDLERS = ["runc", "capsa"]
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 SLEEP = ["sleep", "3600"]
-
-
-@pytest.fixture(scope="module")
-def k(session_dir: Path, image_tar: Path) -> Iterator[ShimContainerd]:
-    if reason := cri_unready():
-        skip_or_fail(reason)
-    engine = ShimContainerd(session_dir, image_tar, capsa_shim())
-    try:
-        yield engine
-    finally:
-        engine.stop()
-
-
-@pytest.fixture(params=HANDLERS)
-def handler(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    if name == "capsa" and capsa_shim() is None:
-        skip_or_fail("containerd-shim-capsa-v2 is not installed (set CAPSA_E2E_SHIM or reinstall capsa)")
-    return name
 
 
 def start_containers(k: ShimContainerd, pod_id: str, pod: cri.PodSandboxConfig, n: int) -> list[str]:

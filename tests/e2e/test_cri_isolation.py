@@ -20,16 +20,12 @@ Each check runs through ExecSync, as a user of ``kubectl exec`` would look.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 from cri import api_pb2 as cri
-from cri.harness import ShimContainerd, capsa_shim, cri_unready, skip_or_fail
+from cri.harness import ShimContainerd
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vm, pytest.mark.slow]
 
-HANDLERS = ["runc", "capsa"]
 # Distinctive commands, so that one container's processes are recognisable from the other.
 A_COMMAND = ["sleep", "1234"]
 B_COMMAND = ["sleep", "4321"]
@@ -57,25 +53,6 @@ for d in /proc/[0-9]*; do
 done
 true
 """
-
-
-@pytest.fixture(scope="module")
-def k(session_dir: Path, image_tar: Path) -> Iterator[ShimContainerd]:
-    if reason := cri_unready():
-        skip_or_fail(reason)
-    engine = ShimContainerd(session_dir, image_tar, capsa_shim())
-    try:
-        yield engine
-    finally:
-        engine.stop()
-
-
-@pytest.fixture(params=HANDLERS)
-def handler(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    if name == "capsa" and capsa_shim() is None:
-        skip_or_fail("containerd-shim-capsa-v2 is not installed (set CAPSA_E2E_SHIM or reinstall capsa)")
-    return name
 
 
 class View:

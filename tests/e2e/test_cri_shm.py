@@ -9,34 +9,14 @@ itself; the same assertions about sharing hold, which proves the harness.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 from cri import api_pb2 as cri
-from cri.harness import ShimContainerd, capsa_shim
+from cri.harness import ShimContainerd
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vm, pytest.mark.slow]
 
 SLEEP = ["sleep", "3600"]
 SHM = "grep ' /dev/shm ' /proc/mounts | cut -d' ' -f3; df -k /dev/shm | tail -n 1 | tr -s ' ' | cut -d' ' -f2"
-
-
-@pytest.fixture(scope="module")
-def k(session_dir: Path, image_tar: Path) -> Iterator[ShimContainerd]:
-    engine = ShimContainerd(session_dir, image_tar, capsa_shim())
-    try:
-        yield engine
-    finally:
-        engine.stop()
-
-
-@pytest.fixture(params=["runc", "capsa"])
-def handler(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    if name == "capsa" and capsa_shim() is None:
-        pytest.skip("containerd-shim-capsa-v2 is not installed (set CAPSA_E2E_SHIM or reinstall capsa)")
-    return name
 
 
 def test_a_pods_containers_share_dev_shm(k: ShimContainerd, handler: str) -> None:
