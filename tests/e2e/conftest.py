@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from e2e_engines import OUTSIDE_DIRS, Containerd, Docker, Podman
+from e2e_engines import OUTSIDE_DIRS, Containerd, Docker, Engine, Podman
 from e2e_support import (
     BUSYBOX,
     Runtime,
@@ -120,6 +120,13 @@ def docker(runtime: Runtime, session_dir: Path, image_tar: Path) -> Iterator[Doc
         yield engine
     finally:
         engine.stop()
+
+
+@pytest.fixture(params=["podman", "docker"])
+def engine(request: pytest.FixtureRequest) -> Engine:
+    """The same test under Podman and under Docker (their module-wide instances)."""
+    found: Engine = request.getfixturevalue(request.param)
+    return found
 
 
 @pytest.fixture(scope="module")

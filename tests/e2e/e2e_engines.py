@@ -316,3 +316,7 @@ class Docker:
         unmount_under([self.dir, self.exec_root])
         shutil.rmtree(self.dir, ignore_errors=True)
         shutil.rmtree(self.exec_root, ignore_errors=True)
+
+
+#: The two engines that call the runtime binary (conftest's ``engine`` fixture runs a test under each).
+Engine = Podman | Docker

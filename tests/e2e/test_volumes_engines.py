@@ -17,18 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e_engines import Docker, Podman
+from e2e_engines import Engine
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vm, pytest.mark.slow]
 
-Engine = Podman | Docker
 NET = ("--network", "none")
-
-
-@pytest.fixture(params=["podman", "docker"])
-def engine(request: pytest.FixtureRequest) -> Engine:
-    found: Engine = request.getfixturevalue(request.param)
-    return found
 
 
 @pytest.fixture
