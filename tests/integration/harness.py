@@ -190,6 +190,17 @@ def wait_child(pid: int, timeout: float) -> int:
         time.sleep(0.05)
 
 
+def vm_processes(capsa: Capsa, cid: str) -> dict[str, int]:
+    """The host processes behind a container, from its state.json."""
+    state = json.loads((capsa.root / cid / "state.json").read_text())
+    return {
+        "proxy": state["proxy_pid"],
+        "qemu": state["hypervisor_pid"],
+        "virtiofsd": state["virtiofsd_pid"],
+        "shim": state["pid"],
+    }
+
+
 def is_running(pid: int) -> bool:
     """A live process (a zombie that nobody reaped yet is not)."""
     try:

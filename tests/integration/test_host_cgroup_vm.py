@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import Capsa, is_running
+from harness import Capsa, is_running, vm_processes
 
 from capsa.runtime.hostcgroup import parse_proc_cgroup
 
@@ -31,16 +31,6 @@ def spec_with_cgroup(capsa: Capsa, cgroups_path: str) -> None:
     spec = json.loads(path.read_text())
     spec["linux"]["cgroupsPath"] = cgroups_path
     path.write_text(json.dumps(spec))
-
-
-def state_of(capsa: Capsa, cid: str) -> dict[str, int]:
-    state = json.loads((capsa.root / cid / "state.json").read_text())
-    return {
-        "proxy": state["proxy_pid"],
-        "qemu": state["hypervisor_pid"],
-        "virtiofsd": state["virtiofsd_pid"],
-        "shim": state["pid"],
-    }
 
 
 def cgroups_of(pid: int) -> dict[str, str]:
@@ -73,7 +63,7 @@ def test_processes_and_exec_shims_in_a_relative_cgroup(capsa: Capsa, tmp_path: P
     assert result.code == 0, result.stderr
     try:
         assert all(d.is_dir() for d in dirs), dirs
-        assert_inside(state_of(capsa, cid), expected)
+        assert_inside(vm_processes(capsa, cid), expected)
         # `capsa create` held the cgroup only while it started them.
         assert cgroups_of(os.getpid()) == mine
         pid_file = tmp_path / "exec.pid"
@@ -106,7 +96,7 @@ def test_removed_after_a_sigkill_and_delete_force(capsa: Capsa, victim: str) -> 
     result = capsa(*flags, "run", "--detach", "--bundle", str(capsa.bundle), cid)
     assert result.code == 0, result.stderr
     try:
-        pids = state_of(capsa, cid)
+        pids = vm_processes(capsa, cid)
         assert_inside(pids, dict.fromkeys(hierarchies, cgroup))
         os.kill(pids[victim], signal.SIGKILL)
         deadline = time.monotonic() + 30

@@ -30,6 +30,7 @@ from harness import (
     leftovers,
     read_until,
     subreaper,
+    vm_processes,
     wait_child,
 )
 
@@ -100,17 +101,6 @@ def delete(capsa: Capsa, cid: str, *flags: str) -> None:
     gone = capsa("state", cid)
     assert gone.code != 0
     assert "does not exist" in gone.stderr
-
-
-def vm_processes(capsa: Capsa, cid: str) -> dict[str, int]:
-    """The host processes behind a container, from its state.json."""
-    state = json.loads((capsa.root / cid / "state.json").read_text())
-    return {
-        "proxy": state["proxy_pid"],
-        "qemu": state["hypervisor_pid"],
-        "virtiofsd": state["virtiofsd_pid"],
-        "shim": state["pid"],
-    }
 
 
 def file_text(path: Path) -> str:

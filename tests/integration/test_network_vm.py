@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import Capsa
+from harness import Capsa, vm_processes
 
 from capsa.config import resolve_config_path
 
@@ -343,7 +343,7 @@ def test_delete_after_a_killed_proxy_leaves_the_namespace_clean(capsa: Capsa, ne
     result = capsa.run("net-kill", "--detach")
     assert result.code == 0, result.stderr
     try:
-        proxy = json.loads((capsa.root / "net-kill" / "state.json").read_text())["proxy_pid"]
+        proxy = vm_processes(capsa, "net-kill")["proxy"]
         assert ours_left(network) != []
         os.kill(proxy, signal.SIGKILL)
         deadline = time.monotonic() + 30
