@@ -438,6 +438,52 @@ def test_run_in_the_foreground_passes_sigterm_to_the_container(capsa: Capsa, tmp
     eventually(lambda: leftovers(capsa.root) == [], "nothing left after run", 15)
 
 
+def test_a_signal_while_run_creates_is_held_for_the_container(capsa: Capsa, tmp_path: Path) -> None:
+    """A SIGTERM that comes while the VM boots must not end `run` (leaving the VM behind): as runc's,
+    run holds it and passes it on once the container runs.  Here the container's init has no handler,
+    so (PID 1 of its namespace) it ignores it, as under runc, and finishes normally."""
+    capsa.spec(["sh", "-c", "sleep 1; echo done"])
+    out, err = tmp_path / "out", tmp_path / "err"
+    with open(out, "wb") as o, open(err, "wb") as e:
+        proc = capsa.popen("run", "--bundle", str(capsa.bundle), "early", stdout=o, stderr=e)
+    try:
+        time.sleep(0.5)  # Python is up and its handler in place; the VM is far from booted
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=EXIT_TIMEOUT) == 0, err.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (out.read_text(), err.read_text()) == ("done\n", "")
+    assert capsa("state", "early").code != 0
+    eventually(lambda: leftovers(capsa.root) == [], "nothing left after run", 15)
+
+
+def test_a_signal_while_exec_starts_reaches_its_process(capsa: Capsa, tmp_path: Path) -> None:
+    """The same for `exec`: a SIGTERM before the process runs is delivered once it does (it is no
+    init, so it dies of it, or of its trap if that was set first)."""
+    capsa.spec(["sleep", "600"])
+    shim = create(capsa, "xe")
+    start(capsa, "xe")
+    out, err = tmp_path / "out", tmp_path / "err"
+    with open(out, "wb") as o, open(err, "wb") as e:
+        proc = capsa.popen("exec", "xe", "sh", "-c", "trap 'exit 9' TERM; sleep 30", stdout=o, stderr=e)
+    try:
+        time.sleep(0.3)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=EXIT_TIMEOUT) in (9, 143), err.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert err.read_text() == ""
+    assert capsa.status("xe") == "running"
+    delete(capsa, "xe", "--force")
+    assert wait_child(shim, EXIT_TIMEOUT) == 137
+
+
 def test_exec_in_the_foreground_passes_sigterm_to_its_process(capsa: Capsa, tmp_path: Path) -> None:
     capsa.spec(["sleep", "600"])
     shim = create(capsa, "xf")

@@ -55,10 +55,12 @@ def execute(args: argparse.Namespace, ctx: Context) -> int:
         pid_file=Path(args.pid_file).absolute() if args.pid_file else None,
         console_socket=args.console_socket,
     )
-    shim = execs.start_exec(ctx.runtime, request)
-    if args.detach:
-        return 0
-    return execs.wait_foreground(shim)
+    with execs.SignalRelay() as relay:
+        shim = execs.start_exec(ctx.runtime, request)
+        if args.detach:
+            relay.to(shim.pid)
+            return 0
+        return execs.wait_foreground(shim, relay)
 
 
 def _process(args: argparse.Namespace, ctx: Context) -> dict[str, Any]:

@@ -14,8 +14,7 @@ import json
 import os
 import secrets
 import signal
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,23 +77,49 @@ def start_exec(rt: Runtime, request: ExecRequest) -> daemon.Started:
     return shim
 
 
-def wait_foreground(shim: daemon.Started) -> int:
-    """Wait for our shim, passing it the signals we get; its status as a shell reports it."""
-    with _forwarding_signals(shim.pid):
-        code = shim.process.wait()
-    return 128 - code if code < 0 else code
+class SignalRelay:
+    """The signals a foreground ``run`` or ``exec`` gets, passed on to the shim of its process.
 
+    Installed before the container (or the exec) is even created, as runc's
+    handler is: a signal that comes while the VM boots or the process
+    starts is held and delivered as soon as the shim exists, instead of
+    ending us by its default action and leaving the VM behind.  SIGWINCH is
+    passed on but never held (the shim reads the window size as it starts).
+    """
 
-@contextmanager
-def _forwarding_signals(pid: int) -> Iterator[None]:
-    def forward(signum: int, frame: object) -> None:
-        with suppress(ProcessLookupError):
-            os.kill(pid, signum)
+    def __init__(self) -> None:
+        self._pid = 0
+        self._held: list[int] = []
+        self._previous: dict[int, Any] = {}
 
-    forwarded = (*FORWARDED_SIGNALS, signal.SIGWINCH)
-    previous = {sig: signal.signal(sig, forward) for sig in forwarded}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
+    def __enter__(self) -> SignalRelay:
+        for sig in (*FORWARDED_SIGNALS, signal.SIGWINCH):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self._pid:
+            with suppress(ProcessLookupError):
+                os.kill(self._pid, signum)
+        elif signum != signal.SIGWINCH:
+            self._held.append(signum)
+
+    def to(self, pid: int) -> None:
+        """From now on pass our signals to ``pid``, first those held so far."""
+        self._pid = pid
+        held, self._held = self._held, []
+        for signum in held:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+
+def wait_foreground(shim: daemon.Started, relay: SignalRelay) -> int:
+    """Wait for our shim, to which ``relay`` passes our signals; its status as a shell reports it."""
+    relay.to(shim.pid)
+    code = shim.process.wait()
+    return 128 - code if code < 0 else code

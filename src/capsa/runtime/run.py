@@ -21,7 +21,7 @@ from pathlib import Path
 
 from capsa.errors import CapsaError
 from capsa.runtime import lifecycle
-from capsa.runtime.execs import wait_foreground
+from capsa.runtime.execs import SignalRelay, wait_foreground
 
 TIMINGS_ENV = "CAPSA_TIMINGS"
 
@@ -30,24 +30,27 @@ def run(rt: lifecycle.Runtime, request: lifecycle.CreateRequest, detach: bool) -
     timings = request.timings
     timings["invoked"] = time.monotonic()
     request.foreground = not detach
-    created = lifecycle.create(rt, request)
-    timings["container_created"] = time.monotonic()
-    try:
-        lifecycle.start(rt, request.container_id)
-    except BaseException:
-        with contextlib.suppress(CapsaError):
+    # From the first moment: a signal during create or start goes to the container once it runs.
+    with SignalRelay() as relay:
+        created = lifecycle.create(rt, request)
+        timings["container_created"] = time.monotonic()
+        try:
+            lifecycle.start(rt, request.container_id)
+        except BaseException:
+            with contextlib.suppress(CapsaError):
+                lifecycle.delete(rt, request.container_id, force=True)
+            raise
+        timings["container_started"] = time.monotonic()
+        if detach:
+            relay.to(created.shim.pid)
+            return 0
+        try:
+            status = wait_foreground(created.shim, relay)
+            timings["container_exited"] = time.monotonic()
+        finally:
             lifecycle.delete(rt, request.container_id, force=True)
-        raise
-    timings["container_started"] = time.monotonic()
-    if detach:
-        return 0
-    try:
-        status = wait_foreground(created.shim)
-        timings["container_exited"] = time.monotonic()
-    finally:
-        lifecycle.delete(rt, request.container_id, force=True)
-        timings["deleted"] = time.monotonic()
-        write_timings(timings)
+            timings["deleted"] = time.monotonic()
+            write_timings(timings)
     return status
 
 
