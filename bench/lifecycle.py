@@ -6,7 +6,8 @@ Each round, back to back on the same machine and the same busybox bundle
 
 - capsa: ``capsa create --pid-file``, ``capsa start``, then (idle, after
   ``--settle`` seconds) the memory of the host processes that stand for the
-  container: QEMU, virtiofsd (with the sandboxed worker it forks), capsa-proxy
+  container: QEMU, the two virtiofsd (rootfs and bind-volume shares, each with
+  the sandboxed worker it forks), capsa-proxy
   and capsa-shim, each read from ``/proc/PID/smaps_rollup`` (RSS, and PSS,
   which divides shared pages among the processes that map them); then
   ``capsa kill ID KILL``, wait for the shim to exit, and ``capsa delete``.
@@ -45,7 +46,9 @@ from capsa.cli.spec import default_spec
 from capsa.config import load_config
 
 PR_SET_CHILD_SUBREAPER = 36
-CAPSA_PARTS = ("qemu", "virtiofsd", "proxy", "shim")
+CAPSA_PARTS = ("qemu", "virtiofsd", "virtiofsd volumes", "proxy", "shim")
+# The bind-volume share's daemon: a child of the proxy, not in state.json.
+VOLUME_SOCKET = b"vfs-volumes.sock"
 
 
 def make_bundle(work: Path) -> Path:
@@ -121,6 +124,15 @@ def memory_kib(pid: int, with_children: bool = False) -> tuple[int, int]:
     return rss, pss
 
 
+def volume_virtiofsd_kib(proxy_pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of the proxy's bind-volume virtiofsd and its worker; (0, 0) with 9p."""
+    for pid in children(proxy_pid):
+        with contextlib.suppress(OSError):
+            if VOLUME_SOCKET in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return memory_kib(pid, with_children=True)
+    return 0, 0
+
+
 @dataclass
 class Runtime:
     name: str
@@ -168,6 +180,7 @@ class Runtime:
         return {
             "qemu": memory_kib(state["hypervisor_pid"]),
             "virtiofsd": memory_kib(state["virtiofsd_pid"], with_children=True),
+            "virtiofsd volumes": volume_virtiofsd_kib(state["proxy_pid"]),
             "proxy": memory_kib(state["proxy_pid"]),
             "shim": memory_kib(state["pid"]),
         }

@@ -109,6 +109,13 @@ class SharedFsConfig:
     # slower on metadata; always never shows host changes to volumes
     # (bench/fsmeta.py, docs/performance.md).
     virtiofs_cache: str = "auto"
+    # Seconds the guest may keep entries and attributes of *bind volumes*
+    # (virtiofsd's -o timeout= on the second share, which serves the spec's
+    # host binds while the rootfs share keeps virtiofs_cache's own 1 s).  0:
+    # a host change (an append, a deletion) is seen by the very next access,
+    # never torn or late; mmap(MAP_SHARED) still works (cache=auto).  It costs
+    # the volumes cache=none's metadata speed (docs/performance.md).
+    virtiofs_volume_timeout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -240,6 +247,14 @@ class _Table:
 
         return self.get(key, default, convert)
 
+    def non_negative_seconds(self, key: str, default: float) -> float:
+        def convert(k: str, v: Any) -> float:
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < float("inf"):
+                raise self._fail(k, "a number of seconds, 0 or more")
+            return float(v)
+
+        return self.get(key, default, convert)
+
     def boolean(self, key: str, default: bool) -> bool:
         def convert(k: str, v: Any) -> bool:
             if not isinstance(v, bool):
@@ -312,6 +327,7 @@ def _parse_shared_fs(table: Mapping[str, Any], where: str) -> SharedFsConfig:
         kind=t.choice("kind", d.kind, SHARED_FS_KINDS),
         virtiofsd_path=t.path("virtiofsd_path", d.virtiofsd_path),
         virtiofs_cache=t.choice("virtiofs_cache", d.virtiofs_cache, ("auto", "always", "none")),
+        virtiofs_volume_timeout=t.non_negative_seconds("virtiofs_volume_timeout", d.virtiofs_volume_timeout),
     )
 
 

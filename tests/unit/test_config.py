@@ -50,6 +50,8 @@ def test_environment_variable_names_the_file(monkeypatch: pytest.MonkeyPatch, tm
         ('[hypervisor]\ninitrd = ""\n', r"hypervisor: set one of initrd or image"),
         ("[agent]\nconnect_timeout = -1\n", r"agent\.connect_timeout: expected a positive number"),
         ('[shared_fs]\nkind = "nfs"\n', r"shared_fs\.kind"),
+        ("[shared_fs]\nvirtiofs_volume_timeout = -1\n", r"shared_fs\.virtiofs_volume_timeout: expected a number"),
+        ('[shared_fs]\nvirtiofs_volume_timeout = "0"\n', r"shared_fs\.virtiofs_volume_timeout: expected a number"),
         ("[gpu]\nx = 1\n", r"gpu: unknown section"),
         ('[runtime]\ndebug = "yes"\n', r"runtime\.debug: expected true or false"),
         ('[hypervisor]\nboot = "warm"\n', r"hypervisor\.boot: expected one of 'cold', 'template'"),
@@ -65,6 +67,11 @@ def test_bad_values_name_the_file_and_key(tmp_path: Path, text: str, message: st
     with pytest.raises(ConfigError, match=message) as info:
         load_config(str(path))
     assert str(info.value).startswith(str(path))
+
+
+def test_volume_timeout_defaults_to_zero_and_takes_fractions() -> None:
+    assert parse_config({}).shared_fs.virtiofs_volume_timeout == 0.0
+    assert parse_config({"shared_fs": {"virtiofs_volume_timeout": 0.25}}).shared_fs.virtiofs_volume_timeout == 0.25
 
 
 def test_image_instead_of_initrd() -> None:

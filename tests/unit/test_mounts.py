@@ -18,6 +18,9 @@ from capsa.runtime.mounts import (
     GUEST_SHARE_DIR,
     GUEST_SHM_DIR,
     GUEST_VOLUME_DIR,
+    GUEST_VOLUME_SHARE_DIR,
+    SHARE_TAG,
+    VOLUME_SHARE_TAG,
     BlockDevice,
     BlockVolume,
     HostBind,
@@ -531,6 +534,40 @@ def test_container_request(shared_fs: str, driver: str) -> None:
         driver=driver, source="rootfs", fstype=driver, mount_point=GUEST_SHARE_DIR, subpath="c1/rootfs"
     )
     assert not request.storages
+
+
+def test_binds_go_to_the_volume_share_and_the_rootfs_stays() -> None:
+    """virtio-fs: every host bind, directory or single file, on the share that keeps no metadata cache."""
+    plan = plan_mounts(
+        docker_spec(), "d", ROOTFS, fake_stat(DOCKER_FILES), volume_share_dir=GUEST_VOLUME_SHARE_DIR
+    )
+    assert plan.share_binds(SHARE_TAG) == (plan.binds[0],)
+    assert plan.binds[0].target == "d/rootfs"
+    volume_binds = plan.share_binds(VOLUME_SHARE_TAG)
+    assert [bind.target for bind in volume_binds] == [f"d/mounts/{n}" for n in range(6, 11)]
+    assert {bind.directory for bind in volume_binds} == {True, False}  # /srv/data and /etc/hosts alike
+    assert [m["source"] for m in plan.spec["mounts"][6:]] == [
+        f"{GUEST_VOLUME_SHARE_DIR}/d/mounts/{n}" for n in range(6, 11)
+    ]
+
+    request = container_request("d", plan, "virtio-fs")
+    assert request.rootfs.source == "rootfs"
+    assert request.rootfs.mount_point == GUEST_SHARE_DIR
+    # The agent mounts the volume share as the container's Storage, before crun binds from it.
+    assert list(request.storages) == [
+        pb.Storage(driver="virtiofs", source="volumes", fstype="virtiofs", mount_point=GUEST_VOLUME_SHARE_DIR)
+    ]
+
+
+def test_no_volume_share_storage_without_binds() -> None:
+    plan = plan_mounts({"mounts": linux_mounts()}, "c", ROOTFS, fake_stat({}), volume_share_dir=GUEST_VOLUME_SHARE_DIR)
+    assert plan.share_binds(VOLUME_SHARE_TAG) == ()
+    assert not container_request("c", plan, "virtio-fs").storages
+
+
+def test_volume_share_dir_must_be_absolute() -> None:
+    with pytest.raises(InvalidArgument, match="absolute"):
+        plan_mounts(docker_spec(), "d", ROOTFS, fake_stat(DOCKER_FILES), volume_share_dir="run/v")
 
 
 # --- propagation: what the host side of each bind follows -------------------------------------------------------

@@ -54,6 +54,16 @@ def test_argv_options() -> None:
     assert argv[-1] == "--thread-pool-size=4"
 
 
+def test_timeout_only_when_given() -> None:
+    """The volume share's daemon gets -o timeout=0 right after the cache mode; the rootfs one keeps the default."""
+    plain = virtiofsd_argv(VirtiofsdConfig(shared_dir=Path("/d"), socket_path=Path("/s")))
+    assert not any(word.startswith("timeout=") for word in plain)
+    argv = virtiofsd_argv(VirtiofsdConfig(shared_dir=Path("/d"), socket_path=Path("/s"), timeout=0.0))
+    assert argv[argv.index("cache=auto") + 1 : argv.index("cache=auto") + 3] == ["-o", "timeout=0"]
+    half = virtiofsd_argv(VirtiofsdConfig(shared_dir=Path("/d"), socket_path=Path("/s"), timeout=0.5))
+    assert "timeout=0.5" in half
+
+
 def test_log_next_to_the_socket_unless_given() -> None:
     assert VirtiofsdConfig(shared_dir=Path("/d"), socket_path=Path("/r/vfs.sock")).log_file == Path("/r/vfs.sock.log")
     given = VirtiofsdConfig(shared_dir=Path("/d"), socket_path=Path("/r/vfs.sock"), log_path=Path("/l"))
@@ -66,6 +76,7 @@ def test_log_next_to_the_socket_unless_given() -> None:
         ({"cache": "sometimes"}, "cache mode"),
         ({"sandbox": "none"}, "sandbox"),
         ({"thread_pool_size": -1}, "thread pool"),
+        ({"timeout": -1.0}, "timeout"),
         ({"socket_path": Path("/" + "s" * 110)}, "107 bytes"),
     ],
 )

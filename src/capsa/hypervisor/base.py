@@ -33,8 +33,10 @@ AGENT_PORT_NAME = "capsa.agent"
 AGENT_PORT_ID = "agent-port"
 
 #: Root ports a q35 VM keeps free for devices plugged after boot (a
-#: clone's virtio-fs share, block volumes), named ``hotplug0``, ...
-HOTPLUG_SLOTS = 4
+#: clone's two virtio-fs shares, NICs, block volumes), named ``hotplug0``,
+#: ...  Five: a clone's shares take ``hotplug0`` and ``hotplug1``, which
+#: leaves three for NICs and disks, as many as before the volume share.
+HOTPLUG_SLOTS = 5
 
 #: DIMM slots a VM with memory hot-plug has: each growth plugs one DIMM.
 #: vhost-user backends (virtiofsd) map every RAM region; without the

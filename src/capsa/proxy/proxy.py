@@ -2,10 +2,12 @@
 
 It lives from ``capsa create`` to ``capsa delete``.  Starting, it enters a
 mount namespace of its own and makes ``<run_dir>/shared/``, the directory
-the guest sees through virtio-fs (or 9p): each container's rootfs and each
-host bind mount of its spec are bind-mounted in there
+the guest sees through virtio-fs (or 9p), where each container's rootfs is
+bind-mounted, and with virtio-fs ``<run_dir>/volumes/``, the second share
+(its virtiofsd keeps no guest metadata cache, so host changes show at
+once), where the source of each host bind mount of a spec is
 (:mod:`capsa.runtime.mounts` plans them, :mod:`capsa.storage.shared` makes
-them).  Because the namespace belongs to the proxy and its children (QEMU,
+them; with 9p both go to ``shared/``).  Because the namespace belongs to the proxy and its children (QEMU,
 virtiofsd), those mounts are invisible to the rest of the host and vanish
 when the proxy does, however it ends: nothing to clean up after a crash.
 
@@ -32,7 +34,16 @@ from capsa.network.attach import NetworkAttachment
 from capsa.protocols import proxy_pb2
 from capsa.runtime.agent_client import AgentClient
 from capsa.runtime.bundle import load_bundle
-from capsa.runtime.mounts import BlockVolume, HostBind, MountPlan, container_request, plan_mounts
+from capsa.runtime.mounts import (
+    GUEST_VOLUME_SHARE_DIR,
+    SHARE_TAG,
+    VOLUME_SHARE_TAG,
+    BlockVolume,
+    HostBind,
+    MountPlan,
+    container_request,
+    plan_mounts,
+)
 from capsa.runtime.sandbox import Sandbox, SandboxSpec
 from capsa.storage.host import block_device, check_not_mounted, tmpfs_size
 from capsa.storage.shared import SharedDir
@@ -41,6 +52,7 @@ from capsa.ttrpc.client import Client
 log = logging.getLogger("capsa.proxy")
 
 SHARED_DIR_NAME = "shared"
+VOLUMES_DIR_NAME = "volumes"
 
 
 class Proxy:
@@ -48,11 +60,19 @@ class Proxy:
         self.config = config
         self.run_dir = run_dir
         self.shared = SharedDir(run_dir / SHARED_DIR_NAME)
+        # The bind-volume share (virtio-fs only; 9p serves binds from shared/).
+        self.volumes = SharedDir(run_dir / VOLUMES_DIR_NAME) if config.shared_fs.kind == "virtio-fs" else None
         self.network: NetworkAttachment | None = None
         self._network_watch: asyncio.Task[None] | None = None
         self.sandbox = Sandbox(
             config,
-            SandboxSpec(id=sandbox_id, run_dir=run_dir, rootfs=self.shared.path, hostname=hostname),
+            SandboxSpec(
+                id=sandbox_id,
+                run_dir=run_dir,
+                rootfs=self.shared.path,
+                hostname=hostname,
+                volumes=self.volumes.path if self.volumes is not None else None,
+            ),
             debug=debug,
         )
         self._agent: AgentClient | None = None
@@ -62,8 +82,10 @@ class Proxy:
         self.reason = ""
 
     async def start(self) -> None:
-        """Make the shared directory and boot the VM; on failure everything started is stopped."""
+        """Make the shared directories and boot the VM; on failure everything started is stopped."""
         self.shared.create()
+        if self.volumes is not None:
+            self.volumes.create()
         self._agent = await self.sandbox.start()
 
     def agent_connection(self) -> Client:
@@ -98,21 +120,57 @@ class Proxy:
             bundle=bundle.path,
             tmpfs_size=tmpfs_size,
             block_device=block_device,
+            volume_share_dir=GUEST_VOLUME_SHARE_DIR if self.volumes is not None else None,
         )
         request = container_request(container_id, plan, self.config.shared_fs.kind)
         request.sandbox_container_id = sandbox_container_id
-        await asyncio.to_thread(self.shared.apply, plan.binds)
+        await asyncio.to_thread(self._apply_binds, plan.binds)
         disks: list[BlockDisk] = []
         try:
             await self._plug_volumes(plan, disks)
             await self.agent.create_container(request)
         except BaseException:
             with contextlib.suppress(CapsaError):
-                self.shared.release(plan.binds)
+                self._release_binds(plan.binds)
             await self._unplug_volumes(disks)
             raise
         self._binds[container_id] = plan.binds
         self._disks[container_id] = disks
+
+    def _shared_dirs(self, binds: tuple[HostBind, ...]) -> list[tuple[SharedDir, tuple[HostBind, ...]]]:
+        """Each share's directory with the binds that go into it (:attr:`HostBind.share`)."""
+        dirs = [(self.shared, tuple(bind for bind in binds if bind.share == SHARE_TAG))]
+        if self.volumes is not None:
+            dirs.append((self.volumes, tuple(bind for bind in binds if bind.share == VOLUME_SHARE_TAG)))
+        known = {SHARE_TAG, VOLUME_SHARE_TAG} if self.volumes is not None else {SHARE_TAG}
+        unknown = {bind.share for bind in binds} - known
+        if unknown:
+            raise CapsaError(f"this sandbox has no share {', '.join(sorted(unknown))}")
+        return [(shared, own) for shared, own in dirs if own]
+
+    def _apply_binds(self, binds: tuple[HostBind, ...]) -> None:
+        """Bind into both shares, all or none (SharedDir.apply is all or none per share)."""
+        done: list[tuple[SharedDir, tuple[HostBind, ...]]] = []
+        try:
+            for shared, own in self._shared_dirs(binds):
+                shared.apply(own)
+                done.append((shared, own))
+        except BaseException:
+            for shared, own in reversed(done):
+                with contextlib.suppress(CapsaError):
+                    shared.release(own)
+            raise
+
+    def _release_binds(self, binds: tuple[HostBind, ...]) -> None:
+        """Undo :meth:`_apply_binds` (every share tried; the first failure is raised)."""
+        failure: CapsaError | None = None
+        for shared, own in self._shared_dirs(binds):
+            try:
+                shared.release(own)
+            except CapsaError as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     async def _plug_volumes(self, plan: MountPlan, plugged: list[BlockDisk]) -> None:
         """Attach the plan's block volumes and devices as virtio-blk disks; ``plugged`` collects what is attached."""
@@ -143,7 +201,7 @@ class Proxy:
         binds = self._binds.pop(container_id, ())
         await self._unplug_volumes(self._disks.pop(container_id, []))
         if binds:
-            await asyncio.to_thread(self.shared.release, binds)
+            await asyncio.to_thread(self._release_binds, binds)
 
     def info(self) -> proxy_pb2.InfoResponse:
         """The host PIDs of this VM's processes, from what the proxy started.
@@ -223,6 +281,8 @@ class Proxy:
         if network is not None:
             await network.detach()
         # Not needed for the host's sake (the binds live in our namespace and
-        # go with it), but it leaves shared/ empty for `delete` to remove.
-        with contextlib.suppress(CapsaError):
-            self.shared.destroy()
+        # go with it), but it leaves shared/ and volumes/ empty for `delete` to remove.
+        for shared in (self.shared, self.volumes):
+            if shared is not None:
+                with contextlib.suppress(CapsaError):
+                    shared.destroy()

@@ -1,17 +1,31 @@
 """The spec's mounts, split into what the host binds and what the guest mounts.
 
-A container in a VM sees host files only through the one directory the host
-shares with the guest (virtio-fs or 9p, tag :data:`SHARE_TAG`).  As in Kata
-Containers, that directory holds one subdirectory per container; bind mounts
-made on the host (in the proxy's own mount namespace, see
-:mod:`capsa.storage.shared`) bring the container's rootfs and the source of
-every host bind mount of the spec into it::
+A container in a VM sees host files only through the directories the host
+shares with the guest.  As in Kata Containers, each holds one subdirectory
+per container; bind mounts made on the host (in the proxy's own mount
+namespace, see :mod:`capsa.storage.shared`) bring the container's rootfs
+and the source of every host bind mount of the spec into them::
 
-    <shared dir>/<cid>/rootfs       the bundle's rootfs (rbind)
-    <shared dir>/<cid>/mounts/<n>   the source of spec mounts[n]
+    <shared dir>/<cid>/rootfs        the bundle's rootfs (rbind)
+    <volumes dir>/<cid>/mounts/<n>   the source of spec mounts[n]
 
-The guest mounts the share once at :data:`GUEST_SHARE_DIR`, and the spec the
-agent hands to crun names the guest side of each source.  crun then makes
+With virtio-fs there are two shares, because no one virtiofsd setting suits
+both (docs/performance.md, "Small files, metadata ..."): the rootfs share
+(tag :data:`SHARE_TAG`) lets the guest keep metadata for a second, which
+container start and the application's imports live on; the volume share
+(tag :data:`VOLUME_SHARE_TAG`) lets it keep none (virtiofsd ``-o
+timeout=0``), so a host change to a volume (an append, a deletion, an
+engine rewriting ``/etc/hosts``) is seen by the very next access instead of
+up to a second later, torn.  Every host bind goes to the volume share,
+directories and single files alike; the rootfs stays on the rootfs share.
+With 9p (:func:`plan_mounts` without ``volume_share_dir``) one share holds
+both, as ``<shared dir>/<cid>/mounts/<n>``: 9p keeps no cache to go stale.
+
+The guest mounts the rootfs share once per sandbox at
+:data:`GUEST_SHARE_DIR` (the rootfs Storage's subpath), the volume share at
+:data:`GUEST_VOLUME_SHARE_DIR` while a container holds it (a Storage of the
+container's), and the spec the agent hands to crun names the guest side of
+each source.  crun then makes
 the container's mounts in the guest exactly as runc would on the host: the
 destination, the ``ro`` flag and the propagation options stay in the spec.
 
@@ -93,6 +107,10 @@ GUEST_SHARE_DIR = "/run/capsa/shared"
 #: The virtio-fs tag (9p mount_tag) of the container share; the same name
 #: runtime/sandbox.py gives its share (``ROOTFS_TAG``).
 SHARE_TAG = "rootfs"
+#: The virtio-fs tag of the bind-volume share (``VOLUME_TAG`` in runtime/sandbox.py).
+VOLUME_SHARE_TAG = "volumes"
+#: Where the agent mounts the bind-volume share in the guest.
+GUEST_VOLUME_SHARE_DIR = "/run/capsa/shared-volumes"
 #: Where the agent mounts a container's block volumes: ``<dir>/<cid>/<n>``.
 GUEST_VOLUME_DIR = "/run/capsa/volumes"
 #: Where the agent mounts the tmpfs that stands for a host shm dir.
@@ -154,6 +172,8 @@ class HostBind:
     # or "slave" (they reach the share), "rprivate" or "private" (they do
     # not); see :func:`host_propagation`.
     propagation: str = "rslave"
+    # The share it goes into: SHARE_TAG (the rootfs's) or VOLUME_SHARE_TAG.
+    share: str = SHARE_TAG
 
 
 @dataclass(frozen=True)
@@ -218,9 +238,15 @@ class MountPlan:
     spec: dict[str, Any]  # bind sources rewritten to guest paths
     rootfs: str  # "<cid>/rootfs": the subpath of the share holding the rootfs
     guest_share_dir: str = GUEST_SHARE_DIR
+    # Where the guest mounts the volume share; None: binds go to the rootfs share.
+    guest_volume_share_dir: str | None = None
     volumes: tuple[BlockVolume, ...] = ()
     tmpfs: tuple[GuestTmpfs, ...] = ()
     devices: tuple[BlockDevice, ...] = ()
+
+    def share_binds(self, share: str) -> tuple[HostBind, ...]:
+        """The binds that go into one share (:attr:`HostBind.share`)."""
+        return tuple(bind for bind in self.binds if bind.share == share)
 
     @property
     def disks(self) -> tuple[BlockVolume | BlockDevice, ...]:
@@ -246,6 +272,7 @@ def plan_mounts(
     bundle: Path | None = None,
     tmpfs_size: Callable[[Path], int | None] | None = None,
     block_device: Callable[[int, int], Path | None] | None = None,
+    volume_share_dir: str | None = None,
 ) -> MountPlan:
     """Plan the host binds, block volumes and the guest spec of a container; see the module docstring.
 
@@ -257,13 +284,16 @@ def plan_mounts(
     ``block_device`` finds the host node of a major:minor
     (:func:`capsa.storage.host.block_device`); without it linux.devices
     is left alone (a check before the VM boots); with it, a block device
-    the host lacks is InvalidArgument.  A missing
+    the host lacks is InvalidArgument.  ``volume_share_dir`` is where the
+    guest mounts the volume share (:data:`GUEST_VOLUME_SHARE_DIR`): every
+    host bind goes there; None puts them on the rootfs share.  A missing
     source is a BundleError; a source that cannot cross the VM boundary (a
     socket, a FIFO) is InvalidArgument.  The input spec is not modified.
     """
     validate_id(container_id)
-    if not posixpath.isabs(guest_share_dir):
-        raise InvalidArgument(f"the guest share directory must be absolute, got {guest_share_dir!r}")
+    for directory in (guest_share_dir, volume_share_dir or "/"):
+        if not posixpath.isabs(directory):
+            raise InvalidArgument(f"the guest share directory must be absolute, got {directory!r}")
     rootfs_target = f"{container_id}/rootfs"
     root_propagation = _rootfs_propagation(spec)
     binds = [
@@ -330,9 +360,10 @@ def plan_mounts(
                 directory=stat_mode.S_ISDIR(mode),
                 recursive="rbind" in _options(mount),
                 propagation=propagation,
+                share=SHARE_TAG if volume_share_dir is None else VOLUME_SHARE_TAG,
             )
         )
-        guest_mounts.append({**mount, "source": posixpath.join(guest_share_dir, target)})
+        guest_mounts.append({**mount, "source": posixpath.join(volume_share_dir or guest_share_dir, target)})
     guest_spec = dict(spec)
     if "mounts" in spec:
         guest_spec["mounts"] = guest_mounts
@@ -348,6 +379,7 @@ def plan_mounts(
         spec=guest_spec,
         rootfs=rootfs_target,
         guest_share_dir=guest_share_dir,
+        guest_volume_share_dir=volume_share_dir,
         volumes=tuple(volumes),
         tmpfs=tuple(tmpfs.values()),
         devices=devices,
@@ -398,7 +430,10 @@ def container_request(
     ``shared_fs`` is the configured ``shared_fs.kind`` (``virtio-fs`` or
     ``virtio-9p``).  The agent mounts the share once per sandbox at
     ``mount_point`` and binds ``subpath`` onto the container's rootfs; it
-    points root.path at that rootfs itself.
+    points root.path at that rootfs itself.  A plan with binds on the
+    volume share adds that share as a Storage of the container: the agent
+    mounts it while some container holds it (a pod's containers share one
+    mount, counted by mount point), before crun binds from it.
     """
     driver, fstype = ("9p", "9p") if shared_fs == "virtio-9p" else ("virtiofs", "virtiofs")
     rootfs = pb.Storage(
@@ -408,11 +443,21 @@ def container_request(
         mount_point=plan.guest_share_dir,
         subpath=plan.rootfs,
     )
+    shares: list[pb.Storage] = []
+    if plan.guest_volume_share_dir is not None and plan.share_binds(VOLUME_SHARE_TAG):
+        shares.append(
+            pb.Storage(
+                driver="virtiofs",
+                source=VOLUME_SHARE_TAG,
+                fstype="virtiofs",
+                mount_point=plan.guest_volume_share_dir,
+            )
+        )
     return pb.CreateContainerRequest(
         container_id=container_id,
         oci_spec_json=json.dumps(plan.spec).encode(),
         rootfs=rootfs,
-        storages=[*(shm.storage() for shm in plan.tmpfs), *(volume.storage() for volume in plan.volumes)],
+        storages=[*shares, *(shm.storage() for shm in plan.tmpfs), *(volume.storage() for volume in plan.volumes)],
     )
 
 

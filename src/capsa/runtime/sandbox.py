@@ -1,10 +1,10 @@
 """A sandbox: one VM, the helpers that serve it, and the agent inside.
 
-Starting one is: share the container's rootfs (virtiofsd, or 9p which needs
-no helper), boot QEMU, wait for the agent to answer ``Check``, then
-``CreateSandbox``.  Stopping is the reverse and is safe to call at any point
-of a half-finished start, which is what lets a failed ``capsa run`` leave
-nothing behind.
+Starting one is: share the container's rootfs and, with virtio-fs, the bind
+volumes (a virtiofsd each; 9p needs no helper and has one share), boot
+QEMU, wait for the agent to answer ``Check``, then ``CreateSandbox``.
+Stopping is the reverse and is safe to call at any point of a half-finished
+start, which is what lets a failed ``capsa run`` leave nothing behind.
 
 The kernel command line and the VM description are built by pure functions
 (:func:`kernel_cmdline`, :func:`vm_config`) from the configuration, so they
@@ -44,6 +44,8 @@ from capsa.storage.virtiofsd import Virtiofsd
 log = logging.getLogger("capsa.sandbox")
 
 ROOTFS_TAG = "rootfs"
+#: The bind-volume share's tag (runtime/mounts.py: VOLUME_SHARE_TAG).
+VOLUME_TAG = "volumes"
 VHOST_VSOCK = Path("/dev/vhost-vsock")
 #: Bytes of host entropy each sandbox's kernel pool gets at CreateSandbox.
 SANDBOX_ENTROPY_BYTES = 64
@@ -81,6 +83,9 @@ class SandboxSpec:
     hostname: str = ""
     vcpus: int | None = None
     memory_mib: int | None = None
+    # The bind-volume share's directory (virtio-fs only: a second virtiofsd
+    # with [shared_fs] virtiofs_volume_timeout); None: the rootfs share only.
+    volumes: Path | None = None
 
 
 def choose_channel(config: Config, vhost_vsock_present: bool) -> str:
@@ -168,6 +173,7 @@ class Sandbox:
     agent: AgentClient | None = None
     hypervisor: QemuHypervisor | None = None
     virtiofsd: Virtiofsd | None = None
+    volume_virtiofsd: Virtiofsd | None = None
     _memory_file: Path | None = None
 
     def _release_memory_file(self) -> None:
@@ -247,8 +253,8 @@ class Sandbox:
         config = self.config
         channel = self._channel(template_boot=True)
         if config.shared_fs.kind == "virtio-fs":
-            # Only the socket path matters for the key and the clone's argv.
-            shares: tuple[Share, ...] = (VirtioFsShare(tag=ROOTFS_TAG, socket_path=self.spec.run_dir / "vfs.sock"),)
+            # Only the socket paths matter for the key and the clone's argv.
+            shares: tuple[Share, ...] = self._virtiofs_shares()
         else:
             shares = (NinePShare(tag=ROOTFS_TAG, host_path=self.spec.rootfs, readonly=False),)
         vm = vm_config(config, self.spec, accelerator, channel, shares, self.debug)
@@ -309,19 +315,53 @@ class Sandbox:
             raise
         return agent
 
+    def _virtiofs_shares(self) -> tuple[VirtioFsShare, ...]:
+        """The rootfs share, and the bind-volume share when the spec has its directory."""
+        shares = [VirtioFsShare(tag=ROOTFS_TAG, socket_path=self.spec.run_dir / "vfs.sock")]
+        if self.spec.volumes is not None:
+            shares.append(VirtioFsShare(tag=VOLUME_TAG, socket_path=self.spec.run_dir / "vfs-volumes.sock"))
+        return tuple(shares)
+
     async def _share_rootfs(self) -> tuple[Share, ...]:
-        if self.config.shared_fs.kind == "virtio-9p":
+        """Start the virtiofsd of each share (both at once); 9p has one share and no daemon.
+
+        The volume share's daemon differs in one option: ``-o timeout=`` from
+        ``[shared_fs] virtiofs_volume_timeout`` (0: the guest keeps no
+        metadata of a volume, so host changes are seen at once); see
+        :mod:`capsa.runtime.mounts`.  Both run for the VM's whole life,
+        whether or not a container binds anything: a device plugged at the
+        first bind would cost that create a hot-plug, and engines bind
+        something into every container (``/etc/hosts``, ``resolv.conf``).
+        """
+        shared_fs = self.config.shared_fs
+        if shared_fs.kind == "virtio-9p":
             return (NinePShare(tag=ROOTFS_TAG, host_path=self.spec.rootfs, readonly=False),)
-        socket_path = self.spec.run_dir / "vfs.sock"
+        shares = self._virtiofs_shares()
         self.virtiofsd = Virtiofsd(
-            self.config.shared_fs.virtiofsd_path,
+            shared_fs.virtiofsd_path,
             shared_dir=self.spec.rootfs,
-            socket_path=socket_path,
-            cache=self.config.shared_fs.virtiofs_cache,
+            socket_path=shares[0].socket_path,
+            cache=shared_fs.virtiofs_cache,
             die_with_parent=True,
         )
-        await self.virtiofsd.start()
-        return (VirtioFsShare(tag=ROOTFS_TAG, socket_path=socket_path),)
+        daemons = [self.virtiofsd]
+        if self.spec.volumes is not None:
+            self.volume_virtiofsd = Virtiofsd(
+                shared_fs.virtiofsd_path,
+                shared_dir=self.spec.volumes,
+                socket_path=shares[1].socket_path,
+                cache=shared_fs.virtiofs_cache,
+                timeout=shared_fs.virtiofs_volume_timeout,
+                die_with_parent=True,
+            )
+            daemons.append(self.volume_virtiofsd)
+        # Both settle before a failure is raised, so stop() finds each one
+        # either running or never started (a failed start stops itself).
+        results = await asyncio.gather(*(daemon.start() for daemon in daemons), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return shares
 
     async def _connect_agent(self, channel: AgentChannel) -> AgentClient:
         """Wait for the agent's first answer, or for the VM to die trying."""
@@ -391,9 +431,10 @@ class Sandbox:
         hypervisor, self.hypervisor = self.hypervisor, None
         if hypervisor is not None:
             await hypervisor.stop()
-        virtiofsd, self.virtiofsd = self.virtiofsd, None
-        if virtiofsd is not None:
-            await virtiofsd.stop()
+        for virtiofsd in (self.virtiofsd, self.volume_virtiofsd):
+            if virtiofsd is not None:
+                await virtiofsd.stop()
+        self.virtiofsd = self.volume_virtiofsd = None
         self._release_memory_file()
         self._mark("sandbox_stopped")
 

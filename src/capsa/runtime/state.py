@@ -117,10 +117,10 @@ class StateStore:
     def remove(self, container_id: str) -> None:
         """Remove the container's directory, but never through a mount point.
 
-        ``shared/`` holds bind mounts of the container's rootfs and volumes in
-        the proxy's own mount namespace only (a slave: nothing in it reaches
-        the host); should one ever be visible here, deleting through it would
-        delete the user's files.
+        ``shared/`` and ``volumes/`` hold bind mounts of the container's
+        rootfs and volumes in the proxy's own mount namespace only (a slave:
+        nothing in it reaches the host); should one ever be visible here,
+        deleting through it would delete the user's files.
         """
         path = self.dir(container_id)
         for dirpath, dirnames, _ in os.walk(path):

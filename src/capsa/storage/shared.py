@@ -1,8 +1,12 @@
 """The host side of a sandbox's shared directory: bind mounts in a mount namespace of the proxy's own.
 
-One directory per sandbox (``<root>/<id>/shared/``) is what virtiofsd (or
-QEMU's 9p server) exports.  :func:`capsa.runtime.mounts.plan_mounts` says
-which host paths go into it; :class:`SharedDir` makes those bind mounts.
+A sandbox shares two directories with virtio-fs, each exported by a
+virtiofsd of its own: ``<root>/<id>/shared/`` (container rootfs) and
+``<root>/<id>/volumes/`` (the sources of host bind mounts, served without a
+guest metadata cache); with 9p, QEMU's 9p server exports ``shared/`` alone.
+:func:`capsa.runtime.mounts.plan_mounts` says which host paths go into
+which; a :class:`SharedDir` per directory makes those bind mounts, and
+everything below (the slave namespace, staging) holds for both alike.
 
 They are made in a mount namespace of the proxy's own
 (:func:`enter_mount_namespace`), so no host process sees them and they

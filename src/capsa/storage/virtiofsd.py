@@ -49,6 +49,12 @@ class VirtiofsdConfig:
     #: FUSE cache mode: ``auto`` (close-to-open consistency with the host),
     #: ``always`` (fastest, for trees only the guest changes), ``none``.
     cache: str = "auto"
+    #: Seconds the guest may keep entries and attributes (``-o timeout=``);
+    #: None keeps the cache mode's own (1 s for ``auto``).  0 with ``auto``:
+    #: every lookup and getattr asks the host, so host changes are seen at
+    #: once while file data still goes through the guest's page cache, which
+    #: is what mmap(MAP_SHARED) needs (bind volumes, see capsa.config).
+    timeout: float | None = None
     #: Extended attributes (file capabilities, SELinux labels) passed through.
     xattr: bool = False
     #: ``namespace`` isolates the daemon in its own mount/PID/net namespaces;
@@ -65,6 +71,8 @@ class VirtiofsdConfig:
             raise StorageError(f"virtiofsd cache mode must be one of {', '.join(CACHE_MODES)}, not {self.cache!r}")
         if self.sandbox not in SANDBOX_MODES:
             raise StorageError(f"virtiofsd sandbox must be one of {', '.join(SANDBOX_MODES)}, not {self.sandbox!r}")
+        if self.timeout is not None and not 0 <= self.timeout < float("inf"):
+            raise StorageError(f"virtiofsd timeout must be a number of seconds >= 0, not {self.timeout}")
         if self.thread_pool_size is not None and self.thread_pool_size < 0:
             raise StorageError(f"virtiofsd thread pool size must be >= 0, not {self.thread_pool_size}")
         if len(os.fsencode(self.socket_path)) > 107:
@@ -85,6 +93,7 @@ def virtiofsd_argv(config: VirtiofsdConfig) -> list[str]:
         f"source={_fuse_option_value(config.shared_dir)}",
         "-o",
         f"cache={config.cache}",
+        *(["-o", f"timeout={config.timeout:g}"] if config.timeout is not None else []),
         "-o",
         f"sandbox={config.sandbox}",
         "-o",
@@ -126,6 +135,7 @@ class Virtiofsd:
         shared_dir: Path,
         socket_path: Path,
         cache: str = "auto",
+        timeout: float | None = None,
         xattr: bool = False,
         sandbox: str = "namespace",
         thread_pool_size: int | None = None,
@@ -138,6 +148,7 @@ class Virtiofsd:
             shared_dir=shared_dir,
             socket_path=socket_path,
             cache=cache,
+            timeout=timeout,
             xattr=xattr,
             sandbox=sandbox,
             thread_pool_size=thread_pool_size,
