@@ -335,15 +335,18 @@ class ShimContainerd:
         response = self.call("RunPodSandbox", cri.RunPodSandboxRequest(config=config, runtime_handler=handler))
         return str(response.pod_sandbox_id)
 
-    def create_container(self, pod_id: str, pod: Any, name: str, command: list[str], resources: Any = None) -> str:
+    def create_container(
+        self, pod_id: str, pod: Any, name: str, command: list[str], resources: Any = None, mounts: Any = ()
+    ) -> str:
         """A busybox container in the pod, in the pod's PID namespace mode; ``resources``
-        (a ``cri.LinuxContainerResources``) sets its limits."""
+        (a ``cri.LinuxContainerResources``) sets its limits, ``mounts`` (``cri.Mount``) its volumes."""
         pid = pod.linux.security_context.namespace_options.pid
         config = cri.ContainerConfig(
             metadata=cri.ContainerMetadata(name=name, attempt=0),
             image=cri.ImageSpec(image=BUSYBOX_IMAGE),
             command=command,
             log_path=f"{name}.log",
+            mounts=list(mounts),
             linux=cri.LinuxContainerConfig(
                 resources=resources,
                 security_context=cri.LinuxContainerSecurityContext(
