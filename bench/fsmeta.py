@@ -12,10 +12,13 @@ invocation, rounds interleaved (the host is shared with other work):
   baseline of every ratio);
 - ``virtio-fs cache=MODE rootfs`` / ``volume`` for MODE in auto, none, always
   (virtiofsd's ``-o cache=``, ``shared_fs.virtiofs_cache``): the container's
-  rootfs, and a host directory bind-mounted into it;
+  rootfs, and a host directory bind-mounted into it, which is served by the
+  bind-volume share (its own virtiofsd, with ``-o timeout=`` from
+  ``shared_fs.virtiofs_volume_timeout``, default 0);
 - ``virtio-fs cache=auto,timeout=0``: ``auto`` with virtiofsd's ``-o timeout=0``
-  (no metadata caching in the guest; data still close-to-open), through a
-  wrapper script named as ``virtiofsd_path``, since capsa has no key for it;
+  (no metadata caching in the guest; data still close-to-open) on both
+  shares, the rootfs's too, through a wrapper script named as
+  ``virtiofsd_path``;
 - ``9p rootfs`` / ``volume``: the same with ``shared_fs.kind = "virtio-9p"``.
 
 Per round and target, two containers (so the second starts with a cold
