@@ -78,3 +78,25 @@ def test_sweep_removes_the_mirror_of_a_dead_tap_and_keeps_the_rest(namespace: st
 
 def test_sweep_of_a_namespace_that_is_gone_does_nothing() -> None:
     assert sweep("/run/netns/capsa-no-such-namespace") == []
+
+
+def test_an_empty_namespace_is_read_without_pyroute2() -> None:
+    """A new namespace (only lo) has nothing to mirror: the proxy must not pay pyroute2's import for it."""
+    import sys
+
+    name = f"capsa-empty-{os.getpid() % 10000}-{random.randrange(1 << 16):04x}"
+    ip("netns", "add", name)
+    try:
+        script = (
+            "import os, sys\n"
+            "from capsa.network import netns\n"
+            f"fd = netns.open_netns('/run/netns/{name}')\n"
+            "print(netns.run_in_netns(fd, netns.read_links_addresses_routes, 'read'), 'pyroute2' in sys.modules)\n"
+        )
+        empty = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+        assert empty == "([], [], []) False\n"
+        ip("-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
+        found = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+        assert "name='eth0'" in found and found.endswith(" True\n")
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)

@@ -167,7 +167,15 @@ def iproute() -> Any:
 
 
 def read_links_addresses_routes() -> tuple[list[LinkInfo], list[AddressInfo], list[RouteInfo]]:
-    """The current namespace's links, addresses and routes as plain records (inside the namespace)."""
+    """The current namespace's links, addresses and routes as plain records (inside the namespace).
+
+    A namespace with only its loopback (a new one, before the engine moves a
+    veth in, or ``--network none``) has nothing to mirror, and is told apart
+    by ``if_nameindex`` alone: importing pyroute2 costs the proxy about
+    20 MiB and 0.14 s.
+    """
+    if {name for _, name in socket.if_nameindex()} <= {"lo"}:
+        return [], [], []
     with iproute() as ipr:
         links = [_link_info(msg) for msg in ipr.get_links()]
         addresses = [_address_info(msg) for msg in ipr.get_addr()]
