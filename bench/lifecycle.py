@@ -48,7 +48,7 @@ from capsa.config import load_config
 PR_SET_CHILD_SUBREAPER = 36
 CAPSA_PARTS = ("qemu", "virtiofsd", "virtiofsd volumes", "proxy", "shim")
 # The bind-volume share's daemon: a child of the proxy, not in state.json.
-VOLUME_SOCKET = b"vfs-volumes.sock"
+VOLUME_SOCKET = b"vol.sock"
 
 
 def make_bundle(work: Path) -> Path:

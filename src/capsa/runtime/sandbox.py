@@ -319,7 +319,7 @@ class Sandbox:
         """The rootfs share, and the bind-volume share when the spec has its directory."""
         shares = [VirtioFsShare(tag=ROOTFS_TAG, socket_path=self.spec.run_dir / "vfs.sock")]
         if self.spec.volumes is not None:
-            shares.append(VirtioFsShare(tag=VOLUME_TAG, socket_path=self.spec.run_dir / "vfs-volumes.sock"))
+            shares.append(VirtioFsShare(tag=VOLUME_TAG, socket_path=self.spec.run_dir / "vol.sock"))
         return tuple(shares)
 
     async def _share_rootfs(self) -> tuple[Share, ...]:
