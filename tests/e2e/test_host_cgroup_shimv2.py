@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cri.harness import BUSYBOX_IMAGE, CAPSA_RUNTIME, ShimContainerd, capsa_shim, cri_unready, skip_or_fail, wait_for
+from cri.harness import BUSYBOX_IMAGE, CAPSA_RUNTIME, ShimContainerd, capsa_shim, skip_or_fail, wait_for
 from e2e_cgroups import CGROUP_ROOT
 from e2e_support import Proc
 
@@ -23,17 +22,12 @@ NS = "hostcg"
 
 
 @pytest.fixture(scope="module")
-def k(session_dir: Path, image_tar: Path) -> Iterator[ShimContainerd]:
-    if reason := cri_unready():
-        skip_or_fail(reason)
+def k(k: ShimContainerd) -> ShimContainerd:
+    """conftest's containerd, with the busybox image in this module's ctr namespace; capsa's shim is a must."""
     if capsa_shim() is None:
         skip_or_fail("containerd-shim-capsa-v2 is not installed (set CAPSA_E2E_SHIM or reinstall capsa)")
-    engine = ShimContainerd(session_dir, image_tar, capsa_shim())
-    try:
-        engine.import_busybox(NS)
-        yield engine
-    finally:
-        engine.stop()
+    k.import_busybox(NS)
+    return k
 
 
 def cgroups_of(pid: int) -> dict[str, str]:

@@ -11,8 +11,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from cri.harness import (
@@ -21,7 +19,6 @@ from cri.harness import (
     RUNC_RUNTIME,
     ShimContainerd,
     capsa_shim,
-    cri_unready,
     kernel_release,
     skip_or_fail,
     state_paths,
@@ -36,15 +33,10 @@ TRAP_LOOP = 'trap "exit 42" TERM; while :; do sleep 1; done'
 
 
 @pytest.fixture(scope="module")
-def k(session_dir: Path, image_tar: Path) -> Iterator[ShimContainerd]:
-    if reason := cri_unready():
-        skip_or_fail(reason)
-    engine = ShimContainerd(session_dir, image_tar, capsa_shim())
-    try:
-        engine.import_busybox(NS)
-        yield engine
-    finally:
-        engine.stop()
+def k(k: ShimContainerd) -> ShimContainerd:
+    """conftest's containerd, with the busybox image in this module's ctr namespace."""
+    k.import_busybox(NS)
+    return k
 
 
 @pytest.fixture(params=["runc", "capsa"])
