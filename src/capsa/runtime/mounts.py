@@ -104,8 +104,8 @@ from capsa.runtime.ids import validate_id
 
 #: Where the agent mounts the container share in the guest.
 GUEST_SHARE_DIR = "/run/capsa/shared"
-#: The virtio-fs tag (9p mount_tag) of the container share; the same name
-#: runtime/sandbox.py gives its share (``ROOTFS_TAG``).
+#: The virtio-fs tag (9p mount_tag) of the container share; runtime/sandbox.py
+#: gives its share this tag (``ROOTFS_TAG``).
 SHARE_TAG = "rootfs"
 #: The virtio-fs tag of the bind-volume share (``VOLUME_TAG`` in runtime/sandbox.py).
 VOLUME_SHARE_TAG = "volumes"

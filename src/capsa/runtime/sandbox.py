@@ -39,13 +39,14 @@ from capsa.hypervisor.base import (
 from capsa.hypervisor.qemu import QemuHypervisor
 from capsa.protocols import agent_pb2 as pb
 from capsa.runtime.agent_client import AgentClient
+from capsa.runtime.mounts import SHARE_TAG, VOLUME_SHARE_TAG
 from capsa.storage.virtiofsd import Virtiofsd
 
 log = logging.getLogger("capsa.sandbox")
 
-ROOTFS_TAG = "rootfs"
-#: The bind-volume share's tag (runtime/mounts.py: VOLUME_SHARE_TAG).
-VOLUME_TAG = "volumes"
+#: The shares' tags, one name with the mount plans that refer to them.
+ROOTFS_TAG = SHARE_TAG
+VOLUME_TAG = VOLUME_SHARE_TAG
 VHOST_VSOCK = Path("/dev/vhost-vsock")
 #: Bytes of host entropy each sandbox's kernel pool gets at CreateSandbox.
 SANDBOX_ENTROPY_BYTES = 64
