@@ -23,6 +23,7 @@ from typing import IO, Any
 
 from capsa.cli.spec import default_spec
 from capsa.config import load_config
+from capsa.runtime.state import OWNER_LINK, SOCKET_ROOT
 
 BUSYBOX = Path("/bin/busybox")
 APPLETS = ["sh", "cat", "echo", "true", "false", "uname", "sleep", "kill", "grep", "wc", "head", "ls", "env", "id"]
@@ -138,6 +139,24 @@ def leftovers(root: Path) -> list[str]:
             found.append(f"mount: {line}")
     if root.exists():
         found += [f"file: {p}" for p in root.rglob("*")]
+    return found
+
+
+def socket_dirs(root: Path) -> set[str]:
+    """The socket directories of the containers under ``root`` (runtime/state.py):
+    named by a hash, each links back to its state directory."""
+    found = set()
+    try:
+        entries = os.listdir(SOCKET_ROOT)
+    except FileNotFoundError:
+        return set()
+    for entry in entries:
+        try:
+            owner = os.readlink(SOCKET_ROOT / entry / OWNER_LINK)
+        except OSError:
+            continue
+        if Path(owner).parent == root:
+            found.add(entry)
     return found
 
 

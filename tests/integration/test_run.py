@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import Capsa, leftovers
+from harness import Capsa, kill_leftovers, leftovers, socket_dirs
 
 from capsa.config import load_config
 
@@ -128,6 +128,41 @@ def test_pid_file_and_detach(capsa: Capsa, tmp_path: Path) -> None:
     # As with runc, a detached container that exited stays until deleted.
     assert '"stopped"' in capsa("state", "detached").stdout
     assert capsa("delete", "detached").code == 0
+
+
+def test_any_root_and_id_length_runc_takes(capsa: Capsa) -> None:
+    """A 200-byte state root and a 250-byte ID (a file name holds 255): the VM's
+    sockets do not live under the root, so neither length matters."""
+    base = capsa.root.parent / "long"
+    root = base / ("d" * (200 - len(str(base)) - 1))
+    assert len(os.fsencode(root)) == 200
+    long = Capsa(root=root, bundle=capsa.bundle)
+    container_id = "x" * 250
+    try:
+        capsa.spec(["cat"])
+        result = long.run(container_id, input="through a 250-byte ID\n")
+        assert (result.code, result.stdout, result.stderr) == (0, "through a 250-byte ID\n", "")
+
+        # What an engine does: create, start, exec, kill, delete.
+        capsa.spec(["sh", "-c", "trap 'exit 0' TERM; sleep 60 & wait"])
+        created = long("create", "--bundle", str(capsa.bundle), container_id)
+        assert created.code == 0, created.stderr
+        assert long("start", container_id).code == 0
+        assert long.status(container_id) == "running"
+        execed = long("exec", container_id, "echo", "exec works")
+        assert (execed.code, execed.stdout) == (0, "exec works\n"), execed.stderr
+        assert long("kill", container_id, "TERM").code == 0
+        deadline = time.monotonic() + 60
+        while long.status(container_id) != "stopped":
+            assert time.monotonic() < deadline, "the container did not stop on SIGTERM"
+            time.sleep(0.2)
+        deleted = long("delete", container_id)
+        assert deleted.code == 0, deleted.stderr
+        assert leftovers(root) == []
+        assert socket_dirs(root) == set()
+    finally:
+        long("delete", "--force", container_id)
+        kill_leftovers(root)
 
 
 def _bad_spec(capsa: Capsa, what: str) -> None:

@@ -96,7 +96,7 @@ def test_list_json_is_runcs(capsys: pytest.CaptureFixture[str], tmp_path: Path, 
     root = tmp_path / "root"
     code, out, _ = run(capsys, "--root", str(root), "list", "--format", "json")
     assert (code, out) == (0, "null\n")  # Go's encoding of runc's empty (nil) list
-    store = StateStore(root)
+    store = StateStore(root, socket_root=tmp_path / "sockets")
     store.claim("c1")
     store.save(ContainerState(id="c1", bundle="/b", rootfs="/b/rootfs", created="2026-11-27T13:45:46.123456+00:00"))
     code, out, _ = run(capsys, "--root", str(root), "list", "--format", "json")

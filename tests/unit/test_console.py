@@ -83,6 +83,29 @@ def test_send_console_hands_over_a_working_master(tmp_path: Path, pty: tuple[int
         os.close(received)
 
 
+def test_send_console_reaches_a_socket_past_the_sun_path_limit(tmp_path: Path, pty: tuple[int, int]) -> None:
+    # An engine may put its console socket under a directory of any length.
+    deep = tmp_path / ("d" * 120) / ("e" * 120)
+    deep.mkdir(parents=True)
+    path = deep / "console.sock"
+    assert len(str(path)) > 240
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        # The test binds it the same way, through its directory.
+        fd = os.open(deep, os.O_PATH | os.O_DIRECTORY)
+        try:
+            listener.bind(f"/proc/self/fd/{fd}/console.sock")
+        finally:
+            os.close(fd)
+        listener.listen(1)
+        send_console(str(path), pty[0], PTMX_NAME)
+        conn, _ = listener.accept()
+        with conn:
+            message, fds, _, _ = socket.recv_fds(conn, 4096, 1)
+    assert message == b"/dev/ptmx"
+    assert len(fds) == 1
+    os.close(fds[0])
+
+
 def test_send_console_error_is_one_line(tmp_path: Path, pty: tuple[int, int]) -> None:
     missing = str(tmp_path / "missing.sock")
     with pytest.raises(CapsaError) as info:

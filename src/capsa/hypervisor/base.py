@@ -118,7 +118,7 @@ class VMConfig:
 
     #: Sandbox ID: names the VM in ``ps`` and logs.
     name: str
-    #: Where the VM's sockets and logs live.  Unix socket paths are limited to
+    #: Where the VM's sockets live.  Unix socket paths are limited to
     #: 107 bytes, so this must be short.
     run_dir: Path
     hypervisor_path: Path
@@ -158,6 +158,8 @@ class VMConfig:
     #: a template keeps its memory there, and a clone runs on a copy of it,
     #: so the saved state need not carry the RAM (templated VMs only).
     memory_file: Path | None = None
+    #: Where the console and VMM logs go (None: ``run_dir``).
+    log_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.accelerator not in ACCELERATORS:
@@ -196,12 +198,12 @@ class VMConfig:
     @property
     def console_log(self) -> Path:
         """Where the guest console is written."""
-        return self.run_dir / "console.log"
+        return (self.log_dir or self.run_dir) / "console.log"
 
     @property
     def vmm_log(self) -> Path:
         """Where the VMM's own stderr goes; its last line explains a failed start."""
-        return self.run_dir / "vmm.log"
+        return (self.log_dir or self.run_dir) / "vmm.log"
 
 
 class VMSize(NamedTuple):

@@ -64,8 +64,8 @@ class ProxyClient:
         self.agent = AgentClient(client, request_timeout)
 
     @classmethod
-    async def connect(cls, run_dir: Path, request_timeout: float) -> ProxyClient:
-        path = run_dir / SOCKET_NAME
+    async def connect(cls, socket_dir: Path, request_timeout: float) -> ProxyClient:
+        path = socket_dir / SOCKET_NAME
         try:
             client = await Client.connect_unix(str(path))
         except OSError as exc:

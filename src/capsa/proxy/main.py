@@ -2,7 +2,8 @@
 
 ``capsa-proxy --root R --id ID [--hostname H] [--netns PATH] [--config F] [--debug] --ready-fd N``
 
-It reports on file descriptor N once: ``ok`` when ``proxy.sock`` serves, or
+It reports on file descriptor N once: ``ok`` when ``proxy.sock`` (in the
+container's socket directory, runtime/state.py) serves, or
 the one-line reason it could not start (the caller prints it and cleans up).
 With ``--netns``, the VM is on that network namespace's network before ``ok``.
 Its own log is ``<root>/<id>/proxy.log``.
@@ -27,6 +28,7 @@ from capsa.proxy.launch import SOCKET_NAME
 from capsa.proxy.proxy import Proxy
 from capsa.proxy.service import build_server
 from capsa.runtime.daemon import ReadyPipe, set_process_name
+from capsa.runtime.state import StateStore
 from capsa.storage.shared import enter_mount_namespace
 
 log = logging.getLogger("capsa.proxy")
@@ -47,7 +49,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     set_process_name("capsa-proxy")
-    run_dir = Path(args.root) / args.id
+    store = StateStore(Path(args.root))
+    run_dir, socket_dir = store.dir(args.id), store.socket_dir(args.id)
     ready = ReadyPipe(args.ready_fd)
     try:
         setup_logging(str(run_dir / "proxy.log"), "text", args.debug)
@@ -58,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CapsaError as exc:
         ready.fail(str(exc))
         return 1
-    return asyncio.run(_serve(Proxy(config, args.id, run_dir, args.hostname, args.debug), ready, args.netns))
+    proxy = Proxy(config, args.id, run_dir, args.hostname, args.debug, socket_dir=socket_dir)
+    return asyncio.run(_serve(proxy, ready, args.netns))
 
 
 async def _serve(proxy: Proxy, ready: ReadyPipe, netns: str = "") -> int:
@@ -66,7 +70,7 @@ async def _serve(proxy: Proxy, ready: ReadyPipe, netns: str = "") -> int:
         await proxy.start()
         if netns:
             await proxy.attach_network(netns)
-        listener = await build_server(proxy).serve_unix(str(proxy.run_dir / SOCKET_NAME))
+        listener = await build_server(proxy).serve_unix(str(proxy.socket_dir / SOCKET_NAME))
     except (CapsaError, OSError) as exc:
         log.error("cannot start: %s", exc)
         await proxy.stop()

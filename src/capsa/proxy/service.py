@@ -1,4 +1,4 @@
-"""What capsa-proxy serves on ``<root>/<id>/proxy.sock``.
+"""What capsa-proxy serves on ``proxy.sock`` in the container's socket directory (runtime/state.py).
 
 Two ttrpc services share the socket:
 

@@ -65,11 +65,11 @@ def oci_state(state: ContainerState, status: str | None = None) -> dict[str, Any
     }
 
 
-def with_proxy(run_dir: Path, request_timeout: float, operation: Callable[[ProxyClient], Awaitable[T]]) -> T:
-    """Connect to the container's proxy, run ``operation``, disconnect."""
+def with_proxy(socket_dir: Path, request_timeout: float, operation: Callable[[ProxyClient], Awaitable[T]]) -> T:
+    """Connect to the proxy serving in ``socket_dir``, run ``operation``, disconnect."""
 
     async def call() -> T:
-        proxy = await ProxyClient.connect(run_dir, request_timeout)
+        proxy = await ProxyClient.connect(socket_dir, request_timeout)
         try:
             return await operation(proxy)
         finally:

@@ -37,7 +37,7 @@ from capsa.runtime.container import current_status, oci_state, with_proxy
 from capsa.runtime.ids import validate_id
 from capsa.runtime.mounts import plan_mounts
 from capsa.runtime.resources import vm_size
-from capsa.runtime.sandbox import check_guest_files, run_dir_ok
+from capsa.runtime.sandbox import check_guest_files
 from capsa.runtime.state import ContainerState, StateStore, Status
 
 log = logging.getLogger("capsa.lifecycle")
@@ -102,7 +102,6 @@ def create(rt: Runtime, request: CreateRequest) -> Created:
     # A cgroupsPath that --systemd-cgroup cannot read fails here too, as runc refuses it.
     hostcgroup.resolve(hostcgroup.spec_cgroups_path(bundle.spec), container_id, systemd=rt.systemd_cgroup)
     check_guest_files(rt.config)
-    run_dir_ok(rt.store.dir(container_id))
     run_dir = rt.store.claim(container_id)
     state = ContainerState(
         id=container_id,
@@ -165,7 +164,7 @@ def _start_processes(
         info = await client.info()
         state.hypervisor_pid, state.virtiofsd_pid = info.hypervisor_pid, info.virtiofsd_pid
 
-    with_proxy(run_dir, config.agent.request_timeout, create_in_vm)
+    with_proxy(rt.store.socket_dir(state.id), config.agent.request_timeout, create_in_vm)
     args = [*rt.helper_args(), f"--id={state.id}"]  # an ID may begin with "-"
     if wants_private_netns(bundle.spec):
         args.append("--new-netns")
@@ -204,7 +203,7 @@ def start(rt: Runtime, container_id: str) -> None:
                 await client.attach_network(f"/proc/{state.pid}/ns/net")
             await client.agent.start_container(state.id)
 
-        with_proxy(rt.store.dir(container_id), rt.config.agent.request_timeout, start_in_vm)
+        with_proxy(rt.store.socket_dir(container_id), rt.config.agent.request_timeout, start_in_vm)
         state.status = Status.RUNNING
         rt.store.save(state)
         hooks.run_hooks_warn(spec, "poststart", oci_state(state, Status.RUNNING))
@@ -247,7 +246,7 @@ def kill(rt: Runtime, container_id: str, signum: int, all_processes: bool = Fals
     async def signal_in_vm(client: ProxyClient) -> None:
         await client.agent.signal_process(state.id, "", signum, all=all_processes)
 
-    with_proxy(rt.store.dir(container_id), rt.config.agent.request_timeout, signal_in_vm)
+    with_proxy(rt.store.socket_dir(container_id), rt.config.agent.request_timeout, signal_in_vm)
 
 
 def delete(rt: Runtime, container_id: str, force: bool = False) -> None:
@@ -279,7 +278,7 @@ def _teardown(rt: Runtime, state: ContainerState) -> None:
             await client.shutdown()
 
         try:
-            with_proxy(rt.store.dir(state.id), 5.0, shutdown)
+            with_proxy(rt.store.socket_dir(state.id), 5.0, shutdown)
             detached = True
         except (CapsaError, OSError) as exc:
             log.debug("proxy shutdown request failed: %s", exc)
@@ -320,7 +319,7 @@ def _transition(rt: Runtime, container_id: str, before: str, after: str, call: s
         async def in_vm(client: ProxyClient) -> None:
             await getattr(client.agent, call)(state.id)
 
-        with_proxy(rt.store.dir(container_id), rt.config.agent.request_timeout, in_vm)
+        with_proxy(rt.store.socket_dir(container_id), rt.config.agent.request_timeout, in_vm)
         state.status = after
         rt.store.save(state)
 
@@ -332,7 +331,7 @@ def processes(rt: Runtime, container_id: str) -> list[int]:
     async def in_vm(client: ProxyClient) -> list[int]:
         return await client.agent.list_processes(state.id)
 
-    return with_proxy(rt.store.dir(container_id), rt.config.agent.request_timeout, in_vm)
+    return with_proxy(rt.store.socket_dir(container_id), rt.config.agent.request_timeout, in_vm)
 
 
 def update(rt: Runtime, container_id: str, resources: dict[str, Any]) -> None:
@@ -352,7 +351,7 @@ def update(rt: Runtime, container_id: str, resources: dict[str, Any]) -> None:
         await client.resize(size.vcpus, size.memory_mib)
         await client.agent.update_container(state.id, resources)
 
-    with_proxy(rt.store.dir(container_id), rt.config.agent.request_timeout, in_vm)
+    with_proxy(rt.store.socket_dir(container_id), rt.config.agent.request_timeout, in_vm)
 
 
 def _running(rt: Runtime, container_id: str, what: str) -> ContainerState:
@@ -422,4 +421,4 @@ def stats(rt: Runtime, container_id: str) -> Any:
     async def in_vm(client: ProxyClient) -> Any:
         return await client.agent.stats_container(state.id)
 
-    return with_proxy(rt.store.dir(container_id), rt.config.agent.request_timeout, in_vm)
+    return with_proxy(rt.store.socket_dir(container_id), rt.config.agent.request_timeout, in_vm)

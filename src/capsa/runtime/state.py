@@ -1,10 +1,18 @@
 """The state store: one directory per container under the state root.
 
 ``<root>/<id>/`` holds ``state.json`` (written atomically: a temporary file
-renamed over the old one) and the sockets and logs of the container's VM.
+renamed over the old one) and the logs of the container's VM.
 Creating the directory is the claim on the ID: ``mkdir`` either makes it or
 fails because another container already holds that ID.  An flock on
 ``<root>/<id>/lock`` serialises the invocations that change one container.
+
+The VM's sockets cannot live there: a unix socket's path holds at most 107
+bytes (unix(7), ``sun_path``), and engines choose the root and the ID
+(Docker's ``/run/docker/runtime-runc/moby/<64 hex>`` alone is 95 bytes;
+runc accepts roots and IDs of any length).  Each container's sockets live
+in ``/run/capsa-vm/<key>/`` instead (:meth:`StateStore.socket_dir`), where
+the key is a hash of the state directory's absolute path: every process
+that knows the root and the ID finds it, and no root or ID makes it longer.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -22,11 +31,27 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from capsa.dirs import ensure_dir
 from capsa.errors import CapsaError, ContainerExists, ContainerNotFound
 from capsa.runtime.ids import validate_id
 
 DEFAULT_ROOT = Path("/run/capsa")
 STATE_FILE = "state.json"
+
+#: Where every container's socket directory lives: short, and outside any
+#: state root, so that no container ID can name it.
+SOCKET_ROOT = Path("/run/capsa-vm")
+#: Hex digits of the key naming a socket directory: 96 bits, so two state
+#: directories never meet by chance.
+SOCKET_KEY_LENGTH = 24
+#: In each socket directory: a symbolic link to its state directory.
+OWNER_LINK = "state"
+
+
+def socket_key(state_dir: Path) -> str:
+    """The name of the socket directory that belongs to ``state_dir``."""
+    absolute = os.path.abspath(state_dir)
+    return hashlib.sha256(os.fsencode(absolute)).hexdigest()[:SOCKET_KEY_LENGTH]
 
 
 class Status:
@@ -71,14 +96,26 @@ class ContainerState:
 
 
 class StateStore:
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, root: Path, socket_root: Path = SOCKET_ROOT) -> None:
+        # Absolute, so the helpers it starts (whatever their cwd) and every
+        # later command derive the same socket directory from it.
+        self.root = Path(os.path.abspath(root))
+        self.socket_root = socket_root
 
     def dir(self, container_id: str) -> Path:
         return self.root / validate_id(container_id)
 
+    def socket_dir(self, container_id: str) -> Path:
+        """Where the container's VM keeps its sockets (see the module's docstring)."""
+        return self.socket_root / socket_key(self.dir(container_id))
+
     def claim(self, container_id: str) -> Path:
-        """Make the container's directory; fail if the ID is taken."""
+        """Make the container's state directory and its socket directory; fail if the ID is taken.
+
+        A socket directory already there belongs to an earlier container of
+        the same root and ID that was never deleted (its state directory is
+        gone, or this claim would have failed): what it holds is stale.
+        """
         path = self.dir(container_id)
         try:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
@@ -91,6 +128,17 @@ class StateStore:
             raise ContainerExists(f"container with id {container_id!r} already exists") from None
         except OSError as exc:
             raise CapsaError(f"cannot create state directory {path}: {exc.strerror}") from exc
+        sockets = self.socket_dir(container_id)
+        try:
+            ensure_dir(self.socket_root, 0o711)
+            shutil.rmtree(sockets, ignore_errors=True)
+            sockets.mkdir(mode=0o700)
+            os.chmod(sockets, 0o700)
+            # For people and sweeps: whose sockets these are.
+            os.symlink(path, sockets / OWNER_LINK)
+        except OSError as exc:
+            shutil.rmtree(path, ignore_errors=True)
+            raise CapsaError(f"cannot create socket directory {sockets}: {exc.strerror}") from exc
         return path
 
     def save(self, state: ContainerState) -> None:
@@ -126,6 +174,7 @@ class StateStore:
         for dirpath, dirnames, _ in os.walk(path):
             if any(os.path.ismount(os.path.join(dirpath, name)) for name in dirnames):
                 raise CapsaError(f"{dirpath} holds a mount point: not removing {path}")
+        shutil.rmtree(self.socket_dir(container_id), ignore_errors=True)
         shutil.rmtree(path, ignore_errors=True)
 
     @contextlib.contextmanager

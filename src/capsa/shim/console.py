@@ -36,6 +36,9 @@ PTMX_NAME = "/dev/ptmx"
 MAX_NAME_LEN = 4096
 """runc's limit on that name (``utils.MaxNameLen``); receivers size their buffer by it."""
 
+MAX_SOCKET_PATH = 107
+"""The longest path ``connect`` takes: sun_path is 108 bytes with its NUL (unix(7))."""
+
 _WINSIZE = struct.Struct("HHHH")  # struct winsize: ws_row, ws_col, ws_xpixel, ws_ypixel
 
 
@@ -89,6 +92,26 @@ def make_raw(fd: int) -> None:
         raise CapsaError(f"cannot put the terminal in raw mode: {exc.args[-1]}") from exc
 
 
+def connect_unix(sock: socket.socket, path: str) -> None:
+    """``sock.connect(path)``, for a path of any length.
+
+    ``sockaddr_un.sun_path`` holds 107 bytes and a NUL (unix(7)); engines
+    pick the console socket's path and may pick a longer one.  Then the
+    socket is reached through its directory, opened with ``O_PATH``, as
+    ``/proc/self/fd/N/NAME``: the kernel resolves that path like any other,
+    with the caller's own permissions on every component.
+    """
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+        sock.connect(path)
+        return
+    directory, name = os.path.split(path)
+    fd = os.open(directory or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        sock.connect(f"/proc/self/fd/{fd}/{name}")
+    finally:
+        os.close(fd)
+
+
 def send_console(socket_path: str, master_fd: int, name: str = PTMX_NAME) -> None:
     """Hand ``master_fd`` to the listener on ``socket_path``, as runc does for ``--console-socket``.
 
@@ -102,7 +125,7 @@ def send_console(socket_path: str, master_fd: int, name: str = PTMX_NAME) -> Non
     rights = array.array("i", [master_fd])
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(socket_path)
+            connect_unix(sock, socket_path)
             sent = sock.sendmsg([encoded], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights.tobytes())])
     except OSError as exc:
         raise CapsaError(f"cannot send the console to {socket_path}: {exc.strerror or exc}") from exc

@@ -45,6 +45,7 @@ from capsa.config import load_config
 from capsa.errors import AgentError, CapsaError
 from capsa.proxy.launch import ProxyClient
 from capsa.runtime.daemon import ReadyPipe, set_process_name
+from capsa.runtime.state import StateStore
 from capsa.shim import console
 from capsa.shim.relay import VM_LOST_STATUS, ProcessIO, raw_terminal, relay
 
@@ -71,7 +72,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     set_process_name("capsa-shim")
-    run_dir = Path(args.root) / args.id
+    store = StateStore(Path(args.root))
+    run_dir = store.dir(args.id)
     ready = ReadyPipe(args.ready_fd)
     try:
         name = f"exec-{args.exec_id}.log" if args.exec_id else "shim.log"
@@ -88,18 +90,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if os.getsid(0) != os.getpid():
         os.setsid()  # no signals from the caller's terminal; a session to own a pty
-    return asyncio.run(serve(run_dir, args, config.agent.request_timeout, process, ready))
+    return asyncio.run(serve(store.socket_dir(args.id), args, config.agent.request_timeout, process, ready))
 
 
 async def serve(
-    run_dir: Path,
+    socket_dir: Path,
     args: argparse.Namespace,
     request_timeout: float,
     process: dict[str, Any] | None,
     ready: ReadyPipe,
 ) -> int:
     try:
-        proxy = await ProxyClient.connect(run_dir, request_timeout)
+        proxy = await ProxyClient.connect(socket_dir, request_timeout)
     except CapsaError as exc:
         ready.fail(str(exc))
         return 1
