@@ -141,6 +141,37 @@ class NetworkConfig:
     model: str = "tcfilter"
 
 
+#: The default range of host uids (and gids, the same numbers) handed out to
+#: sandboxes, one each: far above any uid a distribution or ``/etc/subuid``
+#: hands out (those stay below 2^31 - 2^24), and below 2^31 so no tool that
+#: reads ids as signed 32-bit numbers sees a negative one.
+DEFAULT_SANDBOX_ID_BASE = 2_130_000_000
+DEFAULT_SANDBOX_ID_COUNT = 65_536
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """How each sandbox's host side is confined (docs/architecture.md, "Confinement").
+
+    Every measure is on by default; turning one off is a documented risk.
+    """
+
+    #: Run QEMU as a uid and gid of its own, from this range, with no
+    #: capabilities: a QEMU escape lands in an unprivileged process.
+    sandbox_id_base: int = DEFAULT_SANDBOX_ID_BASE
+    sandbox_id_count: int = DEFAULT_SANDBOX_ID_COUNT
+    #: QEMU as its sandbox's own uid with no capabilities (false: as root, the risk
+    #: is that one QEMU device bug is root on the host).
+    unprivileged_vmm: bool = True
+    #: QEMU in its own mount namespace rooted in a jail holding only its
+    #: files, and in its own PID and IPC namespaces (false: it sees the host's
+    #: whole file system, processes and System V IPC).
+    jail: bool = True
+    #: Host cgroup limits (memory, pids, CPU) on each sandbox's host processes
+    #: (false: accounting only; a runaway VMM can take the host's memory).
+    cgroup_limits: bool = True
+
+
 @dataclass(frozen=True)
 class Config:
     hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
@@ -148,6 +179,7 @@ class Config:
     agent: AgentConfig = field(default_factory=AgentConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     source: Path | None = None  # the file it came from; None for built-in defaults
 
 
@@ -188,6 +220,7 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> Config:
         "agent": _parse_agent,
         "runtime": _parse_runtime,
         "network": _parse_network,
+        "security": _parse_security,
     }
     for name, value in data.items():
         if name not in parsers:
@@ -350,3 +383,22 @@ def _parse_runtime(table: Mapping[str, Any], where: str) -> RuntimeConfig:
 def _parse_network(table: Mapping[str, Any], where: str) -> NetworkConfig:
     t = _Table(table, where, NetworkConfig)
     return NetworkConfig(model=t.choice("model", NetworkConfig.model, NETWORK_MODELS))
+
+
+def _parse_security(table: Mapping[str, Any], where: str) -> SecurityConfig:
+    t = _Table(table, where, SecurityConfig)
+    d = SecurityConfig()
+    security = SecurityConfig(
+        # uid 0 is root and 65534 is nobody; (2^32 - 1) is the kernel's "no uid".
+        sandbox_id_base=t.integer("sandbox_id_base", d.sandbox_id_base, 65_536, 0xFFFFFFFE),
+        sandbox_id_count=t.integer("sandbox_id_count", d.sandbox_id_count, 1, 1 << 24),
+        unprivileged_vmm=t.boolean("unprivileged_vmm", d.unprivileged_vmm),
+        jail=t.boolean("jail", d.jail),
+        cgroup_limits=t.boolean("cgroup_limits", d.cgroup_limits),
+    )
+    if security.sandbox_id_base + security.sandbox_id_count > 0xFFFFFFFF:
+        raise ConfigError(f"{where}.sandbox_id_count: the range ends past the largest uid (4294967294)")
+    if security.jail and not security.unprivileged_vmm:
+        # A root QEMU in a chroot is one chroot(2) away from the host's file system.
+        raise ConfigError(f"{where}.jail: needs unprivileged_vmm = true (root escapes a chroot)")
+    return security

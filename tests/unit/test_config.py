@@ -106,3 +106,29 @@ def test_hotplug_maxima_from_the_file() -> None:
     assert max_memory_mib_for(hv, host_memory_mib=1024) == 8192
     # A host with fewer CPUs than a VM starts with still gets that VM.
     assert max_vcpus_for(parse_config({"hypervisor": {"default_vcpus": 4}}).hypervisor, host_cpus=2) == 4
+
+
+def test_confinement_is_on_by_default_and_each_measure_can_be_turned_off() -> None:
+    from capsa.config import parse_config
+
+    security = parse_config({}).security
+    assert (security.unprivileged_vmm, security.jail, security.cgroup_limits) == (True, True, True)
+    off = parse_config({"security": {"jail": False, "cgroup_limits": False}}).security
+    assert (off.unprivileged_vmm, off.jail, off.cgroup_limits) == (True, False, False)
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"sandbox_id_base": 0}, "security.sandbox_id_base: expected an integer from 65536"),
+        ({"sandbox_id_base": 4294967000, "sandbox_id_count": 1000}, "security.sandbox_id_count: the range ends"),
+        ({"unprivileged_vmm": False}, "security.jail: needs unprivileged_vmm = true"),
+        ({"selinux": True}, "security.selinux: unknown key"),
+    ],
+)
+def test_bad_security_settings_name_the_key(table: dict[str, object], message: str) -> None:
+    from capsa.config import parse_config
+    from capsa.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        parse_config({"security": table})

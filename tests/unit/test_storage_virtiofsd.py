@@ -34,6 +34,8 @@ def test_argv_for_the_c_virtiofsd() -> None:
         "no_xattr",
         "-o",
         "announce_submounts",
+        "-o",
+        "modcaps=-mknod",
     ]
 
 

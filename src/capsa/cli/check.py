@@ -15,6 +15,7 @@ from typing import Any
 from capsa.cli.context import Context
 from capsa.errors import CapsaError
 from capsa.hypervisor.accel import resolve_accelerator
+from capsa.runtime.confinement import measures
 from capsa.runtime.hostcgroup import describe_host
 from capsa.runtime.sandbox import VHOST_VSOCK
 
@@ -82,10 +83,14 @@ def findings(ctx: Context) -> list[Finding]:
         Finding(
             "ok" if usable else "warn",
             f"cgroups: host {host_cgroups}: the VM's host processes go into the spec's cgroupsPath "
-            "(accounting only, no limits); the container's limits apply in the guest (cgroup v2); "
+            "(with limits unless [security] cgroup_limits = false); the container's limits apply in the guest; "
             "--systemd-cgroup names the scope's cgroupfs path, without asking systemd over D-Bus",
         )
     )
+    for measure in measures(config):
+        # kvm_device matters only where KVM is used; the rest are the host side's defences.
+        level = "ok" if measure.on or measure.name == "kvm_device" else "warn"
+        add(Finding(level, f"confinement {measure.name}: {measure.detail}"))
     root = ctx.root
     parent = root if root.exists() else root.parent
     if os.access(parent, os.W_OK):

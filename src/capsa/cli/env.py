@@ -14,6 +14,7 @@ from typing import Any
 from capsa import __version__
 from capsa.cli.context import Context
 from capsa.hypervisor.accel import resolve_accelerator
+from capsa.runtime.confinement import measures
 from capsa.runtime.sandbox import VHOST_VSOCK, choose_channel, kernel_cmdline
 
 
@@ -50,6 +51,11 @@ def environment(ctx: Context) -> dict[str, Any]:
             "shared_fs": config.shared_fs.kind,
             "virtiofsd_path": str(config.shared_fs.virtiofsd_path),
             "agent_channel": channel,
+            "sandbox_uid_range": [
+                config.security.sandbox_id_base,
+                config.security.sandbox_id_base + config.security.sandbox_id_count - 1,
+            ],
+            "confinement": {m.name: {"on": m.on, "detail": m.detail} for m in measures(config)},
         }
     )
     return env

@@ -34,7 +34,9 @@ def die_with_parent_hook() -> Callable[[], None]:
     The kernel's notion of parent here is the *thread* that forked, so spawn
     from the event loop's thread, not from an executor thread that may exit.
     The parent can die between fork and prctl; then the child is already
-    orphaned, which the re-check of the parent PID catches.
+    orphaned, which the re-check of the parent PID catches.  A child in a
+    PID namespace of its own (hypervisor/jail.py) sees its parent, outside
+    it, as PID 0, and an orphan as the namespace's init.
     """
     parent = os.getpid()
     libc = ctypes.CDLL(None, use_errno=True)
@@ -42,7 +44,7 @@ def die_with_parent_hook() -> Callable[[], None]:
     def hook() -> None:
         if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
             os._exit(127)
-        if os.getppid() != parent:
+        if os.getppid() not in (parent, 0):
             os._exit(127)
 
     return hook
@@ -55,17 +57,22 @@ async def spawn(
     error: type[CapsaError],
     pass_fds: Sequence[int] = (),
     die_with_parent: bool = False,
+    confine: Callable[[Callable[[], None] | None], Callable[[], None]] | None = None,
 ) -> asyncio.subprocess.Process:
     """Start ``argv`` with its output in ``log_path`` (emptied first, so its last line is about this run).
 
-    Raises ``error`` (the caller's part of the exception tree) when the
-    program cannot be executed at all.
+    ``confine``, given the die-with-parent hook (or None), returns the
+    child's whole ``preexec_fn`` (hypervisor/jail.py: the jail first, then
+    that hook, which a change of uid would undo).  Raises ``error`` (the
+    caller's part of the exception tree) when the program cannot be
+    executed at all.
     """
     what = Path(argv[0]).name
     try:
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o640)
     except OSError as exc:
         raise error(f"cannot open log file {log_path} for {what}: {exc.strerror}") from exc
+    death_hook = die_with_parent_hook() if die_with_parent else None
     try:
         return await asyncio.create_subprocess_exec(
             *argv,
@@ -74,7 +81,7 @@ async def spawn(
             stderr=log_fd,
             pass_fds=tuple(pass_fds),
             start_new_session=True,
-            preexec_fn=die_with_parent_hook() if die_with_parent else None,
+            preexec_fn=confine(death_hook) if confine is not None else death_hook,
         )
     except OSError as exc:
         raise error(f"cannot execute {argv[0]}: {exc.strerror}") from exc

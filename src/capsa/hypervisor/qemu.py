@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -48,6 +49,7 @@ from typing import Any
 from qemu.qmp import EventListener, ExecInterruptedError, QMPClient, QMPError, Runstate
 
 from capsa.errors import HypervisorError
+from capsa.hypervisor import jail
 from capsa.hypervisor.base import (
     AGENT_PORT_ID,
     AGENT_PORT_NAME,
@@ -60,6 +62,7 @@ from capsa.hypervisor.base import (
     VMConfig,
     VMSize,
 )
+from capsa.hypervisor.jail import Confinement
 from capsa.hypervisor.process import last_line, spawn, terminate
 
 log = logging.getLogger("capsa.hypervisor.qemu")
@@ -374,12 +377,14 @@ class BlockDisk:
         return f"blk-{self.serial}"
 
 
-def blockdev_arguments(disk: BlockDisk) -> dict[str, object]:
+def blockdev_arguments(disk: BlockDisk, fdset: int | None = None) -> dict[str, object]:
     """QMP "blockdev-add" for a raw disk: the raw format over a file or host_device protocol node.
 
     ``read-only`` on both nodes: QEMU then opens the file O_RDONLY and the
     virtio-blk device tells the guest the disk is read-only (VIRTIO_BLK_F_RO),
-    so not even the guest kernel can write to it.
+    so not even the guest kernel can write to it.  With ``fdset``, QEMU
+    opens ``/dev/fdset/N`` (QMP "add-fd"): a descriptor we opened and passed,
+    since a confined QEMU can neither see nor open the host's path.
     """
     if len(disk.serial.encode()) > VIRTIO_BLK_SERIAL_BYTES:
         raise HypervisorError(f"virtio-blk serial {disk.serial!r} is longer than {VIRTIO_BLK_SERIAL_BYTES} bytes")
@@ -388,7 +393,11 @@ def blockdev_arguments(disk: BlockDisk) -> dict[str, object]:
         "driver": "raw",
         "node-name": disk.node_name,
         "read-only": disk.readonly,
-        "file": {"driver": protocol, "filename": str(disk.path), "read-only": disk.readonly},
+        "file": {
+            "driver": protocol,
+            "filename": str(disk.path) if fdset is None else f"/dev/fdset/{fdset}",
+            "read-only": disk.readonly,
+        },
     }
 
 
@@ -492,8 +501,11 @@ class QemuHypervisor(Hypervisor):
         *,
         die_with_parent: bool = False,
         start_timeout: float = DEFAULT_START_TIMEOUT,
+        confinement: Confinement | None = None,
     ) -> None:
         self.config = config
+        #: Who QEMU runs as and whether jailed (hypervisor/jail.py); None: as we run.
+        self.confinement = confinement
         self._die_with_parent = die_with_parent
         self._start_timeout = start_timeout
         self._proc: asyncio.subprocess.Process | None = None
@@ -501,12 +513,22 @@ class QemuHypervisor(Hypervisor):
         # One hot-plug at a time: choosing a free root port and plugging
         # into it must not interleave with another plug (see free_root_port).
         self._plug_lock = asyncio.Lock()
+        #: The fdset (QMP "add-fd") behind each plugged disk, by node name.
+        self._fdsets: dict[str, int] = {}
 
     @property
     def pid(self) -> int | None:
         if self._proc is None or self._proc.returncode is not None:
             return None
         return self._proc.pid
+
+    @property
+    def vmm_pid(self) -> int | None:
+        """QEMU's own PID: in a jail, :attr:`pid` is its ``capsa-vmm`` parent (hypervisor/jail.py)."""
+        pid = self.pid
+        if pid is None or self.confinement is None or not self.confinement.jailed:
+            return pid
+        return jail.vmm_pid(pid)
 
     @property
     def console_log(self) -> Path | None:
@@ -516,10 +538,17 @@ class QemuHypervisor(Hypervisor):
         if self._proc is not None:
             raise HypervisorError(f"VM {self.config.name} was already started")
         config = self.config
+        confinement = self.confinement
         try:
             config.run_dir.mkdir(parents=True, exist_ok=True)
+            if confinement is not None:
+                jail.prepare(config, confinement.uid, confinement.gid)
         except OSError as exc:
-            raise HypervisorError(f"cannot create VM directory {config.run_dir}: {exc.strerror}") from exc
+            raise HypervisorError(f"cannot prepare the VM directory {config.run_dir}: {exc.strerror}") from exc
+        confine = None
+        if confinement is not None:
+            plan = confinement.plan(config)
+            confine = functools.partial(jail.confine_hook, plan)
         image_bytes = self._rootfs_image_bytes()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -531,6 +560,7 @@ class QemuHypervisor(Hypervisor):
                 error=HypervisorError,
                 pass_fds=(theirs.fileno(),),
                 die_with_parent=self._die_with_parent,
+                confine=confine,
             )
         except BaseException:
             ours.close()
@@ -596,6 +626,8 @@ class QemuHypervisor(Hypervisor):
             # QEMU removes its listening socket on a clean exit, not on SIGKILL.
             with contextlib.suppress(OSError):
                 self.config.agent_channel.socket_path.unlink(missing_ok=True)
+        if self.confinement is not None and (proc is None or proc.returncode is not None):
+            jail.release(self.config)
 
     async def _ask_quit(self, timeout: float) -> bool:
         """Send QMP ``quit`` (QMP reference, "quit"): QEMU exits at once; the guest is not asked."""
@@ -889,13 +921,44 @@ class QemuHypervisor(Hypervisor):
         """
         async with self._plug_lock:
             port = await self.free_root_port()
-            await self._execute("blockdev-add", blockdev_arguments(disk))
+            fdset = await self._add_fd(disk.path, os.O_RDONLY if disk.readonly else os.O_RDWR)
+            try:
+                await self._execute("blockdev-add", blockdev_arguments(disk, fdset))
+            except HypervisorError:
+                await self._remove_fd(fdset)
+                raise
+            self._fdsets[disk.node_name] = fdset
             try:
                 await self._execute("device_add", virtio_blk_arguments(disk, port))
             except HypervisorError:
                 with contextlib.suppress(HypervisorError):
                     await self._execute("blockdev-del", {"node-name": disk.node_name})
+                await self._remove_fd(self._fdsets.pop(disk.node_name))
                 raise
+
+    async def _add_fd(self, path: Path, flags: int) -> int:
+        """Open ``path`` here and add it to a new fdset of QEMU's (QMP "add-fd"); return the set's id."""
+        qmp = self._qmp
+        if qmp is None:
+            raise HypervisorError(f"VM {self.config.name} is not running")
+        try:
+            fd = os.open(path, flags | os.O_CLOEXEC)
+        except OSError as exc:
+            raise HypervisorError(f"cannot open {path} for VM {self.config.name}: {exc.strerror}") from exc
+        try:
+            qmp.send_fd_scm(fd)
+        except (QMPError, OSError) as exc:
+            raise HypervisorError(f"cannot pass {path} to VM {self.config.name}: {exc}") from exc
+        finally:
+            os.close(fd)
+        added = await self._execute("add-fd", {"opaque": str(path)})
+        if not isinstance(added, dict) or not isinstance(added.get("fdset-id"), int):
+            raise HypervisorError(f"QEMU's add-fd answered {added!r}")
+        return int(added["fdset-id"])
+
+    async def _remove_fd(self, fdset: int) -> None:
+        with contextlib.suppress(HypervisorError):
+            await self._execute("remove-fd", {"fdset-id": fdset})
 
     async def unplug_block(self, disk: BlockDisk, timeout: float = DEFAULT_UNPLUG_TIMEOUT) -> None:
         """Detach a disk :meth:`plug_block` attached (QMP "device_del", then "blockdev-del").
@@ -906,6 +969,9 @@ class QemuHypervisor(Hypervisor):
         """
         await self._device_del(virtio_blk_device_id(disk), f"disk {disk.serial}", timeout)
         await self._execute("blockdev-del", {"node-name": disk.node_name})
+        fdset = self._fdsets.pop(disk.node_name, None)
+        if fdset is not None:
+            await self._remove_fd(fdset)
 
     @contextlib.asynccontextmanager
     async def agent_port_events(self) -> AsyncIterator[EventListener]:

@@ -76,8 +76,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
+from capsa.dirs import ensure_dir
 from capsa.errors import HypervisorError
 from capsa.hypervisor.base import AGENT_PORT_ID, NinePShare, SerialChannel, VirtioFsShare, VMConfig
+from capsa.hypervisor.jail import Confinement
 from capsa.hypervisor.qemu import QemuHypervisor, qemu_argv
 
 log = logging.getLogger("capsa.hypervisor.template")
@@ -160,6 +162,7 @@ def template_vm(vm: VMConfig, run_dir: Path, share_dir: Path, memory_file: Path)
         vm,
         name="template",
         run_dir=run_dir,
+        log_dir=None,
         agent_channel=SerialChannel(run_dir / "agent.sock"),
         shares=shares,
         kernel_params=_template_params(vm),
@@ -307,6 +310,10 @@ class TemplateStore:
         # The time of last use, which prune goes by (a read-only store just keeps all).
         with contextlib.suppress(OSError):
             os.utime(directory / META_FILE)
+        if self.root.stat().st_mode & 0o077:
+            # Made before templates were kept root's alone, or under a lax umask.
+            with contextlib.suppress(OSError):
+                os.chmod(self.root, 0o700)
         return directory
 
     def discard(self, key: str) -> None:
@@ -360,7 +367,8 @@ class TemplateStore:
     async def locked(self, key: str, timeout: float) -> AsyncIterator[None]:
         """Hold the exclusive lock of template ``key`` (another process may be making it)."""
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            # Root's alone: a template is what every later VM starts from.
+            ensure_dir(self.root, 0o700)
             fd = os.open(self.root / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise TemplateError(f"cannot lock template {key} in {self.root}: {exc.strerror}") from exc
@@ -388,6 +396,7 @@ class TemplateStore:
         vm: VMConfig,
         check_agent: CheckAgent,
         timeout: float,
+        confinement: Confinement | None = None,
     ) -> Path:
         """Boot the template of ``vm``, save it as ``key`` and return its directory.
 
@@ -402,10 +411,10 @@ class TemplateStore:
         # unix socket paths are limited to 107 bytes, the cache path is not.
         run_dir = Path(tempfile.mkdtemp(prefix="capsa-template-"))
         try:
-            work.mkdir(parents=True)
+            ensure_dir(work, 0o700)
             (run_dir / "share").mkdir()
             template = template_vm(vm, run_dir, run_dir / "share", work / MEMORY_FILE)
-            hypervisor = QemuHypervisor(template, die_with_parent=True)
+            hypervisor = QemuHypervisor(template, die_with_parent=True, confinement=confinement)
             try:
                 await asyncio.wait_for(self._boot_and_save(hypervisor, check_agent, work / STATE_FILE), timeout)
             except TimeoutError as exc:

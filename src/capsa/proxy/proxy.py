@@ -56,9 +56,20 @@ VOLUMES_DIR_NAME = "volumes"
 
 
 class Proxy:
-    def __init__(self, config: Config, sandbox_id: str, run_dir: Path, hostname: str = "", debug: bool = False) -> None:
+    def __init__(
+        self,
+        config: Config,
+        sandbox_id: str,
+        run_dir: Path,
+        hostname: str = "",
+        debug: bool = False,
+        *,
+        socket_dir: Path | None = None,
+    ) -> None:
         self.config = config
         self.run_dir = run_dir
+        #: Where proxy.sock and the VM's sockets are (runtime/state.py: short).
+        self.socket_dir = socket_dir or run_dir
         self.shared = SharedDir(run_dir / SHARED_DIR_NAME)
         # The bind-volume share (virtio-fs only; 9p serves binds from shared/).
         self.volumes = SharedDir(run_dir / VOLUMES_DIR_NAME) if config.shared_fs.kind == "virtio-fs" else None
@@ -69,6 +80,7 @@ class Proxy:
             SandboxSpec(
                 id=sandbox_id,
                 run_dir=run_dir,
+                socket_dir=self.socket_dir,
                 rootfs=self.shared.path,
                 hostname=hostname,
                 volumes=self.volumes.path if self.volumes is not None else None,
@@ -213,7 +225,7 @@ class Proxy:
         virtiofsd = self.sandbox.virtiofsd
         return proxy_pb2.InfoResponse(
             proxy_pid=os.getpid(),
-            hypervisor_pid=(hypervisor.pid or 0) if hypervisor else 0,
+            hypervisor_pid=(hypervisor.vmm_pid or 0) if hypervisor else 0,
             virtiofsd_pid=(virtiofsd.pid or 0) if virtiofsd else 0,
         )
 

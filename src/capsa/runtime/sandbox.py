@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import random
@@ -36,9 +37,11 @@ from capsa.hypervisor.base import (
     VMConfig,
     VsockChannel,
 )
+from capsa.hypervisor.jail import Confinement
 from capsa.hypervisor.qemu import QemuHypervisor
 from capsa.protocols import agent_pb2 as pb
 from capsa.runtime.agent_client import AgentClient
+from capsa.runtime.identity import IdentityAllocator, SandboxIdentity
 from capsa.runtime.mounts import SHARE_TAG, VOLUME_SHARE_TAG
 from capsa.storage.virtiofsd import Virtiofsd
 
@@ -79,6 +82,7 @@ class SandboxSpec:
     """What the runtime asks of a sandbox, before the configuration fills in the rest."""
 
     id: str
+    #: Where the VM's logs go (the container's state directory).
     run_dir: Path
     rootfs: Path
     hostname: str = ""
@@ -87,6 +91,19 @@ class SandboxSpec:
     # The bind-volume share's directory (virtio-fs only: a second virtiofsd
     # with [shared_fs] virtiofs_volume_timeout); None: the rootfs share only.
     volumes: Path | None = None
+    #: Where the VM's sockets go (None: ``run_dir``); short, since a unix
+    #: socket's path holds at most 107 bytes (runtime/state.py).
+    socket_dir: Path | None = None
+
+    @property
+    def sockets(self) -> Path:
+        return self.socket_dir or self.run_dir
+
+    @property
+    def vm_sockets(self) -> Path:
+        """The VM's own sockets (agent, virtiofsd): a directory its QEMU's uid owns,
+        apart from the proxy's socket, which that uid must not reach."""
+        return self.sockets / "vm"
 
 
 def choose_channel(config: Config, vhost_vsock_present: bool) -> str:
@@ -132,7 +149,8 @@ def vm_config(
     max_memory_mib = max(memory_mib, max_memory_mib_for(hv, host_memory_mib())) if hotplug else None
     return VMConfig(
         name=spec.id,
-        run_dir=spec.run_dir,
+        run_dir=spec.vm_sockets,
+        log_dir=spec.run_dir,
         hypervisor_path=hv.path,
         machine_type=hv.machine_type,
         accelerator=accelerator,
@@ -175,7 +193,25 @@ class Sandbox:
     hypervisor: QemuHypervisor | None = None
     virtiofsd: Virtiofsd | None = None
     volume_virtiofsd: Virtiofsd | None = None
+    #: The uid and gid its QEMU runs as (runtime/identity.py); None: as root.
+    identity: SandboxIdentity | None = None
     _memory_file: Path | None = None
+
+    def _confinement(self) -> Confinement | None:
+        if self.identity is None:
+            return None
+        return Confinement(self.identity.uid, self.identity.gid, jailed=self.config.security.jail)
+
+    def _allocate_identity(self) -> None:
+        """A uid and gid of the sandbox's own, unless confinement is off or cannot work here."""
+        security = self.config.security
+        if not security.unprivileged_vmm or self.identity is not None:
+            return
+        if self.config.shared_fs.kind == "virtio-9p":
+            # QEMU itself serves 9p, and only root can serve files with their owners.
+            log.warning("shared_fs.kind = virtio-9p: QEMU runs as root, unconfined (use virtio-fs to confine it)")
+            return
+        self.identity = IdentityAllocator(security).allocate(self.spec.id)
 
     def _release_memory_file(self) -> None:
         memory_file, self._memory_file = self._memory_file, None
@@ -197,6 +233,7 @@ class Sandbox:
     async def _start(self) -> AgentClient:
         config = self.config
         check_guest_files(config)
+        self._allocate_identity()
         accel = resolve_accelerator(config)
         self._mark("accelerator_chosen")
         if config.hypervisor.boot == "template":
@@ -217,11 +254,11 @@ class Sandbox:
         # A template boots on the serial channel (a vsock CID is saved device
         # state), so "auto" picks it wherever a template is wanted.
         if template_boot and self.config.agent.channel == "auto":
-            return SerialChannel(socket_path=self.spec.run_dir / "agent.sock")
+            return SerialChannel(socket_path=self.spec.vm_sockets / "agent.sock")
         kind = choose_channel(self.config, VHOST_VSOCK.exists())
         if kind == "vsock":
             return VsockChannel(guest_cid=random.randrange(3, 0xFFFFFFFF), port=self.config.agent.vsock_port)
-        return SerialChannel(socket_path=self.spec.run_dir / "agent.sock")
+        return SerialChannel(socket_path=self.spec.vm_sockets / "agent.sock")
 
     async def _start_cold(self, accelerator: str) -> AgentClient:
         shares = await self._share_rootfs()
@@ -230,6 +267,7 @@ class Sandbox:
         self.hypervisor = QemuHypervisor(
             vm_config(self.config, self.spec, accelerator, channel, shares, self.debug),
             die_with_parent=True,
+            confinement=self._confinement(),
         )
         await self.hypervisor.start()
         self._mark("hypervisor_started")
@@ -270,16 +308,22 @@ class Sandbox:
                 found = store.find(key)
                 if found is None:
                     log.info("making VM template %s in %s", key, store.root)
-                    found = await store.create(key, vm, self._check_template_agent, config.agent.connect_timeout)
+                    found = await store.create(
+                        key, vm, self._check_template_agent, config.agent.connect_timeout, self._confinement()
+                    )
                     for old in await asyncio.to_thread(store.prune):
                         log.info("removed VM template %s, used least lately", old)
         self._mark("template_ready")
         await self._share_rootfs()
         self._mark("rootfs_shared")
-        self._memory_file = CLONE_MEMORY_DIR / f"capsa-{self.spec.id}-{secrets.token_hex(4)}.mem"
+        # Named for the sandbox's hash, not its ID: an ID can be as long as a file name may be.
+        owner = hashlib.sha256(os.fsencode(self.spec.sockets)).hexdigest()[:16]
+        self._memory_file = CLONE_MEMORY_DIR / f"capsa-{owner}-{secrets.token_hex(4)}.mem"
         await asyncio.to_thread(template.copy_memory, found, self._memory_file)
         self._mark("template_memory_copied")
-        self.hypervisor = QemuHypervisor(template.clone_vm(vm, self._memory_file), die_with_parent=True)
+        self.hypervisor = QemuHypervisor(
+            template.clone_vm(vm, self._memory_file), die_with_parent=True, confinement=self._confinement()
+        )
         await self.hypervisor.start()
         self._mark("hypervisor_started")
         assert isinstance(channel, SerialChannel)
@@ -318,9 +362,9 @@ class Sandbox:
 
     def _virtiofs_shares(self) -> tuple[VirtioFsShare, ...]:
         """The rootfs share, and the bind-volume share when the spec has its directory."""
-        shares = [VirtioFsShare(tag=ROOTFS_TAG, socket_path=self.spec.run_dir / "vfs.sock")]
+        shares = [VirtioFsShare(tag=ROOTFS_TAG, socket_path=self.spec.vm_sockets / "vfs.sock")]
         if self.spec.volumes is not None:
-            shares.append(VirtioFsShare(tag=VOLUME_TAG, socket_path=self.spec.run_dir / "vol.sock"))
+            shares.append(VirtioFsShare(tag=VOLUME_TAG, socket_path=self.spec.vm_sockets / "vol.sock"))
         return tuple(shares)
 
     async def _share_rootfs(self) -> tuple[Share, ...]:
@@ -338,10 +382,12 @@ class Sandbox:
         if shared_fs.kind == "virtio-9p":
             return (NinePShare(tag=ROOTFS_TAG, host_path=self.spec.rootfs, readonly=False),)
         shares = self._virtiofs_shares()
+        self._make_vm_sockets_dir()
         self.virtiofsd = Virtiofsd(
             shared_fs.virtiofsd_path,
             shared_dir=self.spec.rootfs,
             socket_path=shares[0].socket_path,
+            log_path=self.spec.run_dir / "vfs.log",
             cache=shared_fs.virtiofs_cache,
             die_with_parent=True,
         )
@@ -351,6 +397,7 @@ class Sandbox:
                 shared_fs.virtiofsd_path,
                 shared_dir=self.spec.volumes,
                 socket_path=shares[1].socket_path,
+                log_path=self.spec.run_dir / "vol.log",
                 cache=shared_fs.virtiofs_cache,
                 timeout=shared_fs.virtiofs_volume_timeout,
                 die_with_parent=True,
@@ -362,7 +409,25 @@ class Sandbox:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+        if self.identity is not None:
+            # virtiofsd (root) made its socket; QEMU, as the sandbox's uid, must connect to it.
+            for share in shares:
+                try:
+                    os.chown(share.socket_path, self.identity.uid, self.identity.gid)
+                    os.chmod(share.socket_path, 0o600)
+                except OSError as exc:
+                    raise HypervisorError(f"cannot hand {share.socket_path} to the VM: {exc.strerror}") from exc
         return shares
+
+    def _make_vm_sockets_dir(self) -> None:
+        """The VM's socket directory: 0700, its QEMU's uid's when confined."""
+        path = self.spec.vm_sockets
+        try:
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if self.identity is not None:
+                os.chown(path, self.identity.uid, self.identity.gid)
+        except OSError as exc:
+            raise HypervisorError(f"cannot make the VM's socket directory {path}: {exc.strerror}") from exc
 
     async def _connect_agent(self, channel: AgentChannel) -> AgentClient:
         """Wait for the agent's first answer, or for the VM to die trying."""
@@ -437,11 +502,9 @@ class Sandbox:
                 await virtiofsd.stop()
         self.virtiofsd = self.volume_virtiofsd = None
         self._release_memory_file()
+        identity, self.identity = self.identity, None
+        if identity is not None:
+            with contextlib.suppress(CapsaError):
+                IdentityAllocator(self.config.security).release(identity)
         self._mark("sandbox_stopped")
 
-
-def run_dir_ok(path: Path) -> None:
-    """Unix socket paths are limited to 107 bytes; fail early with a clear message."""
-    longest = path / "agent.sock"
-    if len(os.fsencode(longest)) > 107:
-        raise CapsaError(f"state directory {path} is too long for unix sockets: use a shorter --root")

@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,10 +104,27 @@ def virtiofsd_argv(config: VirtiofsdConfig) -> list[str]:
         # mounts in the guest, with their own st_dev, instead of inode clashes.
         "-o",
         "announce_submounts",
+        # Of its default capabilities (chown, dac_override, fowner, fsetid,
+        # setgid, setuid, mknod, setfcap) it keeps all but mknod: a guest
+        # must not make a device node on the host, where virtiofsd would
+        # open the host's device for it.  FIFOs and sockets need no capability.
+        "-o",
+        "modcaps=-mknod",
     ]
     if config.thread_pool_size is not None:
         argv.append(f"--thread-pool-size={config.thread_pool_size}")
     return argv
+
+
+def _no_core_dumps(then: Callable[[], None] | None) -> Callable[[], None]:
+    """virtiofsd's ``preexec_fn``: no core dump (it would hold guest file data), then ``then``."""
+
+    def hook() -> None:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if then is not None:
+            then()
+
+    return hook
 
 
 def listening_unix_sockets(proc_net_unix: str) -> set[str]:
@@ -184,6 +203,7 @@ class Virtiofsd:
             log_path=config.log_file,
             error=StorageError,
             die_with_parent=self._die_with_parent,
+            confine=_no_core_dumps,
         )
         try:
             await self._wait_listening()

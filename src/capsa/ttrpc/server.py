@@ -108,9 +108,20 @@ class Server:
             raise ValueError(f"ttrpc service {name!r} is already registered")
         self._services[name] = dict(methods)
 
-    async def serve_unix(self, path: str) -> asyncio.base_events.Server:
-        """Listen on a unix socket at ``path``; each connection is served and then closed."""
-        return await asyncio.start_unix_server(self._serve_and_close, path=os.fspath(path))
+    async def serve_unix(self, path: str, mode: int = 0o600) -> asyncio.base_events.Server:
+        """Listen on a unix socket at ``path``; each connection is served and then closed.
+
+        The socket gets ``mode`` (connecting needs write permission, unix(7)):
+        by default its owner's alone, whatever the umask.  Its directory
+        must keep others out meanwhile: the mode is set just after bind.
+        """
+        server = await asyncio.start_unix_server(self._serve_and_close, path=os.fspath(path))
+        try:
+            os.chmod(path, mode)
+        except OSError:
+            server.close()
+            raise
+        return server
 
     async def _serve_and_close(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

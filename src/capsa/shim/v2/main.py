@@ -9,7 +9,7 @@ containerd (1.6) runs the binary named for the runtime (``io.containerd.capsa.v2
 ``start`` runs in the bundle directory with ``TTRPC_ADDRESS`` (containerd's
 ttrpc socket, for events) in the environment and the runtime options on
 stdin.  It starts the long-lived server (this program without an action),
-prints the server's socket address (``unix:///run/capsa/s/<hash>``), writes
+prints the server's socket address (``unix:///run/capsa-v2/s/<hash>``), writes
 it to ``address`` in the bundle, and exits.  A CRI container whose
 annotations name a sandbox joins that sandbox's shim instead: ``start``
 prints the address in the sandbox's bundle, so every container of a pod is
@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from capsa.config import Config, load_config
+from capsa.dirs import ensure_dir
 from capsa.errors import CapsaError
 from capsa.protocols.containerd.events import task_pb2 as events
 from capsa.protocols.containerd.task.v2 import shim_pb2 as pb
@@ -54,8 +55,8 @@ from capsa.ttrpc.server import Server
 log = logging.getLogger("capsa.shimv2")
 
 #: Where the shims' sockets and VM state directories live (short: unix socket paths).
-SOCKET_DIR = Path("/run/capsa/s")
-STATE_DIR = Path("/run/capsa/v2")
+SOCKET_DIR = Path("/run/capsa-v2/s")
+STATE_DIR = Path("/run/capsa-v2/pods")
 ADDRESS_FILE = "address"
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
@@ -113,7 +114,7 @@ def start(args: argparse.Namespace) -> str:
         (bundle / ADDRESS_FILE).write_text(address)
         return address
     key = shim_key(args, args.id)
-    SOCKET_DIR.mkdir(parents=True, exist_ok=True, mode=0o711)
+    ensure_dir(SOCKET_DIR, 0o700)
     socket_path = SOCKET_DIR / key
     server_args = ["-namespace", args.namespace, "-address", args.address, "-id", args.id, "-socket", str(socket_path)]
     if args.publish_binary:

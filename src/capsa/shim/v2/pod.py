@@ -35,6 +35,7 @@ from typing import Any
 from capsa.agent import libc
 from capsa.agent.storage import split_options
 from capsa.config import Config, host_cpus, host_memory_mib, max_memory_mib_for, max_vcpus_for
+from capsa.dirs import ensure_dir
 from capsa.errors import CapsaError, ContainerExists, ContainerNotFound, StorageError, WrongState
 from capsa.proxy.proxy import Proxy
 from capsa.runtime import hostcgroup
@@ -149,7 +150,7 @@ class Pod:
         """The host PID that stands for the pod's tasks: the VM's (QEMU)."""
         proxy = self.proxy
         hypervisor = proxy.sandbox.hypervisor if proxy else None
-        return (hypervisor.pid or 0) if hypervisor else 0
+        return (hypervisor.vmm_pid or 0) if hypervisor else 0
 
     def _enter_host_cgroup(self, spec: dict[str, Any]) -> None:
         """Move this shim into the first container's host cgroup, before the VM boots (Kata's sandbox_cgroup_only).
@@ -168,7 +169,7 @@ class Pod:
             return
         if not cgroup:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_dir(self.run_dir, 0o700)
         cgroup.save(self.run_dir / HOST_CGROUP_FILE)
         self.host_cgroup = cgroup
         self._cgroup_origin = cgroup.enter()
@@ -186,7 +187,7 @@ class Pod:
         """The pod's VM, booted by its first container, on that container's network namespace."""
         if self.proxy is not None:
             return self.proxy
-        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_dir(self.run_dir, 0o700)
         proxy = Proxy(self.config, self.sandbox_id, self.run_dir, hostname, self.debug)
         try:
             await proxy.start()
