@@ -20,9 +20,14 @@ container, the common case after an engine's stop. The benchmark is a child
 subreaper, as conmon is, so it can wait for the shim (and runc's container
 process) after `create` exits.
 
-Prints the medians of N rounds and the ratios capsa/runc. Run as root after
-scripts/setup.sh, with capsa's Python: /opt/capsa/venv/bin/python
-bench/lifecycle.py [--rounds N] [--settle S]
+A third runtime runs alongside: capsa with its host-side confinement off
+(``[security] unprivileged_vmm = false, jail = false, cgroup_limits =
+false``), so the cost of confinement (a jail set up in every QEMU's fork,
+the ``capsa-vmm`` parent it leaves) is a ratio from the same rounds.
+
+Prints the medians of N rounds and the ratios capsa/runc and
+confined/unconfined. Run as root after scripts/setup.sh, with capsa's
+Python: /opt/capsa/venv/bin/python bench/lifecycle.py [--rounds N] [--settle S]
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ from capsa.cli.spec import default_spec
 from capsa.config import load_config
 
 PR_SET_CHILD_SUBREAPER = 36
-CAPSA_PARTS = ("qemu", "virtiofsd", "virtiofsd volumes", "proxy", "shim")
+CAPSA_PARTS = ("qemu", "capsa-vmm", "virtiofsd", "virtiofsd volumes", "proxy", "shim")
+UNCONFINED = "[security]\nunprivileged_vmm = false\njail = false\ncgroup_limits = false\n"
 # The bind-volume share's daemon: a child of the proxy, not in state.json.
 VOLUME_SOCKET = b"vol.sock"
 
@@ -177,8 +183,12 @@ class Runtime:
         if self.name == "runc":
             return {"container process": memory_kib(pid)}
         state = json.loads((self.root / cid / "state.json").read_text())
+        qemu = state["hypervisor_pid"]
+        parent = int(Path(f"/proc/{qemu}/stat").read_bytes().rsplit(b")", 1)[1].split()[1])
+        jailed = Path(f"/proc/{parent}/comm").read_text().strip() == "capsa-vmm"
         return {
-            "qemu": memory_kib(state["hypervisor_pid"]),
+            "qemu": memory_kib(qemu),
+            "capsa-vmm": memory_kib(parent) if jailed else (0, 0),
             "virtiofsd": memory_kib(state["virtiofsd_pid"], with_children=True),
             "virtiofsd volumes": volume_virtiofsd_kib(state["proxy_pid"]),
             "proxy": memory_kib(state["proxy_pid"]),
@@ -207,6 +217,17 @@ class Runtime:
 
 def median_mib(values: list[int]) -> float:
     return statistics.median(values) / 1024
+
+
+def confinement_report(confined: Runtime, unconfined: Runtime) -> None:
+    print("\nConfinement on (the default) and off, side by side:\n")
+    print("| | confined | unconfined | confined/unconfined |")
+    print("|---|---|---|---|")
+    for verb in ("create", "start", "delete"):
+        c, u = statistics.median(confined.times[verb]), statistics.median(unconfined.times[verb])
+        print(f"| `{verb}` | {c:.3f} s | {u:.3f} s | {c / u:.3f} |")
+    c, u = median_mib(confined.total()), median_mib(unconfined.total())
+    print(f"| idle PSS | {c:.1f} MiB | {u:.1f} MiB | {c / u:.3f} |")
 
 
 def report(capsa: Runtime, runc: Runtime, rounds: int) -> None:
@@ -244,20 +265,30 @@ def main() -> int:
         raise SystemExit("run as root (QEMU, virtiofsd, runc)")
     runc_path = ensure_runc()
     become_subreaper()
-    work = Path(tempfile.mkdtemp(prefix="capsa-bl-", dir="/tmp"))  # short: sockets live under the root
+    work = Path(tempfile.mkdtemp(prefix="capsa-bl-", dir="/tmp"))
     bundle = make_bundle(work)
     capsa = Runtime("capsa", [sys.executable, "-m", "capsa"], work / "capsa", bundle, work / "capsa.log")
+    (work / "unconfined.toml").write_text(UNCONFINED)
+    unconfined = Runtime(
+        "capsa-unconfined",
+        [sys.executable, "-m", "capsa", "--config", str(work / "unconfined.toml")],
+        work / "capsa-unconfined",
+        bundle,
+        work / "capsa-unconfined.log",
+    )
     runc = Runtime("runc", [runc_path], work / "runc", bundle, work / "runc.log")
     try:
         for n in range(args.rounds):
-            for runtime in (capsa, runc):
+            for runtime in (capsa, unconfined, runc):
                 cid = f"bench{n}"
                 try:
                     runtime.round(cid, args.settle)
                 finally:
                     runtime.cleanup(cid)
-            print(f"round {n + 1}: {capsa.last_round()}; {runc.last_round()}", file=sys.stderr)
+            rounds = "; ".join(runtime.last_round() for runtime in (capsa, unconfined, runc))
+            print(f"round {n + 1}: {rounds}", file=sys.stderr)
         report(capsa, runc, args.rounds)
+        confinement_report(capsa, unconfined)
     finally:
         reap_orphans()
         left = [pid for pid in filter(str.isdigit, os.listdir("/proc")) if str(work).encode() in _cmdline(pid)]

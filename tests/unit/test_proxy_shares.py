@@ -51,8 +51,7 @@ def test_a_clone_gets_both_shares_plugged_rootfs_first(tmp_path: Path) -> None:
         ("rootfs", "vfs.sock"),
         ("volumes", "vol.sock"),
     ]
-    # No longer than the agent's socket, which run_dir_ok measures: a Docker state
-    # directory (/run/docker/runtime-runc/moby/<64 hex>/) leaves room for no more.
+    # Short names in a short directory (runtime/state.py: /run/capsa-vm/<key>/vm/).
     assert all(len(share.socket_path.name) <= len("agent.sock") for share in shares)
     vm = vm_config(proxy.config, proxy.sandbox.spec, "tcg", SerialChannel(tmp_path / "agent.sock"), shares, False)
     plugged = template.plugged_shares(vm)
