@@ -44,6 +44,6 @@ def test_info_needs_no_agent(tmp_path: Path) -> None:
 def test_info_reports_the_processes_the_proxy_started(tmp_path: Path) -> None:
     proxy = Proxy(parse_config({}), "c1", tmp_path)
     # Stand-ins for the started QEMU and virtiofsd: only their PIDs are read.
-    proxy.sandbox.hypervisor = SimpleNamespace(pid=4242)  # type: ignore[assignment]
+    proxy.sandbox.hypervisor = SimpleNamespace(vmm_pid=4242)  # type: ignore[assignment]
     proxy.sandbox.virtiofsd = SimpleNamespace(pid=4343)  # type: ignore[assignment]
     assert info_from(proxy, tmp_path) == (os.getpid(), 4242, 4343)

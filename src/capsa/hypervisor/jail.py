@@ -8,11 +8,12 @@ between fork and exec (:func:`confine`):
 2. A fresh tmpfs as its root, holding only what it needs, each at the same
    path as on the host (so QEMU's command line does not change): ``/usr``
    read-only (QEMU, its libraries, firmware and ROMs), the guest kernel and
-   image read-only, the VM's socket directory, console log and RAM file
-   read-write, ``/dev/null``, ``/dev/zero``, ``/dev/urandom`` and, where
-   KVM (or vsock) is used, a ``/dev/kvm`` (``/dev/vhost-vsock``) node of
-   its own, owned by its uid: no host group has to let it in.  No ``/etc``, no ``/proc``, no ``/sys``, no
-   ``/home``: nothing of the host it does not need exists there.  The
+   image read-only, the VM's socket directory and RAM file read-write (its
+   console is a socket we pass it: hypervisor/console_log.py),
+   ``/dev/null``, ``/dev/zero``, ``/dev/urandom`` and, where KVM (or vsock)
+   is used, a ``/dev/kvm`` (``/dev/vhost-vsock``) node of its own, owned by
+   its uid: no host group has to let it in.  No ``/etc``, no ``/proc``, no
+   ``/sys``, no ``/home``: nothing of the host it does not need exists there.  The
    tmpfs is made read-only, then becomes ``/`` by pivot_root(2) with the old
    root detached, so there is no way back to the host's tree.
 3. Resource limits: open files, file size, no core dumps (setrlimit(2)).
@@ -121,7 +122,7 @@ def kvm_gid() -> int | None:
 def prepare(vm: VMConfig, uid: int, gid: int) -> None:
     """Make what the VMM writes its uid's, before it starts (see :func:`owned_paths`).
 
-    The socket directory 0700, the console log 0600, the RAM file 0600 and
+    The socket directory 0700, the RAM file 0600 and
     already as large as the guest's RAM: QEMU then never grows it, and its
     file size limit can stay small.  The jail's mount point is made empty.
     """
@@ -130,15 +131,11 @@ def prepare(vm: VMConfig, uid: int, gid: int) -> None:
     os.chmod(vm.run_dir, 0o700)
     root = jail_root(vm)
     root.mkdir(exist_ok=True, mode=0o700)
-    for path in (vm.console_log, vm.memory_file):
-        if path is None:
-            continue
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    if vm.memory_file is not None:
+        fd = os.open(vm.memory_file, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
-            if path == vm.memory_file and os.fstat(fd).st_size == 0:
+            if os.fstat(fd).st_size == 0:
                 os.ftruncate(fd, vm.memory_mib << 20)
-            elif path == vm.console_log:
-                os.ftruncate(fd, 0)
             os.fchown(fd, uid, gid)
             os.fchmod(fd, 0o600)
         finally:
@@ -217,7 +214,6 @@ def jail_plan(
             binds.append(JailBind(share.socket_path, writable=True))
         elif isinstance(share, NinePShare):
             binds.append(JailBind(share.host_path, writable=not share.readonly))
-    binds.append(JailBind(vm.console_log, writable=True))
     if vm.memory_file is not None:
         binds.append(JailBind(vm.memory_file, writable=True))
     rlimits = (
@@ -239,8 +235,8 @@ def jail_plan(
 
 
 def owned_paths(vm: VMConfig) -> tuple[Path, ...]:
-    """What the VMM's uid must own: its socket directory, console log and RAM file."""
-    paths = [vm.run_dir, vm.console_log]
+    """What the VMM's uid must own: its socket directory and RAM file."""
+    paths = [vm.run_dir]
     if vm.memory_file is not None:
         paths.append(vm.memory_file)
     return tuple(paths)

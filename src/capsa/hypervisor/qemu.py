@@ -62,6 +62,8 @@ from capsa.hypervisor.base import (
     VMConfig,
     VMSize,
 )
+from capsa.hypervisor.console_log import ConsoleLog
+from capsa.hypervisor.console_log import pump as console_pump
 from capsa.hypervisor.jail import Confinement
 from capsa.hypervisor.process import last_line, spawn, terminate
 
@@ -213,18 +215,23 @@ def _boot(config: VMConfig, console_params: tuple[str, ...]) -> list[str]:
     return args
 
 
-def _console_and_agent(config: VMConfig) -> tuple[list[str], tuple[str, ...]]:
+def _console_and_agent(config: VMConfig, console_fd: int | None) -> tuple[list[str], tuple[str, ...]]:
     """The virtio-serial controller, guest console and agent port.
 
+    The console goes to ``console_fd`` (a socket whose other end writes a
+    bounded log: hypervisor/console_log.py), else to the console log file.
     Returns the arguments and the kernel parameters the console needs.
     """
     suffix = _device_suffix(config.machine_type)
-    console_path = escape_option(config.console_log)
+    if console_fd is not None:
+        console = f"socket,id=console,fd={console_fd}"
+    else:
+        console = f"file,id=console,path={escape_option(config.console_log)}"
     args = [
         "-device",
         f"virtio-serial-{suffix},id=vserial0,max_ports=2",
         "-chardev",
-        f"file,id=console,path={console_path}",
+        console,
     ]
     if config.debug:
         args += ["-serial", "chardev:console"]
@@ -427,7 +434,9 @@ def free_root_port(buses: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def qemu_argv(config: VMConfig, *, qmp_fd: int, rootfs_image_bytes: int | None = None) -> list[str]:
+def qemu_argv(
+    config: VMConfig, *, qmp_fd: int, rootfs_image_bytes: int | None = None, console_fd: int | None = None
+) -> list[str]:
     """QEMU's command line for ``config``.
 
     ``qmp_fd`` is the child's end of the QMP socketpair (inherited by QEMU);
@@ -443,7 +452,7 @@ def qemu_argv(config: VMConfig, *, qmp_fd: int, rootfs_image_bytes: int | None =
     # after restore, and the saved RAM must live in the same kind of block.
     memory_backend = shared_memory(config)
     nvdimm_bytes = rootfs_image_bytes if config.rootfs_image is not None else None
-    console_args, console_params = _console_and_agent(config)
+    console_args, console_params = _console_and_agent(config, console_fd)
 
     argv = [
         str(config.hypervisor_path),
@@ -515,6 +524,8 @@ class QemuHypervisor(Hypervisor):
         self._plug_lock = asyncio.Lock()
         #: The fdset (QMP "add-fd") behind each plugged disk, by node name.
         self._fdsets: dict[str, int] = {}
+        #: Copies the guest console into its bounded log while QEMU runs.
+        self._console: asyncio.Future[None] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -551,22 +562,38 @@ class QemuHypervisor(Hypervisor):
             confine = functools.partial(jail.confine_hook, plan)
         image_bytes = self._rootfs_image_bytes()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        console_ours, console_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            argv = qemu_argv(config, qmp_fd=theirs.fileno(), rootfs_image_bytes=image_bytes)
+            console_log = ConsoleLog(config.console_log)
+        except OSError as exc:
+            for sock in (ours, theirs, console_ours, console_theirs):
+                sock.close()
+            raise HypervisorError(f"cannot open the console log {config.console_log}: {exc.strerror}") from exc
+        try:
+            argv = qemu_argv(
+                config,
+                qmp_fd=theirs.fileno(),
+                rootfs_image_bytes=image_bytes,
+                console_fd=console_theirs.fileno(),
+            )
             log.debug("starting %s", " ".join(argv))
             self._proc = await spawn(
                 argv,
                 log_path=config.vmm_log,
                 error=HypervisorError,
-                pass_fds=(theirs.fileno(),),
+                pass_fds=(theirs.fileno(), console_theirs.fileno()),
                 die_with_parent=self._die_with_parent,
                 confine=confine,
             )
         except BaseException:
             ours.close()
+            console_ours.close()
+            console_log.close()
             raise
         finally:
             theirs.close()
+            console_theirs.close()
+        self._console = asyncio.ensure_future(console_pump(console_ours, console_log))
         self._qmp = QMPClient(f"capsa-{config.name}")
         try:
             await asyncio.wait_for(self._qmp.connect(ours), self._start_timeout)
@@ -622,6 +649,11 @@ class QemuHypervisor(Hypervisor):
             # (QEMU treats it as a clean quit too).
             await terminate(proc, timeout, (lambda: None) if asked else None)
         await self._close_qmp()
+        console, self._console = self._console, None
+        if console is not None:
+            # QEMU is gone: the pump reads what is left, sees EOF and closes the log.
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(console, 2)
         if isinstance(self.config.agent_channel, SerialChannel):
             # QEMU removes its listening socket on a clean exit, not on SIGKILL.
             with contextlib.suppress(OSError):

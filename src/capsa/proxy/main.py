@@ -80,7 +80,12 @@ async def _serve(proxy: Proxy, ready: ReadyPipe, netns: str = "") -> int:
         await proxy.stop()
         ready.fail("the proxy failed to start (see proxy.log)")
         raise
-    ready.ok()
+    if not ready.ok():
+        # The create that started us died: it recorded nothing that could stop us.
+        log.error("the create that started this proxy is gone: stopping")
+        listener.close()
+        await proxy.stop()
+        return 1
     try:
         await proxy.run_until_done()
     finally:

@@ -264,15 +264,19 @@ class Proxy:
         if handle_signals:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self.request_shutdown, f"signal {signum}")
-        assert self.sandbox.hypervisor is not None
-        vm_exit = asyncio.ensure_future(self.sandbox.hypervisor.wait())
+        vm_exit = asyncio.ensure_future(self.sandbox.wait_helpers())
         done = asyncio.ensure_future(self._done.wait())
         try:
             await asyncio.wait({vm_exit, done}, return_when=asyncio.FIRST_COMPLETED)
             if vm_exit.done() and not done.done():
+                ended = "the VM"
                 with contextlib.suppress(CapsaError):
-                    vm_exit.result()
-                self.request_shutdown("the VM stopped")
+                    ended = vm_exit.result()
+                if ended != "QEMU":
+                    # A VM without its file server is no sandbox: end it as if QEMU had died.
+                    log.error("%s exited: stopping the VM", ended)
+                    await self.sandbox.stop_hypervisor()
+                self.request_shutdown(f"{ended} stopped")
         finally:
             for task in (vm_exit, done):
                 task.cancel()

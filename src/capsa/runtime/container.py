@@ -33,7 +33,10 @@ def current_status(state: ContainerState) -> str:
     if state.status == Status.STOPPED:
         return Status.STOPPED
     if state.status == Status.CREATING:
-        # A create still at work holds the lock; one that died left this.
+        # A create still at work holds the lock; one that died left this, and
+        # whatever it started stops by itself or at delete.
+        if state.creator_pid:
+            return Status.CREATING if pids.alive(state.creator_pid, state.creator_start) else Status.STOPPED
         return Status.CREATING if pids.alive(state.proxy_pid, state.proxy_start) else Status.STOPPED
     if not pids.alive(state.proxy_pid, state.proxy_start):
         return Status.STOPPED

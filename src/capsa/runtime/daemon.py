@@ -138,16 +138,23 @@ class ReadyPipe:
     def __init__(self, fd: int) -> None:
         self._fd = fd
 
-    def _send(self, line: str) -> None:
+    def _send(self, line: str) -> bool:
         if self._fd < 0:
-            return
-        with contextlib.suppress(OSError):
+            return True
+        try:
             os.write(self._fd, line.replace("\n", " ").encode() + b"\n")
+            delivered = True
+        except OSError:
+            delivered = False
+        with contextlib.suppress(OSError):
             os.close(self._fd)
         self._fd = -1
+        return delivered
 
-    def ok(self) -> None:
-        self._send("ok")
+    def ok(self) -> bool:
+        """Say we are ready; False if nobody heard it (our starter died while we started:
+        a create killed halfway, whose helpers must not live on without a state)."""
+        return self._send("ok")
 
     def fail(self, message: str) -> None:
         self._send(message or "failed to start")

@@ -170,6 +170,26 @@ def vm_config(
     )
 
 
+def clone_memory_prefix(sockets: Path) -> str:
+    """How a sandbox's RAM copies in ``/dev/shm`` are named: by a hash of its socket
+    directory, not its ID (an ID can be as long as a file name may be)."""
+    return f"capsa-{hashlib.sha256(os.fsencode(sockets)).hexdigest()[:16]}-"
+
+
+def sweep_clone_memory(sockets: Path) -> list[Path]:
+    """Remove the RAM copies a sandbox left behind (its proxy was killed before
+    QEMU had mapped one, when it unlinks it); the paths removed."""
+    prefix = clone_memory_prefix(sockets)
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(CLONE_MEMORY_DIR):
+            if entry.name.startswith(prefix) and entry.name.endswith(".mem"):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
 def check_guest_files(config: Config) -> None:
     """The kernel and image must exist before anything is started."""
     hv = config.hypervisor
@@ -317,8 +337,7 @@ class Sandbox:
         await self._share_rootfs()
         self._mark("rootfs_shared")
         # Named for the sandbox's hash, not its ID: an ID can be as long as a file name may be.
-        owner = hashlib.sha256(os.fsencode(self.spec.sockets)).hexdigest()[:16]
-        self._memory_file = CLONE_MEMORY_DIR / f"capsa-{owner}-{secrets.token_hex(4)}.mem"
+        self._memory_file = CLONE_MEMORY_DIR / f"{clone_memory_prefix(self.spec.sockets)}{secrets.token_hex(4)}.mem"
         await asyncio.to_thread(template.copy_memory, found, self._memory_file)
         self._mark("template_memory_copied")
         self.hypervisor = QemuHypervisor(
@@ -483,6 +502,32 @@ class Sandbox:
         if self.debug:
             log.debug("guest console:\n%s", "\n".join(lines[-40:]))
         return f": {lines[-1].strip()}"
+
+    async def wait_helpers(self) -> str:
+        """Wait until QEMU or one of its virtiofsd exits; say which ("QEMU", "virtiofsd ...").
+
+        A sandbox needs all of them: the engine must see the container end
+        when any one dies, not a container whose files stopped answering.
+        """
+        waits: dict[asyncio.Future[int], str] = {}
+        if self.hypervisor is not None:
+            waits[asyncio.ensure_future(self.hypervisor.wait())] = "QEMU"
+        for daemon in (self.virtiofsd, self.volume_virtiofsd):
+            if daemon is not None:
+                waits[asyncio.ensure_future(daemon.wait())] = f"virtiofsd for {daemon.config.shared_dir}"
+        if not waits:
+            raise HypervisorError("the sandbox is not running")
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for future in waits:
+                future.cancel()
+        return waits[next(iter(done))]
+
+    async def stop_hypervisor(self) -> None:
+        """End QEMU (the rest stays for :meth:`stop`)."""
+        if self.hypervisor is not None:
+            await self.hypervisor.stop(timeout=2)
 
     async def stop(self) -> None:
         """Tear down whatever was started; safe to call at any point, and twice."""

@@ -77,6 +77,10 @@ class ContainerState:
     annotations: dict[str, str] = field(default_factory=dict)
     proxy_pid: int = 0
     proxy_start: int = 0
+    # The `capsa create` at work while the status is "creating": if it died,
+    # the container never came to be (runtime/container.current_status).
+    creator_pid: int = 0
+    creator_start: int = 0
     hypervisor_pid: int = 0
     virtiofsd_pid: int = 0
     # The host cgroup made for the VM's processes (runtime/hostcgroup.HostCgroup.to_dict), removed by delete.
@@ -142,15 +146,21 @@ class StateStore:
         return path
 
     def save(self, state: ContainerState) -> None:
+        """Replace the container's state.json at once; CapsaError (say, a full filesystem) leaves the old one."""
         path = self.dir(state.id)
-        fd, tmp = tempfile.mkstemp(dir=path, prefix=".state.")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path, prefix=".state.")
+        except OSError as exc:
+            raise CapsaError(f"cannot save the state of container {state.id!r} in {path}: {exc.strerror}") from exc
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(state.to_json())
             os.replace(tmp, path / STATE_FILE)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            if isinstance(exc, OSError):
+                raise CapsaError(f"cannot save the state of container {state.id!r} in {path}: {exc.strerror}") from exc
             raise
 
     def load(self, container_id: str) -> ContainerState:

@@ -45,6 +45,7 @@ from capsa.protocols.containerd.task.v2 import shim_pb2 as pb
 from capsa.runtime import daemon
 from capsa.runtime.daemon import ReadyPipe, set_process_name
 from capsa.runtime.hostcgroup import HostCgroup
+from capsa.runtime.sandbox import sweep_clone_memory
 from capsa.shim.v2.events import Publisher
 from capsa.shim.v2.pod import HOST_CGROUP_FILE, Pod, Process
 from capsa.shim.v2.task import TaskService, exit_event, register
@@ -136,6 +137,7 @@ def delete(args: argparse.Namespace) -> pb.DeleteResponse:
         (SOCKET_DIR / key).unlink()
     # The dead shim's VM dies with it (PR_SET_PDEATHSIG); then the pod's host cgroup can go.
     HostCgroup.load(STATE_DIR / key / HOST_CGROUP_FILE).remove()
+    sweep_clone_memory(STATE_DIR / key)
     shutil.rmtree(STATE_DIR / key, ignore_errors=True)
     with contextlib.suppress(OSError):
         (bundle / ADDRESS_FILE).unlink()
