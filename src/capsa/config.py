@@ -131,6 +131,9 @@ class AgentConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     debug: bool = False
+    #: Admission: a VM starts only if the host's MemAvailable, less this
+    #: reserve, holds its guest memory (runtime/admission.py).  0 turns the check off.
+    host_memory_reserve_mib: int = 1024
 
 
 @dataclass(frozen=True)
@@ -377,7 +380,12 @@ def _parse_agent(table: Mapping[str, Any], where: str) -> AgentConfig:
 
 def _parse_runtime(table: Mapping[str, Any], where: str) -> RuntimeConfig:
     t = _Table(table, where, RuntimeConfig)
-    return RuntimeConfig(debug=t.boolean("debug", RuntimeConfig.debug))
+    return RuntimeConfig(
+        debug=t.boolean("debug", RuntimeConfig.debug),
+        host_memory_reserve_mib=t.integer(
+            "host_memory_reserve_mib", RuntimeConfig.host_memory_reserve_mib, 0, 1 << 24
+        ),
+    )
 
 
 def _parse_network(table: Mapping[str, Any], where: str) -> NetworkConfig:

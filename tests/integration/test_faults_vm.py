@@ -141,3 +141,18 @@ def test_a_proxy_killed_during_create_leaves_no_ram_copy(capsa: Capsa, delay: fl
         assert len(lines) == 1 and "Traceback" not in err.decode(), err
     assert capsa("state", "px").code != 0 or capsa("delete", "--force", "px").code == 0
     assert shm_files() - before == set()
+
+
+def test_a_vm_the_host_cannot_hold_is_refused_before_it_starts(capsa: Capsa, tmp_path: Path) -> None:
+    # A reserve as large as the host's memory: no VM fits, whatever else runs.
+    total_mib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+    config = tmp_path / "configuration.toml"
+    config.write_text(f"[runtime]\nhost_memory_reserve_mib = {total_mib}\n")
+    capsa.spec(["true"])
+    before = shm_files()
+    result = capsa("--config", str(config), "create", "--bundle", str(capsa.bundle), "toomany")
+    assert result.code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not enough host memory" in lines[0] and "short by" in lines[0], result.stderr
+    assert capsa("state", "toomany").code != 0
+    assert shm_files() == before

@@ -40,6 +40,7 @@ from capsa.hypervisor.base import (
 from capsa.hypervisor.jail import Confinement
 from capsa.hypervisor.qemu import QemuHypervisor
 from capsa.protocols import agent_pb2 as pb
+from capsa.runtime.admission import admit
 from capsa.runtime.agent_client import AgentClient
 from capsa.runtime.identity import IdentityAllocator, SandboxIdentity
 from capsa.runtime.mounts import SHARE_TAG, VOLUME_SHARE_TAG
@@ -253,6 +254,7 @@ class Sandbox:
     async def _start(self) -> AgentClient:
         config = self.config
         check_guest_files(config)
+        admit(self.spec.memory_mib or config.hypervisor.default_memory_mib, config.runtime.host_memory_reserve_mib)
         self._allocate_identity()
         accel = resolve_accelerator(config)
         self._mark("accelerator_chosen")
