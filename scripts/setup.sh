@@ -58,6 +58,18 @@ if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ] || \
     "$venv/bin/pip" install -q -e "$repo[dev]"
     echo "$repo" > "$stamp"
 fi
+# The jailed QEMU's parent outside its PID namespace (hypervisor/jail.py):
+# a small C program, under /usr so that the jail, which holds /usr, has it.
+vmm_src="$repo/src/capsa/hypervisor/vmm/capsa-vmm.c"
+vmm=/usr/local/libexec/capsa/capsa-vmm
+if [ ! -x "$vmm" ] || ! cmp -s "$vmm_src" "$vmm.c"; then
+    say "building $vmm"
+    install -d -m 0755 "$(dirname "$vmm")"
+    cc -O2 -Wall -Wextra -Werror -o "$vmm.new" "$vmm_src"
+    install -m 0755 "$vmm.new" "$vmm"
+    install -m 0644 "$vmm_src" "$vmm.c"
+    rm -f "$vmm.new"
+fi
 for tool in capsa capsa-agent capsa-proxy capsa-shim containerd-shim-capsa-v2; do
     ln -sf "$venv/bin/$tool" "/usr/local/bin/$tool"
 done

@@ -90,3 +90,12 @@ def test_its_identity_and_limits() -> None:
 def test_what_its_uid_owns() -> None:
     memory = Path("/dev/shm/capsa-x.mem")
     assert owned_paths(vm(templated=True, memory_file=memory)) == (RUN, memory)
+
+
+def test_qemu_starts_behind_its_pid_namespace_parent_when_jailed() -> None:
+    parent = Path("/usr/local/libexec/capsa/capsa-vmm")
+    argv = ["/usr/bin/qemu-system-x86_64", "-name", "c1"]
+    assert plan(vm(), pid_parent=parent).wrap(argv) == [str(parent), *argv]
+    # Without the program, or without a jail: QEMU itself, in the host's PID namespace.
+    assert plan(vm()).wrap(argv) == argv
+    assert plan(vm(), pid_parent=parent, jailed=False).wrap(argv) == argv

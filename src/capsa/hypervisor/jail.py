@@ -29,12 +29,13 @@ between fork and exec (:func:`confine`):
 
 7. Its own PID namespace, in which it is PID 1 and sees no other process.
    unshare(2) ``CLONE_NEWPID`` moves only the caller's children, so the
-   child forks once more after all of the above: the forked QEMU is PID 1
-   of the new namespace, and the child that forked it (as confined as QEMU,
-   named ``capsa-vmm``) stays as its parent on the host side: it passes on
-   SIGTERM, SIGINT and SIGHUP, and exits as QEMU exits (the same status, or
-   the same signal), so the caller's view of "the QEMU process" holds.
-   Each dies when its parent dies (``PR_SET_PDEATHSIG``).
+   child execs ``capsa-vmm`` (:data:`VMM_PARENT`, a small C program built
+   by scripts/setup.sh, under /usr so the jail holds it), as confined as
+   QEMU, which forks QEMU as PID 1 of the new namespace and stays outside
+   as its parent: it passes on SIGTERM, SIGINT and SIGHUP and exits as QEMU
+   exits (the same status, or the same signal), and QEMU dies with it
+   (``PR_SET_PDEATHSIG``) as it dies with its starter.  Without the program
+   QEMU runs in the host's PID namespace, and ``capsa check`` says so.
 
 The plan (:func:`jail_plan`) is a pure function of the VM's configuration;
 :func:`confine` applies it and is the only part that does I/O.
@@ -47,7 +48,6 @@ import ctypes
 import grp
 import os
 import resource
-import signal
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,8 +60,6 @@ from capsa.hypervisor.base import NinePShare, SerialChannel, VirtioFsShare, VMCo
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 # <linux/prctl.h>
-PR_SET_PDEATHSIG = 1
-PR_SET_NAME = 15
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
@@ -71,6 +69,9 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 # x86-64 system call numbers (<asm/unistd_64.h>).
 _SYS_CAPSET = 126
 _SYS_PIVOT_ROOT = 155
+
+#: The PID namespace's outside parent (src/capsa/hypervisor/vmm/capsa-vmm.c).
+VMM_PARENT = Path("/usr/local/libexec/capsa/capsa-vmm")
 
 #: Devices every VMM needs: /dev/null and /dev/zero for its own plumbing,
 #: /dev/urandom behind the guest's virtio-rng.
@@ -104,6 +105,7 @@ class Confinement:
             kvm_gid=kvm_gid(),
             jailed=self.jailed,
             host_links=merged_usr_links(),
+            pid_parent=VMM_PARENT if os.access(VMM_PARENT, os.X_OK) else None,
         )
 
 
@@ -178,6 +180,15 @@ class JailPlan:
     rlimits: tuple[tuple[int, int], ...]
     #: Only confine the identity (no namespaces, no jail root): ``[security] jail = false``.
     jailed: bool = True
+    #: The program that becomes QEMU's parent outside its own PID namespace;
+    #: None: no PID namespace (the program is missing).
+    pid_parent: Path | None = None
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        """The command line to exec: ``argv`` behind its PID namespace's parent, if any."""
+        if self.jailed and self.pid_parent is not None:
+            return [str(self.pid_parent), *argv]
+        return argv
 
 
 def jail_plan(
@@ -189,6 +200,7 @@ def jail_plan(
     kvm_gid: int | None,
     jailed: bool = True,
     host_links: tuple[tuple[Path, str], ...] = (),
+    pid_parent: Path | None = None,
 ) -> JailPlan:
     """What ``vm``'s QEMU needs in its jail; pure (``host_links`` come from :func:`merged_usr_links`)."""
     binds: list[JailBind] = [JailBind(Path("/usr"))]
@@ -231,6 +243,7 @@ def jail_plan(
         links=host_links,
         rlimits=rlimits,
         jailed=jailed,
+        pid_parent=pid_parent if jailed else None,
     )
 
 
@@ -276,7 +289,7 @@ def confine(plan: JailPlan) -> None:
     """Apply ``plan`` to the calling process (a forked child, before exec); see the module docstring."""
     lib = ctypes.CDLL(None, use_errno=True)
     if plan.jailed:
-        libc.unshare(libc.CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWPID)
+        libc.unshare(libc.CLONE_NEWNS | CLONE_NEWIPC | (CLONE_NEWPID if plan.pid_parent is not None else 0))
         libc.mount("none", "/", "", libc.MS_REC | libc.MS_PRIVATE)
         root = str(plan.root)
         # Not nodev: it holds the VMM's own device nodes (it cannot make any:
@@ -349,52 +362,12 @@ def confine_hook(plan: JailPlan, then: Callable[[], None] | None = None) -> Call
             os._exit(126)
         if then is not None:
             then()
-        if plan.jailed:
-            _fork_pid1()
 
     return hook
 
 
-def _fork_pid1() -> None:
-    """Fork the process that will exec the VMM as PID 1 of the new namespace; become its parent.
-
-    Returns only in the new child.  The parent never returns: it closes
-    every descriptor it inherited (the caller must see EOF on its exec-error
-    pipe and on QEMU's QMP socket only when QEMU itself closes them), passes
-    signals on, and exits as the child does.
-    """
-    lib = ctypes.CDLL(None, use_errno=True)
-    try:
-        child = os.fork()
-    except OSError as exc:
-        os.write(2, f"capsa: cannot start the VMM in its PID namespace: {exc.strerror}\n".encode())
-        os._exit(126)
-    if child == 0:
-        # Our parent is outside the namespace (getppid() is 0): no way to see
-        # it die before this prctl, but it has nothing to do until we exec.
-        if lib.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            os._exit(127)
-        return
-    lib.prctl(PR_SET_NAME, b"capsa-vmm", 0, 0, 0)
-    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, lambda received, _: os.kill(child, received))
-    while True:
-        try:
-            _, status = os.waitpid(child, 0)
-        except ChildProcessError:
-            os._exit(127)
-        if os.WIFEXITED(status):
-            os._exit(os.WEXITSTATUS(status))
-        if os.WIFSIGNALED(status):
-            killed = os.WTERMSIG(status)
-            signal.signal(killed, signal.SIG_DFL)
-            os.kill(os.getpid(), killed)
-            os._exit(128 + killed)
-
-
 def vmm_pid(pid: int) -> int:
-    """The VMM itself behind ``pid``: its child when ``pid`` is a ``capsa-vmm`` parent
+    """The VMM itself behind ``pid``: its child when ``pid`` is its ``capsa-vmm`` parent
     (``/proc/PID/task/PID/children``), else ``pid``."""
     try:
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()

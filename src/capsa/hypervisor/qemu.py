@@ -557,6 +557,7 @@ class QemuHypervisor(Hypervisor):
         except OSError as exc:
             raise HypervisorError(f"cannot prepare the VM directory {config.run_dir}: {exc.strerror}") from exc
         confine = None
+        plan = None
         if confinement is not None:
             plan = confinement.plan(config)
             confine = functools.partial(jail.confine_hook, plan)
@@ -576,6 +577,8 @@ class QemuHypervisor(Hypervisor):
                 rootfs_image_bytes=image_bytes,
                 console_fd=console_theirs.fileno(),
             )
+            if plan is not None:
+                argv = plan.wrap(argv)
             log.debug("starting %s", " ".join(argv))
             self._proc = await spawn(
                 argv,

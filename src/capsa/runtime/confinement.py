@@ -9,10 +9,11 @@ QEMU).  docs/architecture.md, "Confinement", says what each one stops.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from capsa.config import Config
-from capsa.hypervisor.jail import kvm_gid
+from capsa.hypervisor.jail import VMM_PARENT, kvm_gid
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,13 @@ def measures(config: Config) -> list[Measure]:
     else:
         identity = "off: [security] unprivileged_vmm = false (QEMU runs as root with every capability)"
     jailed = unprivileged and security.jail
-    if jailed:
+    if jailed and os.access(VMM_PARENT, os.X_OK):
         jail = "QEMU's root is a tmpfs holding only its files; own mount, PID and IPC namespaces"
+    elif jailed:
+        jail = (
+            f"QEMU's root is a tmpfs holding only its files; own mount and IPC namespaces, but the host's "
+            f"PID namespace: {VMM_PARENT} is missing (scripts/setup.sh builds it)"
+        )
     elif not security.jail:
         jail = "off: [security] jail = false (QEMU sees the host's file system and processes)"
     else:
