@@ -262,3 +262,19 @@ def test_prune_keeps_the_templates_used_last(tmp_path: Path) -> None:
     ]
     assert sorted(store.prune(keep=2)) == ["t3"]
     assert store.prune(keep=2) == []
+
+
+def test_zero_blocks_of_a_template_ram_file_become_holes(tmp_path: Path) -> None:
+    from capsa.hypervisor.template import punch_zero_pages
+
+    block = 64 << 10
+    path = tmp_path / "memory"
+    with path.open("wb") as f:
+        f.write(b"\x01" * block)  # guest data
+        f.write(bytes(4 * block))  # zeroed free pages
+        f.write(b"\x00" * (block - 1) + b"\x02")  # one byte of data keeps a block
+        f.truncate(16 * block)  # never touched: already a hole
+    before = path.read_bytes()
+    assert punch_zero_pages(path) == 4 * block
+    assert path.read_bytes() == before  # same contents
+    assert path.stat().st_blocks * 512 <= 2 * block  # only the two data blocks take space
