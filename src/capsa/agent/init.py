@@ -52,6 +52,22 @@ DEV_SYMLINKS: tuple[tuple[str, str], ...] = (
 
 DEFAULT_HOSTNAME = "capsa"
 
+# What a container may learn of, or ask of, the guest kernel, set before
+# any container runs (Documentation/admin-guide/sysctl/kernel.rst, vm.rst):
+# kernel pointers shown as zeros even to root in a container (2), the kernel
+# log only to CAP_SYSLOG, no unprivileged BPF (2: an admin may still allow
+# it), no unprivileged userfaultfd (a staple of kernel exploits), no perf
+# events for containers.  A knob the kernel lacks is a feature built out of
+# it (our kernel has no userfaultfd, no perf events and no module loading at
+# all): nothing to restrict.
+HARDENING_SYSCTLS: tuple[tuple[str, str], ...] = (
+    ("kernel/kptr_restrict", "2"),
+    ("kernel/dmesg_restrict", "1"),
+    ("kernel/unprivileged_bpf_disabled", "2"),
+    ("vm/unprivileged_userfaultfd", "0"),
+    ("kernel/perf_event_paranoid", "3"),
+)
+
 # netdevice(7): SIOCGIFFLAGS / SIOCSIFFLAGS (<linux/sockios.h>) on a struct
 # ifreq (IFNAMSIZ name, then a union whose ifr_flags is a short; 40 bytes);
 # IFF_UP from <linux/if.h>.
@@ -112,8 +128,28 @@ def set_link_up(name: str) -> bool:
         return True
 
 
+def harden(sysctls: tuple[tuple[str, str], ...] = HARDENING_SYSCTLS, proc_sys: str = "/proc/sys") -> list[str]:
+    """Write :data:`HARDENING_SYSCTLS`; return the ones that failed (logged, not fatal).
+
+    A sysctl the kernel does not have is skipped: its feature is not built in.
+    """
+    failed = []
+    for name, value in sysctls:
+        path = os.path.join(proc_sys, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            with open(path, "w") as f:
+                f.write(value)
+        except OSError as exc:
+            failed.append(f"{name}: {exc.strerror}")
+    return failed
+
+
 def bring_up(hostname: str = DEFAULT_HOSTNAME) -> None:
     """The rest of PID 1's setup once the API filesystems are mounted."""
+    for problem in harden():
+        log.warning("cannot harden the guest kernel: %s", problem)
     make_dev_symlinks()
     try:
         enable_cgroup_controllers()
