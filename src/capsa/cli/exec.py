@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
 from capsa.cli.context import Context
 from capsa.errors import InvalidArgument
 from capsa.runtime import execs, lifecycle
-from capsa.runtime.bundle import check_process_fields
+from capsa.runtime.bundle import check_process_fields, parse_json_object
+from capsa.runtime.schema import check_process
 
 
 def add_parser(verbs: Any, name: str) -> None:
@@ -47,15 +47,16 @@ def add_parser(verbs: Any, name: str) -> None:
 def execute(args: argparse.Namespace, ctx: Context) -> int:
     if args.preserve_fds:
         raise InvalidArgument("--preserve-fds: file descriptors cannot be passed into a container in a VM")
-    process = _process(args, ctx)
-    request = execs.ExecRequest(
-        container_id=args.id,
-        process=process,
-        detach=args.detach,
-        pid_file=Path(args.pid_file).absolute() if args.pid_file else None,
-        console_socket=args.console_socket,
-    )
+    # From the first moment, as runc: a signal while the process is read,
+    # checked and started goes to it once it runs.
     with execs.SignalRelay() as relay:
+        request = execs.ExecRequest(
+            container_id=args.id,
+            process=_process(args, ctx),
+            detach=args.detach,
+            pid_file=Path(args.pid_file).absolute() if args.pid_file else None,
+            console_socket=args.console_socket,
+        )
         shim = execs.start_exec(ctx.runtime, request)
         if args.detach:
             relay.to(shim.pid)
@@ -70,7 +71,11 @@ def _process(args: argparse.Namespace, ctx: Context) -> dict[str, Any]:
     if not command:
         raise InvalidArgument("exec: give a command, or --process FILE")
     base = copy.deepcopy(lifecycle.container_spec(ctx.runtime, args.id).get("process") or {})
-    return build_process(base, command, args)
+    process = build_process(base, command, args)
+    # What the flags put there (--user 4294967296, --cap CAP_NOPE, --cwd tmp) is checked as a --process file is.
+    check_process(process, "exec: ", InvalidArgument)
+    check_process_fields(process, "exec: ", InvalidArgument)
+    return process
 
 
 def build_process(base: dict[str, Any], command: list[str], args: argparse.Namespace) -> dict[str, Any]:
@@ -105,15 +110,15 @@ def build_process(base: dict[str, Any], command: list[str], args: argparse.Names
 
 
 def load_process(path: Path) -> dict[str, Any]:
+    """The OCI process of ``--process``: checked as config.json's ``process`` is (runtime/schema)."""
     try:
-        process = json.loads(path.read_text())
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InvalidArgument(f"--process {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidArgument(f"--process {path}: cannot read: {exc}") from exc
-    except ValueError as exc:
-        raise InvalidArgument(f"--process {path}: not valid JSON: {exc}") from exc
-    if not isinstance(process, dict):
-        raise InvalidArgument(f"--process {path}: expected a JSON object")
-    check_process_fields(process, f"--process {path}: ", InvalidArgument)
+    prefix = f"--process {path}: "
+    process = parse_json_object(text, prefix, InvalidArgument)
+    check_process(process, prefix, InvalidArgument)
+    check_process_fields(process, prefix, InvalidArgument)
     return process

@@ -32,6 +32,7 @@ from capsa.cli.context import Context
 from capsa.cli.spec import OCI_VERSION
 from capsa.errors import CapsaError
 from capsa.runtime.hooks import STAGES
+from capsa.runtime.schema import CAPABILITIES
 
 OCI_VERSION_MIN = "1.0.0"
 
@@ -97,52 +98,6 @@ MOUNT_OPTIONS = (
 
 #: crun 1.8's namespace table, every one of them in the guest kernel's config.
 NAMESPACES = ("cgroup", "ipc", "mount", "network", "pid", "time", "user", "uts")
-
-#: crun resolves capability names with libcap (Debian 12: 2.66), which knows
-#: every capability of Linux 6.1, 0 (CAP_CHOWN) to 40 (CAP_CHECKPOINT_RESTORE).
-CAPABILITIES = (
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_DAC_READ_SEARCH",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST",
-    "CAP_NET_ADMIN",
-    "CAP_NET_RAW",
-    "CAP_IPC_LOCK",
-    "CAP_IPC_OWNER",
-    "CAP_SYS_MODULE",
-    "CAP_SYS_RAWIO",
-    "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE",
-    "CAP_SYS_PACCT",
-    "CAP_SYS_ADMIN",
-    "CAP_SYS_BOOT",
-    "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME",
-    "CAP_SYS_TTY_CONFIG",
-    "CAP_MKNOD",
-    "CAP_LEASE",
-    "CAP_AUDIT_WRITE",
-    "CAP_AUDIT_CONTROL",
-    "CAP_SETFCAP",
-    "CAP_MAC_OVERRIDE",
-    "CAP_MAC_ADMIN",
-    "CAP_SYSLOG",
-    "CAP_WAKE_ALARM",
-    "CAP_BLOCK_SUSPEND",
-    "CAP_AUDIT_READ",
-    "CAP_PERFMON",
-    "CAP_BPF",
-    "CAP_CHECKPOINT_RESTORE",
-)
 
 #: crun 1.8's ``get_seccomp_action`` (libseccomp 2.5 has SCMP_ACT_LOG and _NOTIFY).
 SECCOMP_ACTIONS = (

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     log_format = "json" if _flag_value(argv, "--log-format") == "json" else "text"
+    # A log line that cannot be written (the --log file on a full disk) is
+    # lost, not turned into a traceback on stderr.
+    logging.raiseExceptions = False
     logging_ready = False
     try:
         args = build_parser().parse_args(argv)
@@ -105,13 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.execute(args, ctx)
         return code
     except CapsaError as exc:
-        if not logging_ready:
-            # A usage error (say, a flag an engine passes that we lack) comes
-            # before the log is set up; containerd reads the error from the log.
-            with contextlib.suppress(CapsaError):
-                setup_logging(_flag_value(argv, "--log"), log_format, False)
-        report_error(str(exc), log_format)
-        return exc.exit_code
+        return _fail(str(exc), exc.exit_code, argv, log_format, logging_ready)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -119,6 +117,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as exc:
+        # Should have been a CapsaError where it happened; still one line (a full disk, a vanished file).
+        logging.getLogger("capsa").debug("uncaught OSError", exc_info=True)
+        message = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
+        return _fail(message, 1, argv, log_format, logging_ready)
+    except Exception as exc:
+        # A bug: one line all the same; --debug shows the traceback.
+        logging.getLogger("capsa").debug("internal error", exc_info=True)
+        message = " ".join(f"internal error: {type(exc).__name__}: {exc}".split())
+        return _fail(message, 1, argv, log_format, logging_ready)
+
+
+def _fail(message: str, code: int, argv: list[str], log_format: str, logging_ready: bool) -> int:
+    """Report ``message`` as the one error line (and in the log); return the exit status ``code``."""
+    if not logging_ready:
+        # A usage error (say, a flag an engine passes that we lack) comes
+        # before the log is set up; containerd reads the error from the log.
+        with contextlib.suppress(CapsaError):
+            setup_logging(_flag_value(argv, "--log"), log_format, False)
+    report_error(message, log_format)
+    return code
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:

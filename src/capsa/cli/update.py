@@ -86,6 +86,8 @@ def read_resources(source: str, stdin: IO[bytes]) -> dict[str, Any]:
         raise InvalidArgument(f"--resources {where}: {exc.strerror}") from exc
     try:
         data = json.loads(raw)
+    except RecursionError:
+        raise InvalidArgument(f"--resources {where}: nested too deeply") from None
     except ValueError as exc:
         raise InvalidArgument(f"--resources {where}: not valid JSON: {exc}") from exc
     try:

@@ -1,10 +1,12 @@
 """Reading an OCI bundle: config.json and the rootfs it names.
 
 Everything here is checked on the host before a VM is started, so that bad
-input fails in milliseconds and leaves nothing behind.  The checks follow the
-OCI runtime spec (config.md): ``root.path`` is relative to the bundle unless
-absolute; ``process`` is required for ``create``/``run``; ``process.args``
-is a non-empty array of strings.
+input fails in milliseconds and leaves nothing behind.  First the whole spec
+is checked against the runtime-spec's own JSON Schema (``runtime/schema``),
+so that every field has the type the spec gives it; then what a schema
+cannot say, following the OCI runtime spec (config.md): ``root.path`` is
+relative to the bundle unless absolute; ``process`` is required for
+``create``/``run``; ``process.args`` is a non-empty array of strings.
 
 Namespaces (config-linux.md "Namespaces"): an absent entry means the
 container shares the runtime's namespace of that type, and an entry with a
@@ -28,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from capsa.errors import BundleError, CapsaError, InvalidArgument
+from capsa.runtime.resources import without_kernel_memory
+from capsa.runtime.schema import check_config
 
 # What runc and crun assume when process.env has no PATH.
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -39,6 +43,11 @@ _VM_NAMESPACES = {"network": ("net", "network"), "pid": ("pid", "PID"), "ipc": (
 
 # (st_dev, st_ino) of an nsfs file: what identifies a namespace (namespaces(7)).
 NamespaceId = tuple[int, int]
+
+#: Deeper than any spec needs (linux.seccomp.syscalls[].args[] is 6 levels),
+#: shallow enough that nothing which walks the spec later runs out of stack.
+MAX_JSON_DEPTH = 128
+_TOO_DEEP = f"nested too deeply (more than {MAX_JSON_DEPTH} levels of arrays and objects)"
 
 
 @dataclass(frozen=True)
@@ -84,17 +93,66 @@ def load_bundle(path: str | os.PathLike[str], pod_pids: frozenset[int] = frozens
         raise BundleError(f"{config_path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise BundleError(f"{config_path}: cannot read: {exc}") from exc
-    try:
-        spec = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{config_path}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
-    if not isinstance(spec, dict):
-        raise BundleError(f"{config_path}: expected a JSON object")
+    spec = parse_json_object(text, f"{config_path}: ", BundleError)
+    # The spec's own schema first: what follows may then trust the types of the fields it reads.
+    check_config(spec, f"{config_path}: ", BundleError)
     _check_process(spec, config_path)
+    _drop_kernel_memory(spec, config_path)
     network_namespace = check_namespaces(spec, config_path, pod_pids=pod_pids)
     rootfs = _rootfs_path(spec, bundle, config_path)
     _check_executable(spec["process"], rootfs)
     return Bundle(path=bundle, spec=spec, rootfs=rootfs, network_namespace=network_namespace)
+
+
+def _drop_kernel_memory(spec: dict[str, Any], where: Path) -> None:
+    """Leave ``linux.resources.memory.kernel``/``kernelTCP`` out, with a warning, as runc does on cgroup v2.
+
+    The guest is cgroup v2, where crun would refuse the whole container for them.
+    """
+    linux = spec.get("linux")
+    if isinstance(linux, dict) and isinstance(linux.get("resources"), dict):
+        linux["resources"] = without_kernel_memory(linux["resources"], f"{where}: linux.resources")
+
+
+def parse_json_object(text: str, prefix: str, error: type[CapsaError]) -> dict[str, Any]:
+    """A JSON object from user input (config.json, ``exec --process``), or ``error`` in one line.
+
+    Python's parser accepts what JSON does not (NaN, Infinity) and fails in
+    ways that are not JSONDecodeError: RecursionError for deep nesting,
+    ValueError for an integer of more than 4300 digits.  ``prefix`` goes
+    before the message.
+    """
+    try:
+        value = json.loads(text, parse_constant=_not_json)
+    except json.JSONDecodeError as exc:
+        raise error(f"{prefix}not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    except RecursionError:
+        raise error(f"{prefix}{_TOO_DEEP}") from None
+    except ValueError as exc:
+        raise error(f"{prefix}not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise error(f"{prefix}expected a JSON object")
+    if _deeper_than(value, MAX_JSON_DEPTH):
+        raise error(f"{prefix}{_TOO_DEEP}")
+    return value
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than ``limit`` levels (a loop, not recursion: the input is hostile)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def host_namespace_ids(kind: str) -> set[NamespaceId]:
@@ -153,6 +211,9 @@ def check_namespaces(
         path = entry.get("path", "")
         if not isinstance(path, str):
             raise BundleError(f"{where}: linux.namespaces[{index}].path: expected a string")
+        if entry["type"] in paths:
+            # config-linux.md "Namespaces": duplicated types MUST be an error.
+            raise BundleError(f"{where}: linux.namespaces[{index}].type: a second {entry['type']!r} namespace")
         paths[entry["type"]] = path
     network: Path | None = None
     for kind, (proc_name, label) in _VM_NAMESPACES.items():
@@ -177,30 +238,25 @@ def check_namespaces(
 
 
 def _check_process(spec: dict[str, Any], where: Path) -> None:
+    """What the schema leaves optional that ``create`` needs; the spec's types are checked already."""
     process = spec.get("process")
     if process is None:
         raise BundleError(f"{where}: process: missing (the container needs a process to run)")
-    if not isinstance(process, dict):
-        raise BundleError(f"{where}: process: expected an object")
     check_process_fields(process, f"{where}: process.", BundleError)
     if not process["args"][0]:
         raise BundleError(f"{where}: process.args[0]: empty")
 
 
 def check_process_fields(process: dict[str, Any], prefix: str, error: type[CapsaError]) -> None:
-    """config.md "Process": args a non-empty array of strings, env strings, cwd absolute.
+    """config.md "Process" beyond its schema: ``args`` non-empty (REQUIRED on Linux), ``cwd`` absolute.
 
-    Shared by the bundle's process and ``exec --process``; ``prefix`` goes
-    before the field's name in the message, ``error`` is what to raise.
+    Shared by the bundle's process and ``exec --process``, after their
+    schema check (runtime/schema), which made sure of the types; ``prefix``
+    goes before the field's name in the message, ``error`` is what to raise.
     """
-    args = process.get("args")
-    if not isinstance(args, list) or not args or not all(isinstance(a, str) for a in args):
+    if not process.get("args"):
         raise error(f"{prefix}args: expected a non-empty array of strings")
-    env = process.get("env", [])
-    if not isinstance(env, list) or not all(isinstance(e, str) for e in env):
-        raise error(f"{prefix}env: expected an array of strings")
-    cwd = process.get("cwd", "/")
-    if not isinstance(cwd, str) or not cwd.startswith("/"):
+    if not process.get("cwd", "/").startswith("/"):
         raise error(f"{prefix}cwd: expected an absolute path")
 
 

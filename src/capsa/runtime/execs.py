@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from capsa.errors import WrongState
+from capsa.errors import CapsaError, WrongState
 from capsa.runtime import daemon
 from capsa.runtime.container import current_status
 from capsa.runtime.hostcgroup import HostCgroup
@@ -54,7 +54,13 @@ def start_exec(rt: Runtime, request: ExecRequest) -> daemon.Started:
     run_dir = rt.store.dir(container_id)
     exec_id = secrets.token_hex(8)
     process_file = run_dir / f"exec-{exec_id}.json"
-    process_file.write_text(json.dumps(request.process))
+    try:
+        process_file.write_text(json.dumps(request.process))
+    except OSError as exc:
+        # A state root on a full filesystem: refuse, with nothing started and no half-written file left.
+        with suppress(OSError):
+            process_file.unlink(missing_ok=True)
+        raise CapsaError(f"cannot write {process_file}: {exc.strerror}") from exc
     args = [*rt.helper_args(), f"--id={container_id}", "--exec-id", exec_id, "--process", str(process_file)]
     if request.console_socket:
         args += ["--console-socket", request.console_socket]
