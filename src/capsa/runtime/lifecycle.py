@@ -36,8 +36,8 @@ from capsa.runtime.bundle import Bundle, load_bundle
 from capsa.runtime.container import current_status, oci_state, with_proxy
 from capsa.runtime.ids import validate_id
 from capsa.runtime.mounts import plan_mounts
-from capsa.runtime.resources import vm_size
-from capsa.runtime.sandbox import check_guest_files
+from capsa.runtime.resources import VMSize, check_resources, vm_size
+from capsa.runtime.sandbox import check_guest_files, sweep_clone_memory
 from capsa.runtime.state import ContainerState, StateStore, Status
 
 log = logging.getLogger("capsa.lifecycle")
@@ -101,6 +101,8 @@ def create(rt: Runtime, request: CreateRequest) -> Created:
     plan_mounts(bundle.spec, container_id, bundle.rootfs, os.stat, bundle=bundle.path)
     # A cgroupsPath that --systemd-cgroup cannot read fails here too, as runc refuses it.
     hostcgroup.resolve(hostcgroup.spec_cgroups_path(bundle.spec), container_id, systemd=rt.systemd_cgroup)
+    # The VM's size for the spec's limits; malformed ones fail here.
+    size = create_size(rt.config, spec_resources(bundle.spec))
     check_guest_files(rt.config)
     run_dir = rt.store.claim(container_id)
     state = ContainerState(
@@ -110,11 +112,13 @@ def create(rt: Runtime, request: CreateRequest) -> Created:
         annotations=bundle.annotations,
         owner=_owner(),
         netns=str(bundle.network_namespace or ""),
+        creator_pid=os.getpid(),
+        creator_start=pids.start_time(os.getpid()) or 0,
     )
     try:
         with rt.store.locked(container_id):
             rt.store.save(state)
-            shim = _create_locked(rt, request, bundle, state, run_dir)
+            shim = _create_locked(rt, request, bundle, state, run_dir, size)
     except BaseException:
         _teardown(rt, state)
         rt.store.remove(container_id)
@@ -123,15 +127,24 @@ def create(rt: Runtime, request: CreateRequest) -> Created:
 
 
 def _create_locked(
-    rt: Runtime, request: CreateRequest, bundle: Bundle, state: ContainerState, run_dir: Path
+    rt: Runtime, request: CreateRequest, bundle: Bundle, state: ContainerState, run_dir: Path, size: VMSize
 ) -> daemon.Started:
     # The VM's host processes are born in the container's host cgroup (engines
     # read stats there): we hold it while we start them, and leave before the hooks.
     cgroup = hostcgroup.setup(hostcgroup.spec_cgroups_path(bundle.spec), state.id, systemd=rt.systemd_cgroup)
+    limited = rt.config.security.cgroup_limits and bool(cgroup)
+    resources = spec_resources(bundle.spec)
+    if limited:
+        # For the VM as it will be once grown (below), before anything is born
+        # there; the cpuset once the VM is up (HostCgroup.limit says why).
+        overhead = hostcgroup.vmm_overhead_mib(hostcgroup.accelerator_of(rt.config), exec_helpers=True)
+        cgroup.limit(resources, size.vcpus, size.memory_mib, overhead, pin=False)
     state.host_cgroup = cgroup.to_dict()
     rt.store.save(state)
     with cgroup.joined():
-        shim = _start_processes(rt, request, bundle, state, run_dir)
+        shim = _start_processes(rt, request, bundle, state, run_dir, size)
+    if limited:
+        cgroup.limit(resources, size.vcpus, size.memory_mib, cgroup.overhead_mib)
     # runtime.md "Lifecycle" step 5-6: these hooks run once the environment
     # exists and before the user's process starts.  They run on the host.
     # The create operation has not finished, so they see "creating" (as runc's do).
@@ -143,7 +156,7 @@ def _create_locked(
 
 
 def _start_processes(
-    rt: Runtime, request: CreateRequest, bundle: Bundle, state: ContainerState, run_dir: Path
+    rt: Runtime, request: CreateRequest, bundle: Bundle, state: ContainerState, run_dir: Path, size: VMSize
 ) -> daemon.Started:
     """The proxy (and its VM) and the shim, the container created in the VM."""
     config = rt.config
@@ -160,6 +173,9 @@ def _start_processes(
     rt.store.save(state)
 
     async def create_in_vm(client: ProxyClient) -> None:
+        if size != base_size(config):
+            # Grown before the container is made: the agent onlines hot-added CPUs as it makes it.
+            await client.resize(size.vcpus, size.memory_mib)
         await client.create_container(state.id, bundle.path)
         info = await client.info()
         state.hypervisor_pid, state.virtiofsd_pid = info.hypervisor_pid, info.virtiofsd_pid
@@ -203,9 +219,22 @@ def start(rt: Runtime, container_id: str) -> None:
                 await client.attach_network(f"/proc/{state.pid}/ns/net")
             await client.agent.start_container(state.id)
 
-        with_proxy(rt.store.socket_dir(container_id), rt.config.agent.request_timeout, start_in_vm)
+        # Recorded before the guest is asked, not after: a state that cannot
+        # be saved (a full filesystem under --root) then fails the start with
+        # the process not started, instead of a process running in the guest
+        # while the state says "created".  A start the guest refuses puts
+        # "created" back.
         state.status = Status.RUNNING
         rt.store.save(state)
+        try:
+            with_proxy(rt.store.socket_dir(container_id), rt.config.agent.request_timeout, start_in_vm)
+        except BaseException:
+            state.status = Status.CREATED
+            try:
+                rt.store.save(state)
+            except CapsaError as exc:
+                log.warning("container %s did not start, but its state still says running: %s", state.id, exc)
+            raise
         hooks.run_hooks_warn(spec, "poststart", oci_state(state, Status.RUNNING))
 
 
@@ -299,6 +328,9 @@ def _teardown(rt: Runtime, state: ContainerState) -> None:
         pids.kill(state.pid, state.pid_start)
     # Last: it is removable once the processes above (and QEMU, virtiofsd, exec shims) are gone.
     hostcgroup.HostCgroup.from_dict(state.host_cgroup).remove()
+    # A proxy killed between copying a template's RAM and QEMU mapping it left the copy.
+    for path in sweep_clone_memory(rt.store.socket_dir(state.id)):
+        log.warning("removed %s, a RAM copy its proxy left behind", path)
 
 
 def pause(rt: Runtime, container_id: str) -> None:
@@ -335,10 +367,50 @@ def processes(rt: Runtime, container_id: str) -> list[int]:
 
 
 def update(rt: Runtime, container_id: str, resources: dict[str, Any]) -> None:
-    """New limits for the container's cgroup, after growing its VM to hold them (never shrinking it)."""
-    state = _running(rt, container_id, "update")
-    hv = rt.config.hypervisor
-    size = vm_size(
+    """New limits for the container's cgroup, after growing its VM to hold them (never shrinking it).
+
+    The host cgroup's limits grow first: the guest may use plugged memory at once.
+    """
+    with rt.store.locked(validate_id(container_id)):
+        state = _running(rt, container_id, "update")
+        hv = rt.config.hypervisor
+        size = vm_size(
+            resources,
+            hv.default_vcpus,
+            hv.default_memory_mib,
+            max_vcpus=max_vcpus_for(hv, host_cpus()),
+            max_memory_mib=max_memory_mib_for(hv, host_memory_mib()),
+        )
+        cgroup = hostcgroup.HostCgroup.from_dict(state.host_cgroup)
+        if rt.config.security.cgroup_limits and cgroup:
+            overhead = hostcgroup.vmm_overhead_mib(hostcgroup.accelerator_of(rt.config), exec_helpers=True)
+            cgroup.grow(resources, size.vcpus, size.memory_mib, overhead)
+            state.host_cgroup = cgroup.to_dict()
+            rt.store.save(state)
+
+        async def in_vm(client: ProxyClient) -> None:
+            # First the VM: the agent onlines hot-added CPUs as it applies the limits.
+            await client.resize(size.vcpus, size.memory_mib)
+            await client.agent.update_container(state.id, resources)
+
+        with_proxy(rt.store.socket_dir(container_id), rt.config.agent.request_timeout, in_vm)
+
+
+def base_size(config: Config) -> VMSize:
+    """The size a VM boots with."""
+    return VMSize(config.hypervisor.default_vcpus, config.hypervisor.default_memory_mib)
+
+
+def create_size(config: Config, resources: dict[str, Any]) -> VMSize:
+    """The size a container's VM gets at create: its base grown for the spec's limits, as ``update`` grows it.
+
+    A machine without hot-plug (microvm) keeps its base size, and the
+    container its limits inside it, as before there was growth.
+    """
+    hv = config.hypervisor
+    if hv.machine_type != "q35":
+        return base_size(config)
+    return vm_size(
         resources,
         hv.default_vcpus,
         hv.default_memory_mib,
@@ -346,12 +418,17 @@ def update(rt: Runtime, container_id: str, resources: dict[str, Any]) -> None:
         max_memory_mib=max_memory_mib_for(hv, host_memory_mib()),
     )
 
-    async def in_vm(client: ProxyClient) -> None:
-        # First the VM: the agent onlines hot-added CPUs as it applies the limits.
-        await client.resize(size.vcpus, size.memory_mib)
-        await client.agent.update_container(state.id, resources)
 
-    with_proxy(rt.store.socket_dir(container_id), rt.config.agent.request_timeout, in_vm)
+def spec_resources(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec's ``linux.resources`` (config-linux.md "Control groups"), checked; {} for none."""
+    linux = spec.get("linux")
+    resources = linux.get("resources") if isinstance(linux, dict) else None
+    if resources is None:
+        return {}
+    try:
+        return check_resources(resources)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"linux.{exc}") from None
 
 
 def _running(rt: Runtime, container_id: str, what: str) -> ContainerState:

@@ -16,12 +16,15 @@ Containers sizes its sandboxes: the configured base, plus
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from capsa.errors import InvalidArgument
+
+log = logging.getLogger("capsa.resources")
 
 #: The kernel's default CFS period (Documentation/scheduler/sched-bwc.rst):
 #: what a quota means when no period is given.
@@ -164,8 +167,10 @@ def merge_resources(base: Mapping[str, Any], override: Mapping[str, Any]) -> dic
 def check_resources(resources: Any) -> dict[str, Any]:
     """A ``linux.resources`` object as read from JSON, with the fields capsa reads checked.
 
-    The guest's crun checks the rest; here only what sizing the VM depends
-    on must have the spec's types (config-linux.md "Memory", "CPU").
+    The guest's crun checks the rest; here only what sizing the VM and the
+    host cgroup's limits depend on must have the spec's types
+    (config-linux.md "Memory", "CPU").  Kernel memory limits are left out
+    with a warning (:func:`without_kernel_memory`).
     """
     if not isinstance(resources, dict):
         raise InvalidArgument("the resources must be a JSON object (an OCI linux.resources)")
@@ -174,7 +179,12 @@ def check_resources(resources: Any) -> dict[str, Any]:
             raise InvalidArgument(f"resources: {section} must be an object")
     memory = resources.get("memory") or {}
     cpu = resources.get("cpu") or {}
-    for where, table, key in (("memory", memory, "limit"), ("cpu", cpu, "quota"), ("cpu", cpu, "period")):
+    for where, table, key in (
+        ("memory", memory, "limit"),
+        ("cpu", cpu, "quota"),
+        ("cpu", cpu, "period"),
+        ("cpu", cpu, "shares"),
+    ):
         value = table.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise InvalidArgument(f"resources: {where}.{key} must be an integer, got {value!r}")
@@ -183,7 +193,36 @@ def check_resources(resources: Any) -> dict[str, Any]:
         if not isinstance(cpus, str):
             raise InvalidArgument(f"resources: cpu.cpus must be a string, got {cpus!r}")
         cpu_indices(cpus)
-    return resources
+    mems = cpu.get("mems")
+    if mems is not None and not isinstance(mems, str):
+        raise InvalidArgument(f"resources: cpu.mems must be a string, got {mems!r}")
+    return without_kernel_memory(resources, "resources")
+
+
+#: config-linux.md "Memory": kernel and kernelTCP, deprecated; cgroup v2 has neither.
+KERNEL_MEMORY_KEYS = ("kernel", "kernelTCP")
+
+
+def without_kernel_memory(resources: dict[str, Any], where: str) -> dict[str, Any]:
+    """``resources`` without kernel memory limits, with a warning if it had any.
+
+    runc warns and goes on ("kernel memory settings are ignored"); the guest
+    is cgroup v2, where crun refuses the whole container instead ("cannot
+    set kernel memory with cgroupv2").  ``where`` names the object in the
+    warning.  The input is not modified.
+    """
+    memory = resources.get("memory")
+    if not isinstance(memory, dict):
+        return resources
+    given = [key for key in KERNEL_MEMORY_KEYS if memory.get(key) is not None]
+    if not given:
+        return resources
+    log.warning(
+        "%s: memory.%s ignored: kernel memory limits do not exist on cgroup v2 (as runc ignores them)",
+        where,
+        " and memory.".join(given),
+    )
+    return {**resources, "memory": {k: v for k, v in memory.items() if k not in KERNEL_MEMORY_KEYS}}
 
 
 def cpu_indices(cpus: str) -> frozenset[int]:

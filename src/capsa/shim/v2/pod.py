@@ -48,10 +48,6 @@ log = logging.getLogger("capsa.shimv2")
 
 #: The pod's host cgroup as made (``HostCgroup.save``), in the shim's state dir, for ``delete`` after a crash.
 HOST_CGROUP_FILE = "host-cgroup.json"
-#: Host memory of a pod beyond its guest's, rounded up: QEMU's own (about 90 MiB
-#: RSS under TCG besides the guest's RAM mapping, mostly its translation cache),
-#: this shim (28 MiB PSS) and virtiofsd (3 MiB PSS); docs/performance.md.
-VM_HOST_OVERHEAD_MIB = 128
 
 
 @dataclass(frozen=True)
@@ -160,6 +156,14 @@ class Pod:
         pod's overhead, accounted to the pod.  containerd passes systemd's
         ``slice:prefix:name`` form when its runc options say SystemdCgroup; it
         is told apart by its shape, as Kata's shim does.
+
+        Its limits (``[security] cgroup_limits``) are the VM's alone, from its
+        size: memory, pids and CPU quota as for a runc-CLI container (no
+        exec helpers here: the pod's execs are relayed by this shim), raised
+        as the VM grows.  Not the sandbox spec's CPU weight or cpuset: that
+        spec is the pause process's (containerd gives it ``cpu.shares`` 2),
+        and the kubelet's pod cgroup above carries the pod's weight and its
+        limits (the containers' sum plus the RuntimeClass overhead).
         """
         path = hostcgroup.spec_cgroups_path(spec)
         try:
@@ -169,6 +173,11 @@ class Pod:
             return
         if not cgroup:
             return
+        accelerator = hostcgroup.accelerator_of(self.config)
+        cgroup.overhead_mib = hostcgroup.vmm_overhead_mib(accelerator, exec_helpers=False)
+        if self.config.security.cgroup_limits:
+            hv = self.config.hypervisor
+            cgroup.limit({}, hv.default_vcpus, hv.default_memory_mib, cgroup.overhead_mib)
         ensure_dir(self.run_dir, 0o700)
         cgroup.save(self.run_dir / HOST_CGROUP_FILE)
         self.host_cgroup = cgroup
@@ -271,9 +280,18 @@ class Pod:
             memory_mib += size.memory_mib
         vcpus = min(vcpus, max_vcpus_for(hv, host_cpus()))
         memory_mib = min(memory_mib, max_memory_mib_for(hv, host_memory_mib()))
+        await asyncio.to_thread(self._grow_host_limits, vcpus, memory_mib)
         await asyncio.to_thread(self._check_host_memory_limit, memory_mib)
         if (vcpus, memory_mib) != (hv.default_vcpus, hv.default_memory_mib):
             await self.agent_proxy.resize(vcpus, memory_mib)
+
+    def _grow_host_limits(self, vcpus: int, memory_mib: int) -> None:
+        """Raise the sandbox cgroup's limits for the VM's new size before it grows (the guest uses new RAM at once)."""
+        cgroup = self.host_cgroup
+        if not cgroup or not self.config.security.cgroup_limits:
+            return
+        cgroup.grow({}, vcpus, memory_mib, cgroup.overhead_mib)
+        cgroup.save(self.run_dir / HOST_CGROUP_FILE)
 
     def _check_host_memory_limit(self, guest_mib: int) -> None:
         """Warn when the pod's host cgroup cannot hold what its VM may come to hold.
@@ -282,12 +300,15 @@ class Pod:
         keeps what it freed as page cache, so QEMU may in time hold all of
         the guest's memory plus its own: under a tighter host limit the
         host's OOM killer ends the whole pod instead of the guest's ending a
-        container (docs/kubernetes.md, "Sizing").
+        container (docs/kubernetes.md, "Sizing").  The sandbox cgroup's own
+        limit (``_grow_host_limits``) is ``need`` itself: only a tighter
+        ancestor, the pod cgroup, is told of.
         """
         if not self.host_cgroup:
             return
         limit = hostcgroup.memory_limit_mib(self.host_cgroup)
-        need = guest_mib + VM_HOST_OVERHEAD_MIB
+        overhead = self.host_cgroup.overhead_mib
+        need = guest_mib + overhead
         if limit is None or limit >= need or need == self._warned_need:
             return
         self._warned_need = need
@@ -298,7 +319,7 @@ class Pod:
             self.sandbox_id,
             limit,
             guest_mib,
-            VM_HOST_OVERHEAD_MIB,
+            overhead,
         )
 
     def container(self, container_id: str) -> Container:
