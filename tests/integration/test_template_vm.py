@@ -96,3 +96,26 @@ def test_clones_are_distinct_and_corrupt_templates_boot_cold(
     assert "template_restored" not in third_timings
     assert "template_failed" in third_timings
     assert not made.exists()
+
+
+def test_each_clone_gets_a_new_generation_id_and_its_kernel_reseeds(
+    capsa: Capsa, tmp_path: Path, template_cache: Path
+) -> None:
+    config = tmp_path / "configuration.toml"
+    config.write_text('[hypervisor]\nboot = "template"\n')
+    for applet in ("dmesg", "grep"):
+        link = capsa.bundle / "rootfs" / "bin" / applet
+        if not link.exists():
+            os.symlink("busybox", link)
+    # The kernel log needs CAP_SYSLOG (the guest restricts dmesg).
+    capsa.spec(["sh", "-c", "dmesg | grep -c 'crng reseeded due to virtual machine fork'; echo written > /written"])
+    spec = json.loads((capsa.bundle / "config.json").read_text())
+    spec["root"]["readonly"] = False
+    caps = spec["process"]["capabilities"]
+    for kind in ("bounding", "effective", "permitted"):
+        caps[kind] = [*caps.get(kind, []), "CAP_SYSLOG"]
+    (capsa.bundle / "config.json").write_text(json.dumps(spec))
+    for name in ("first", "second"):
+        lines, timings = run(capsa, config, tmp_path, name)
+        assert "template_restored" in timings, timings
+        assert int(lines[0]) >= 1, f"{name}: the guest kernel did not see a new VM generation ID"

@@ -293,3 +293,11 @@ def test_ospm_status_says_when_the_guest_took_a_device() -> None:
     assert done == {"dimm0"}
     assert failed == ["cpu-0-2-0 (_OST status 0x81)"]
     assert ospm_outcome(infos, {"dimm1"}) == (set(), [])
+
+
+def test_templated_vms_carry_a_generation_id_drawn_at_each_start() -> None:
+    templated = argv(config(templated=True, memory_file=Path("/dev/shm/m")))
+    assert "vmgenid,guid=auto" in values(templated, "-device")
+    # The same words every time: a template's key and its clones' argv agree.
+    assert templated == argv(config(templated=True, memory_file=Path("/dev/shm/m")))
+    assert not any(d.startswith("vmgenid") for d in values(argv(config()), "-device"))

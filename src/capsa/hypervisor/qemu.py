@@ -282,6 +282,19 @@ def _shares(config: VMConfig) -> list[str]:
     return args
 
 
+def _generation_id(config: VMConfig) -> list[str]:
+    """A VM generation ID for templated VMs (QEMU docs/specs/vmgenid.txt).
+
+    ``guid=auto`` draws a new one each time QEMU starts; a clone restored
+    from the template's state writes its own into guest memory and notifies
+    the guest (the device's post-load), whose kernel reseeds its CRNG
+    (drivers/virt/vmgenid.c): no two clones go on from the template's
+    random state, even before the agent's own reseed.  The argument is the
+    same for every start, so the template's key does not change.
+    """
+    return ["-device", "vmgenid,guid=auto"] if config.templated else []
+
+
 def _hotplug_slots(config: VMConfig) -> list[str]:
     """Free PCIe root ports for devices plugged after start (q35 hot-plug).
 
@@ -485,6 +498,7 @@ def qemu_argv(
     ]
     argv += console_args
     argv += _shares(config)
+    argv += _generation_id(config)
     argv += _hotplug_slots(config)
     argv += _rootfs_image(config, nvdimm_bytes)
     argv += ["-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control"]
