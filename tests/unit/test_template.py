@@ -278,3 +278,12 @@ def test_zero_blocks_of_a_template_ram_file_become_holes(tmp_path: Path) -> None
     assert punch_zero_pages(path) == 4 * block
     assert path.read_bytes() == before  # same contents
     assert path.stat().st_blocks * 512 <= 2 * block  # only the two data blocks take space
+
+
+def test_the_template_guest_zeroes_what_it_frees_only_where_that_is_cheap() -> None:
+    from capsa.hypervisor.template import TEMPLATE_PARAM, ZERO_FREED_PAGES, template_vm
+
+    for accelerator, zeroed in (("kvm", True), ("tcg", False)):
+        made = template_vm(vm(accelerator=accelerator), Path("/run/t"), Path("/run/t/s"), Path("/run/t/m"))
+        assert TEMPLATE_PARAM in made.kernel_params
+        assert (ZERO_FREED_PAGES in made.kernel_params) == zeroed
