@@ -117,13 +117,14 @@ class Proxy:
         bundle_path: str,
         sandbox_container_id: str = "",
         pod_pids: frozenset[int] = frozenset(),
+        check_schema: bool = True,
     ) -> None:
         """Bind the container's rootfs and volumes into the share, then create it in the guest.
 
         A pod's later container names the pod's sandbox container, and
         ``pod_pids`` the host PIDs whose namespace paths mean the pod's.
         """
-        bundle = load_bundle(bundle_path, pod_pids=pod_pids)
+        bundle = load_bundle(bundle_path, pod_pids=pod_pids, check_schema=check_schema)
         plan = plan_mounts(
             bundle.spec,
             container_id,
