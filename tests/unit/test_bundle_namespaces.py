@@ -30,9 +30,18 @@ def fake_stat(path: str) -> os.stat_result:
     return os.stat_result((0o444, ino, dev, 1, 0, 0, 0, 0, 0, 0))
 
 
+KINDS = {"net": "network", "pid": "pid", "ipc": "ipc", "cni-1": "network", "uts": "uts"}
+
+
+def fake_kind(path: str) -> str | None:
+    """What ioctl(NS_GET_NSTYPE) would say of the fake files."""
+    fake_stat(path)
+    return KINDS.get(path.rsplit("/", 1)[-1])
+
+
 def check(*namespaces: dict[str, str]) -> Path | None:
     spec = {"linux": {"namespaces": list(namespaces)}}
-    return check_namespaces(spec, WHERE, host_ids=lambda kind: HOST[kind], stat=fake_stat)
+    return check_namespaces(spec, WHERE, host_ids=lambda kind: HOST[kind], stat=fake_stat, kind_of=fake_kind)
 
 
 OWN = ({"type": "pid"}, {"type": "ipc"}, {"type": "network"}, {"type": "mount"})
@@ -83,7 +92,7 @@ def test_a_missing_namespace_path_is_a_bundle_error() -> None:
 @pytest.mark.parametrize("linux", ["x", {"namespaces": "x"}, {"namespaces": [{"path": "/x"}]}, {"namespaces": ["x"]}])
 def test_malformed_namespaces(linux: Any) -> None:
     with pytest.raises(BundleError):
-        check_namespaces({"linux": linux}, WHERE, host_ids=lambda kind: HOST[kind], stat=fake_stat)
+        check_namespaces({"linux": linux}, WHERE, host_ids=lambda kind: HOST[kind], stat=fake_stat, kind_of=fake_kind)
 
 
 def make_bundle(tmp_path: Path, spec: dict[str, Any]) -> Path:
@@ -110,9 +119,10 @@ def test_load_bundle_refuses_our_own_network_namespace(tmp_path: Path) -> None:
         load_bundle(make_bundle(tmp_path, spec))
 
 
-def test_load_bundle_keeps_another_network_namespace_path(tmp_path: Path) -> None:
+def test_load_bundle_keeps_another_network_namespace_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Any file that is not the host's namespace stands in for /run/netns/X,
-    # which needs root to create.
+    # which needs root to create; it passes for a network namespace here.
+    monkeypatch.setattr("capsa.runtime.bundle.namespace_type", lambda path: "network")
     netns = tmp_path / "netns"
     netns.write_text("")
     spec = default_spec(["sh"], terminal=False)
@@ -130,6 +140,31 @@ def test_a_pods_sandbox_namespaces_are_the_pods_not_the_hosts() -> None:
     others = [ns for ns in OWN if ns["type"] != "ipc"]
     spec = {"linux": {"namespaces": [*others, ipc]}}
     pod = frozenset({4242})
-    assert check_namespaces(spec, WHERE, host_ids=lambda kind: HOST[kind], stat=fake_stat, pod_pids=pod) is None
+    assert check_namespaces(
+        spec, WHERE, host_ids=lambda kind: HOST[kind], stat=fake_stat, pod_pids=pod, kind_of=fake_kind
+    ) is None
     with pytest.raises(InvalidArgument, match="IPC"):
-        check_namespaces(spec, WHERE, host_ids=lambda kind: HOST[kind], stat=fake_stat, pod_pids=frozenset({4243}))
+        check_namespaces(
+            spec,
+            WHERE,
+            host_ids=lambda kind: HOST[kind],
+            stat=fake_stat,
+            pod_pids=frozenset({4243}),
+            kind_of=fake_kind,
+        )
+
+
+def test_a_path_to_a_namespace_of_another_type_is_refused() -> None:
+    # runc refuses it too; before, only the network namespace's type was noticed.
+    with pytest.raises(BundleError, match=r"pid namespace path /proc/4242/ns/ipc is a ipc namespace"):
+        check({"type": "pid", "path": "/proc/4242/ns/ipc"}, {"type": "ipc"}, {"type": "network"})
+    with pytest.raises(BundleError, match=r"uts namespace path /run/netns/cni-1 is a network namespace"):
+        check(*OWN, {"type": "uts", "path": "/run/netns/cni-1"})
+
+
+def test_the_real_kind_of_a_namespace_file() -> None:
+    from capsa.runtime.bundle import namespace_type
+
+    assert namespace_type("/proc/self/ns/uts") == "uts"
+    assert namespace_type("/proc/self/ns/net") == "network"
+    assert namespace_type("/etc/hostname") is None

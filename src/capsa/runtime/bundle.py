@@ -21,6 +21,7 @@ network namespace of its own on the host is where the VM's network attaches
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import posixpath
@@ -43,6 +44,31 @@ _VM_NAMESPACES = {"network": ("net", "network"), "pid": ("pid", "PID"), "ipc": (
 
 # (st_dev, st_ino) of an nsfs file: what identifies a namespace (namespaces(7)).
 NamespaceId = tuple[int, int]
+
+# ioctl_ns(2): NS_GET_NSTYPE = _IO(0xb7, 0x3) answers the CLONE_NEW* flag
+# of the namespace an nsfs file refers to; spec type names (config-linux.md).
+_NS_GET_NSTYPE = 0xB703
+_NAMESPACE_TYPES = {
+    0x40000000: "network",
+    0x20000000: "pid",
+    0x10000000: "user",
+    0x08000000: "ipc",
+    0x04000000: "uts",
+    0x02000000: "cgroup",
+    0x00020000: "mount",
+    0x00000080: "time",
+}
+
+
+def namespace_type(path: str) -> str | None:
+    """The spec's name for the namespace ``path`` refers to; None if it is no namespace file."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return _NAMESPACE_TYPES.get(fcntl.ioctl(fd, _NS_GET_NSTYPE))
+    except OSError:
+        return None  # ENOTTY: not an nsfs file
+    finally:
+        os.close(fd)
 
 #: Deeper than any spec needs (linux.seccomp.syscalls[].args[] is 6 levels),
 #: shallow enough that nothing which walks the spec later runs out of stack.
@@ -194,6 +220,7 @@ def check_namespaces(
     host_ids: Callable[[str], set[NamespaceId]] = host_namespace_ids,
     stat: Callable[[str], os.stat_result] = os.stat,
     pod_pids: frozenset[int] = frozenset(),
+    kind_of: Callable[[str], str | None] | None = None,
 ) -> Path | None:
     """Refuse the host's network, PID or IPC namespace; return the network namespace path, if any.
 
@@ -221,6 +248,18 @@ def check_namespaces(
             # config-linux.md "Namespaces": duplicated types MUST be an error.
             raise BundleError(f"{where}: linux.namespaces[{index}].type: a second {entry['type']!r} namespace")
         paths[entry["type"]] = path
+    for kind, path in paths.items():
+        # runc refuses a path to a namespace of another type; so do we, where
+        # the path is the host's (a pod's paths mean the guest's namespaces).
+        if not path or is_pod_namespace(path, pod_pids):
+            continue
+        try:
+            actual = (kind_of or namespace_type)(path)
+        except OSError as exc:
+            raise BundleError(f"{where}: {kind} namespace {path}: {os.strerror(exc.errno or 0)}") from exc
+        if actual != kind:
+            what = f"a {actual} namespace" if actual else "not a namespace"
+            raise BundleError(f"{where}: linux.namespaces: {kind} namespace path {path} is {what}")
     network: Path | None = None
     for kind, (proc_name, label) in _VM_NAMESPACES.items():
         refusal = (
