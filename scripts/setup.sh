@@ -70,7 +70,7 @@ if [ ! -x "$vmm" ] || ! cmp -s "$vmm_src" "$vmm.c"; then
     install -m 0644 "$vmm_src" "$vmm.c"
     rm -f "$vmm.new"
 fi
-for tool in capsa capsa-agent capsa-proxy capsa-shim containerd-shim-capsa-v2; do
+for tool in capsa capsa-agent capsa-monitor capsa-proxy capsa-shim containerd-shim-capsa-v2; do
     ln -sf "$venv/bin/$tool" "/usr/local/bin/$tool"
 done
 

@@ -1,0 +1,5 @@
+import sys
+
+from capsa.monitor.main import main
+
+sys.exit(main())
