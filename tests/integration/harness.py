@@ -161,6 +161,9 @@ def socket_dirs(root: Path) -> set[str]:
 
 
 def kill_leftovers(root: Path) -> None:
+    """End what a failed test left under ``root``, and remove its socket directories."""
+    for name in socket_dirs(root):
+        shutil.rmtree(SOCKET_ROOT / name, ignore_errors=True)
     needle = str(root).encode()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:

@@ -411,3 +411,15 @@ def test_an_unexpected_exception_is_one_line_and_debug_shows_the_traceback(
     err = capsys.readouterr().err
     assert "Traceback" in err
     assert err.splitlines()[-1] == "capsa: internal error: KeyError: 'surprise'"
+
+
+@pytest.mark.parametrize("propagation", ["rslave", "rprivate", "rshared", "runbindable", "slave"])
+def test_rootfs_propagation_takes_what_runc_takes(propagation: str) -> None:
+    # Podman 4.3 writes linux.rootfsPropagation "rslave" for a -v SRC:DST:rslave volume.
+    from capsa.cli.spec import default_spec
+    from capsa.errors import BundleError
+    from capsa.runtime.schema import check_config
+
+    spec = default_spec(["true"], terminal=False)
+    spec["linux"]["rootfsPropagation"] = propagation
+    check_config(spec, "", BundleError)

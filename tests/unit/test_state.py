@@ -1,3 +1,5 @@
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,17 @@ def test_a_stale_socket_directory_is_replaced_by_the_next_claim(tmp_path: Path) 
     assert [p.name for p in store.socket_dir("c1").iterdir()] == ["state"]
     assert (store.socket_dir("c1") / "state").readlink() == store.dir("c1")
     assert store.socket_dir("c1").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_claim_whose_creator_died_before_its_first_save_reads_stopped(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "root", socket_root=tmp_path / "sockets")
+    store.claim("c1")
+    # Young: a create may be about to write it.
+    with pytest.raises(ContainerNotFound):
+        store.load("c1")
+    old = time.time() - 60
+    os.utime(store.dir("c1"), (old, old))
+    state = store.load("c1")
+    assert (state.id, state.status) == ("c1", Status.STOPPED)
+    store.remove("c1")
+    assert not store.dir("c1").exists() and not store.socket_dir("c1").exists()

@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -46,6 +47,8 @@ SOCKET_ROOT = Path("/run/capsa-vm")
 SOCKET_KEY_LENGTH = 24
 #: In each socket directory: a symbolic link to its state directory.
 OWNER_LINK = "state"
+#: How long a state directory without state.json counts as a create at work.
+CLAIM_GRACE_SECONDS = 5.0
 
 
 def socket_key(state_dir: Path) -> str:
@@ -168,9 +171,21 @@ class StateStore:
         try:
             return ContainerState.from_json(path.read_text())
         except (FileNotFoundError, NotADirectoryError):
+            if self.dir(container_id).is_dir() and not self._being_claimed(container_id):
+                # A create killed between its claim and its first save: the
+                # ID is taken by nothing, and delete must be able to free it.
+                return ContainerState(id=container_id, bundle="", rootfs="", status=Status.STOPPED)
             raise ContainerNotFound(f"container {container_id!r} does not exist") from None
         except (OSError, ValueError, TypeError) as exc:
             raise CapsaError(f"{path}: unreadable state: {exc}") from exc
+
+    def _being_claimed(self, container_id: str) -> bool:
+        """A claim younger than a few seconds may still be about to write its first state."""
+        try:
+            age = time.time() - self.dir(container_id).stat().st_mtime
+        except OSError:
+            return False
+        return age < CLAIM_GRACE_SECONDS
 
     def remove(self, container_id: str) -> None:
         """Remove the container's directory, but never through a mount point.
