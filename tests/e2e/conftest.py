@@ -1,6 +1,8 @@
-"""Fixtures for the engine tests: one private instance of each engine per module,
-the runtime under test behind an argv-logging wrapper, and a session-wide
-sweep that ends whatever the runtime left running.
+"""Fixtures for the engine tests: each engine's default instance (its default
+paths, owned by the session while a module runs: ``e2e_engines``), the runtime
+under test behind an argv-logging wrapper, and a session-wide sweep that
+deletes the containers the session created and ends whatever the runtime left
+running.
 
 ``CAPSA_E2E_RUNTIME`` picks the runtime (default ``/usr/local/bin/capsa``;
 ``runc`` proves the harness itself). ``CAPSA_E2E_ARGV_LOG=FILE`` keeps the
@@ -18,16 +20,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from e2e_engines import OUTSIDE_DIRS, Containerd, Docker, Engine, Podman
+from e2e_engines import IMAGE, Containerd, Docker, Engine, Podman
 from e2e_support import (
     BUSYBOX,
     Runtime,
+    capsa_shim,
     kill_pids,
     make_oci_archive,
     make_rootfs,
     make_rootfs_tar,
     runtime_binary,
     session_processes,
+    skip_or_fail,
+    sweep_created,
     unmount_under,
 )
 
@@ -66,17 +71,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def session_dir() -> Iterator[Path]:
-    # Short: the runtime's sockets live below it.
-    path = Path(tempfile.mkdtemp(prefix="e", dir="/tmp"))
+    # Its name must not hold "capsa" or "runc": processes that name it are told
+    # apart from the runtime's own by those words.
+    path = Path(tempfile.mkdtemp(prefix="e2e-"))
     try:
         yield path
     finally:
-        # What the engines' own stop() could not end: by marker or by a path of ours.
-        dirs = [path, *OUTSIDE_DIRS]
-        kill_pids([p.pid for p in session_processes(path, [str(d) for d in dirs])])
-        unmount_under(dirs)
-        for d in OUTSIDE_DIRS:
-            shutil.rmtree(d, ignore_errors=True)
+        # What the engines' own stop() could not end: the containers the session
+        # created (by the wrapper's log), then processes by marker or by a path of ours.
+        sweep_created(Runtime(runtime_binary(), path, "sweep"))
+        kill_pids([p.pid for p in session_processes(path, [str(path)])])
+        unmount_under([path])
         keep = os.environ.get("CAPSA_E2E_ARGV_LOG")
         if keep and (path / "argv.log").exists():
             shutil.copy(path / "argv.log", keep)
@@ -131,11 +136,12 @@ def engine(request: pytest.FixtureRequest) -> Engine:
 
 @pytest.fixture(scope="module")
 def containerd(runtime: Runtime, session_dir: Path, image_tar: Path) -> Iterator[Containerd]:
-    engine = Containerd(runtime, session_dir, namespace="e2e", tag="containerd")
+    """The default containerd, for ``ctr`` in its own namespace (``default``)."""
+    engine = Containerd(session_dir, tag="containerd", runtime=runtime)
     try:
         archive = session_dir / "busybox-oci.tar"
-        make_oci_archive(image_tar, archive, "localhost/e2e-busybox:latest")
-        engine.ctr("images", "import", str(archive), timeout=120).check()
+        make_oci_archive(image_tar, archive, IMAGE)
+        engine.import_image(archive, IMAGE)
         yield engine
     finally:
         engine.stop()
@@ -147,7 +153,7 @@ def containerd(runtime: Runtime, session_dir: Path, image_tar: Path) -> Iterator
 
 @pytest.fixture(scope="module")
 def k(session_dir: Path, image_tar: Path) -> Iterator[ShimContainerd]:
-    from cri.harness import ShimContainerd, capsa_shim, cri_unready, skip_or_fail
+    from cri.harness import ShimContainerd, cri_unready
 
     if reason := cri_unready():
         skip_or_fail(reason)
@@ -161,8 +167,6 @@ def k(session_dir: Path, image_tar: Path) -> Iterator[ShimContainerd]:
 @pytest.fixture(params=["runc", "capsa"])
 def handler(request: pytest.FixtureRequest) -> str:
     """runc proves each case; capsa is what it is about."""
-    from cri.harness import capsa_shim, skip_or_fail
-
     name: str = request.param
     if name == "capsa" and capsa_shim() is None:
         skip_or_fail("containerd-shim-capsa-v2 is not installed (set CAPSA_E2E_SHIM or reinstall capsa)")

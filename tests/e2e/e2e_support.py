@@ -4,8 +4,11 @@ search for processes and mounts a test left behind.
 
 Every process the runtime starts inherits ``CAPSA_E2E_MARK=<session dir>``
 from the wrapper, so a leftover QEMU, virtiofsd, proxy or shim is found by
-that marker (or by a state path in its command line) and never confused
-with anyone else's process on the host.
+that marker (or by a path of the session's in its command line) and never
+confused with anyone else's process on the host.  The engines run at their
+default paths, where other containers may live: what the session made is
+known by the wrapper's log (every ``create`` names its root and ID), and
+only that is looked at, or removed.
 """
 
 from __future__ import annotations
@@ -32,6 +35,13 @@ from pathlib import Path
 BUSYBOX = Path("/bin/busybox")
 CAPSA = Path("/usr/local/bin/capsa")
 MARK_VAR = "CAPSA_E2E_MARK"
+SHIM_NAME = "containerd-shim-capsa-v2"
+# The runtimes' own default state roots (what an engine that passes no --root gets).
+CAPSA_DEFAULT_ROOT = Path("/run/capsa")
+RUNC_DEFAULT_ROOT = Path("/run/runc")
+# Where capsa keeps each container's sockets (``/run/capsa-vm/<hash of the state dir>/``,
+# ``capsa.runtime.state.StateStore.socket_dir``), whatever the root and ID.
+SOCKET_ROOT = Path("/run/capsa-vm")
 # Processes that stand for a container on the host, by runtime: what must not
 # outlive the container, and what "kill -9 the VM" means.
 VM_PROCESS_NAMES = ("qemu-system",)
@@ -47,6 +57,31 @@ def runtime_binary() -> Path:
 
 def is_capsa(binary: Path) -> bool:
     return binary.resolve().name == "capsa" or binary.name == "capsa"
+
+
+def capsa_shim() -> Path | None:
+    """The capsa shim v2 binary: ``CAPSA_E2E_SHIM``, else the script next to
+    this Python (the venv's), else one on PATH; None when there is none."""
+    import sys
+
+    chosen = os.environ.get("CAPSA_E2E_SHIM")
+    candidates = [Path(chosen)] if chosen else [Path(sys.executable).parent / SHIM_NAME]
+    if not chosen and (found := shutil.which(SHIM_NAME)):
+        candidates.append(Path(found))
+    for candidate in candidates:
+        if candidate.exists() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip, but fail under CI, where a missing part (or a host already running
+    an engine the tests need to own) is a broken setup, not a reason to pass."""
+    import pytest
+
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
 
 
 @dataclass
@@ -182,9 +217,10 @@ class Runtime:
     """The runtime binary behind a wrapper script the engines are pointed at.
 
     The wrapper appends every invocation's argv to ``argv.log`` (so the report
-    can say what each engine passes), exports the session marker, and, when
-    the engine passes no ``--root`` (Podman 4.3 passes none), adds a private
-    one so the host's ``/run/capsa`` is never touched.
+    can say what each engine passes, and the session knows every container it
+    created: root and ID), exports the session marker, and otherwise passes
+    the argv on untouched: an engine that passes no ``--root`` (Podman 4.3)
+    gets the runtime's own default root, as it would on a user's host.
     """
 
     binary: Path
@@ -194,7 +230,6 @@ class Runtime:
     #: engines do not pass their own environment on).
     env: dict[str, str] = field(default_factory=dict)
     wrapper: Path = field(init=False)
-    default_root: Path = field(init=False)
     argv_log: Path = field(init=False)
     specs: Path = field(init=False)
 
@@ -204,12 +239,11 @@ class Runtime:
         # Named like the runtime: Podman calls a runtime by its file name, and
         # conmon gets --log-format json only for names in runtime_supports_json.
         self.wrapper = bindir / self.binary.name
-        self.default_root = self.session / "pr"
         self.argv_log = self.session / "argv.log"
         self.specs = self.session / "specs" / self.tag
         self.wrapper.write_text(
             "#!/bin/sh\n"
-            "# e2e: log the argv, mark every process the runtime starts, keep state private\n"
+            "# e2e: log the argv, mark every process the runtime starts\n"
             f'printf "%s %s\\n" {self.tag} "$*" >> {self.argv_log}\n'
             f"export {MARK_VAR}={self.session}\n"
             + "".join(f"export {key}={shlex.quote(value)}\n" for key, value in sorted(self.env.items()))
@@ -218,8 +252,6 @@ class Runtime:
             '  [ "$n" = 1 ] && b=$a; n=; case $a in --bundle|-b) n=1;; --bundle=*) b=${a#--bundle=};; esac\n'
             "done\n"
             f'[ -n "$b" ] && [ -f "$b/config.json" ] && cp "$b/config.json" "{self.specs}/$(date +%s%N).json"\n'
-            'case " $* " in *" --root "*|*" --root="*) ;; *) set -- --root '
-            f'{self.default_root} "$@";; esac\n'
             f'exec {self.binary} "$@"\n'
         )
         self.wrapper.chmod(0o755)
@@ -237,6 +269,11 @@ class Runtime:
     def name(self) -> str:
         return self.binary.name
 
+    @property
+    def default_root(self) -> Path:
+        """The root the runtime uses when it is given none (Podman passes none)."""
+        return CAPSA_DEFAULT_ROOT if self.capsa else RUNC_DEFAULT_ROOT
+
     def __call__(self, root: Path, *args: str, timeout: float = 120, input: str | None = None) -> Result:
         return run([str(self.wrapper), "--root", str(root), *args], timeout=timeout, input=input)
 
@@ -247,6 +284,33 @@ class Runtime:
         result = self(root, "list", "--format", "json", timeout=60).check()
         entries = json.loads(result.stdout or "null") or []
         return [e["id"] for e in entries]
+
+    def created(self) -> list[tuple[Path, str]]:
+        """Every (root, ID) a ``create`` of this session named, through any
+        wrapper, in order (the root as the engine spelled it)."""
+        found: list[tuple[Path, str]] = []
+        try:
+            lines = self.argv_log.read_text(errors="replace").splitlines()
+        except OSError:
+            return found
+        for line in lines:
+            words = line.split()[1:]
+            if "create" not in words or len(words) < 2:
+                continue
+            at = words.index("create")
+            root = self.default_root
+            for i, word in enumerate(words[:at]):
+                if word == "--root" and i + 1 < at:
+                    root = Path(words[i + 1])
+                elif word.startswith("--root="):
+                    root = Path(word.split("=", 1)[1])
+            if (root, words[-1]) not in found:
+                found.append((root, words[-1]))
+        return found
+
+    def created_in(self, root: Path) -> list[str]:
+        """The IDs this session created under ``root``."""
+        return [cid for r, cid in self.created() if os.path.abspath(r) == os.path.abspath(root)]
 
 
 def expected_kernel_release(runtime: Runtime) -> str:
@@ -369,6 +433,8 @@ class Proc:
     ppid: int
     cmdline: str
     marked: bool
+    #: Its name (``comm``: what prctl(PR_SET_NAME) set, e.g. capsa's ``capsa-vmm``).
+    name: str = ""
 
     def __str__(self) -> str:
         return f"{self.pid} (parent {self.ppid}){' [marked]' if self.marked else ''}: {self.cmdline[:300]}"
@@ -390,8 +456,9 @@ def processes(session: Path) -> list[Proc]:
         if not raw:
             continue  # a zombie or a kernel thread
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        name = stat.split("(", 1)[1].rsplit(")", 1)[0]
         cmdline = raw.replace(b"\0", b" ").decode(errors="replace").strip()
-        found.append(Proc(int(entry), ppid, cmdline, mark in environ.split(b"\0")))
+        found.append(Proc(int(entry), ppid, cmdline, mark in environ.split(b"\0"), name))
     return found
 
 
@@ -401,13 +468,21 @@ def session_processes(session: Path, needles: list[str]) -> list[Proc]:
     return [p for p in processes(session) if p.pid != me and (p.marked or any(n in p.cmdline for n in needles))]
 
 
+ENGINE_PROCESS_WORDS = ("conmon", "containerd", "dockerd", "podman")
+
+
+def is_engine(proc: Proc) -> bool:
+    """An engine's own process (daemon, CLI or per-container monitor such as conmon or a
+    containerd shim), as opposed to the runtime's: by the name it was started as."""
+    return any(engine in proc.cmdline.split(" ", 1)[0] for engine in ENGINE_PROCESS_WORDS)
+
+
 def runtime_leftovers(session: Path, needles: list[str], words: tuple[str, ...] = RUNTIME_PROCESS_WORDS) -> list[Proc]:
     """The runtime's own processes (CLI, proxy, shim, QEMU, virtiofsd) still alive."""
     return [
         p
         for p in session_processes(session, needles)
-        if (p.marked or any(w in p.cmdline for w in words))
-        and not any(engine in p.cmdline.split(" ", 1)[0] for engine in ("conmon", "containerd", "dockerd", "podman"))
+        if (p.marked or any(w in p.cmdline for w in words)) and not is_engine(p)
     ]
 
 
@@ -445,14 +520,59 @@ _libc = ctypes.CDLL(None, use_errno=True)
 MNT_DETACH = 2
 
 
-def unmount_under(paths: list[Path]) -> None:
-    """Detach every mount below ``paths``, deepest (latest) first."""
+def unmount_under(paths: list[Path], keep: frozenset[str] | set[str] = frozenset()) -> None:
+    """Detach every mount below ``paths`` but those in ``keep`` (the mounts that
+    were there before the session's engine started), deepest (latest) first."""
     for _ in range(5):
-        targets = mounts_under(paths)
+        targets = [t for t in mounts_under(paths) if t not in keep]
         if not targets:
             return
         for target in reversed(targets):
             _libc.umount2(target.encode(), MNT_DETACH)
+
+
+# -- capsa's socket directories ----------------------------------------------------------------
+
+
+def socket_dir(root: Path, container_id: str) -> Path | None:
+    """Where capsa keeps the sockets of container ``container_id`` of state root
+    ``root`` (as the runtime derives it); None for an ID it would refuse."""
+    from capsa.errors import CapsaError
+    from capsa.runtime.state import StateStore
+
+    try:
+        return StateStore(root, SOCKET_ROOT).socket_dir(container_id)
+    except (CapsaError, ValueError):
+        return None
+
+
+def socket_dirs() -> set[str]:
+    """The names in /run/capsa-vm now."""
+    try:
+        return set(os.listdir(SOCKET_ROOT))
+    except OSError:
+        return set()
+
+
+def new_socket_dirs(session: Path, before: set[str], roots: list[Path]) -> list[str]:
+    """The socket directories made since ``before`` that are the session's: those
+    whose ``state`` link (where capsa leaves one) names a state directory below
+    one of ``roots``, and those without one that no live process of someone
+    else's (another capsa user of this host, not marked) names."""
+    made = socket_dirs() - before
+    if not made:
+        return []
+    ours = {os.path.realpath(r) for r in roots}
+    others = " ".join(p.cmdline for p in processes(session) if not p.marked and str(SOCKET_ROOT) in p.cmdline)
+    found = []
+    for name in sorted(made):
+        try:
+            state = os.readlink(SOCKET_ROOT / name / "state")
+        except OSError:
+            state = ""
+        if (os.path.dirname(os.path.realpath(state)) in ours) if state else name not in others:
+            found.append(str(SOCKET_ROOT / name))
+    return found
 
 
 def vm_process(runtime: Runtime, session: Path, container_id: str, container_pid: int) -> int:
@@ -461,7 +581,8 @@ def vm_process(runtime: Runtime, session: Path, container_id: str, container_pid
     container's own init under runc, where there is no VM."""
     if not runtime.capsa:
         return container_pid
-    qemus = [p for p in session_processes(session, []) if p.marked and "qemu-system" in p.cmdline]
+    # QEMU itself (by the program it runs), not a helper that names it (capsa's jail keeper, capsa-vmm).
+    qemus = [p for p in session_processes(session, []) if p.marked and "qemu-system" in p.cmdline.split(" ", 1)[0]]
     mine = [p for p in qemus if container_id in p.cmdline]
     chosen = mine or (qemus if len(qemus) == 1 else [])
     assert len(chosen) == 1, f"cannot tell the QEMU of {container_id} among: {[str(p) for p in qemus]}"
@@ -469,14 +590,19 @@ def vm_process(runtime: Runtime, session: Path, container_id: str, container_pid
 
 
 def assert_nothing_left(runtime: Runtime, root: Path, needles: list[str], engine_words: tuple[str, ...] = ()) -> None:
-    """``<runtime> --root ROOT list`` is empty and no process of the runtime (nor
-    of the engine's per-container monitors, e.g. conmon or containerd's runc
-    shim) that belongs to this session is alive; waits a little for exits
-    already under way."""
+    """``<runtime> --root ROOT list`` shows none of the containers this session
+    created there, capsa left none of their socket directories, and no process
+    of the runtime (nor of the engine's per-container monitors, e.g. conmon or
+    containerd's runc shim) that belongs to this session is alive; waits a
+    little for exits already under way."""
     session = runtime.session
 
     def left() -> list[str]:
-        found = [f"listed: {cid}" for cid in runtime.listed(root)]
+        created = runtime.created_in(root)
+        found = [f"listed: {cid}" for cid in runtime.listed(root) if cid in created]
+        if runtime.capsa:
+            dirs = [(cid, socket_dir(root, cid)) for cid in created]
+            found += [f"socket directory {d} (of {cid})" for cid, d in dirs if d is not None and d.exists()]
         found += [f"process {p}" for p in runtime_leftovers(session, needles)]
         found += [
             f"monitor {p}"
@@ -492,8 +618,28 @@ def assert_nothing_left(runtime: Runtime, root: Path, needles: list[str], engine
 
 
 def runtime_pids(session: Path) -> set[int]:
-    """The runtime's processes alive now (by the session marker)."""
-    return {p.pid for p in session_processes(session, []) if p.marked}
+    """The runtime's processes alive now (by the session marker; not the engines')."""
+    return {p.pid for p in session_processes(session, []) if p.marked and not is_engine(p)}
+
+
+def sweep_created(runtime: Runtime) -> None:
+    """The session's last resort: ``delete --force`` every container it created
+    that the runtime still lists, and remove what capsa left of their socket
+    directories (whatever root each engine chose)."""
+    created = runtime.created()
+    for root in {r for r, _ in created}:
+        try:
+            listed = set(runtime.listed(root))
+        except (AssertionError, ValueError, KeyError, TypeError):
+            listed = set()
+        for r, cid in created:
+            if r == root and cid in listed:
+                with contextlib.suppress(AssertionError):
+                    runtime(root, "delete", "--force", cid, timeout=120)
+    if runtime.capsa:
+        for root, cid in created:
+            if (d := socket_dir(root, cid)) is not None:
+                shutil.rmtree(d, ignore_errors=True)
 
 
 def end_runtime_processes(session: Path, since: set[int]) -> None:

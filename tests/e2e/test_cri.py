@@ -81,7 +81,7 @@ def test_pod_of_two_containers(k: ShimContainerd, handler: str) -> None:
         if handler == "capsa":
             assert boot_ids[0] != host_boot_id(), "the containers run on the host's kernel"
             assert len(qemus) == 1, f"not one QEMU for the pod: {[str(q) for q in qemus]}"
-            assert pod_id in qemus[0].cmdline and qemus[0].ppid == shims[0].pid, str(qemus[0])
+            assert pod_id in qemus[0].cmdline and k.spawner(qemus[0]) == shims[0].pid, str(qemus[0])
         else:
             assert boot_ids[0] == host_boot_id()
             assert qemus == []

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cri.harness import BUSYBOX_IMAGE, CAPSA_RUNTIME, ShimContainerd, capsa_shim, skip_or_fail, wait_for
+from cri.harness import BUSYBOX_IMAGE, CAPSA_RUNTIME, CTR_NAMESPACE, ShimContainerd, capsa_shim, skip_or_fail, wait_for
 from e2e_cgroups import CGROUP_ROOT
 from e2e_support import Proc
 
@@ -18,7 +18,7 @@ from capsa.runtime.hostcgroup import parse_proc_cgroup
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vm, pytest.mark.slow]
 
-NS = "hostcg"
+NS = CTR_NAMESPACE  # ctr's own, "default"
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +47,15 @@ def directories(cgroup: str) -> list[Path]:
 
 
 def vm_processes(k: ShimContainerd) -> dict[str, int]:
-    """The one pod VM's QEMU, its parent (the shim v2 server) and the shim's virtiofsd."""
+    """The one pod VM's QEMU, the shim v2 server that started it (and the ``capsa-vmm``
+    between them, if any) and the shim's virtiofsd."""
     qemus = k.qemus()
     assert len(qemus) == 1, [str(q) for q in qemus]
-    shim = qemus[0].ppid
+    shim = k.spawner(qemus[0])
     virtiofsd: list[Proc] = [p for p in k.processes() if p.ppid == shim and "virtiofsd" in p.cmdline]
     found = {"qemu": qemus[0].pid, "shim v2": shim}
+    if qemus[0].ppid != shim:
+        found["capsa-vmm"] = qemus[0].ppid
     if virtiofsd:
         found["virtiofsd"] = virtiofsd[0].pid
     return found

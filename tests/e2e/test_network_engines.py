@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -65,6 +66,7 @@ PAGE = "served-by-the-container\n"
 UPLINK_IP, OUTSIDE_IP = "198.51.100.1", "198.51.100.2"
 SECOND = "e2e-second"  # a second bridge network, connected to a running container
 DUAL, V6_SUBNET = "e2e-dual", "fd00:ca05:e2e::/64"  # a network with IPv6 (Docker needs its subnet named)
+CNI_LEASES = Path("/var/lib/cni/networks")
 # busybox-static's wget crashes (its static glibc), so HTTP requests are written with nc.
 REQUEST = "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 {host} {port}"
 # The runtime's network devices in the engine's namespace: capsa's taps and macvtaps.
@@ -110,6 +112,9 @@ def engine(request: pytest.FixtureRequest, runtime: Runtime, session_dir: Path, 
         runtime = macvtap_runtime(runtime, session_dir)
     name = f"capsa-e2e-{request.param}-{os.getpid()}"
     made: list[str] = []
+    # CNI's host-local IPAM keeps each network's leases in /var/lib/cni/networks/<name>
+    # (Podman's default): the directories of the tests' own networks go with them.
+    leases = [CNI_LEASES / network for network in (SECOND, DUAL) if not (CNI_LEASES / network).exists()]
     try:
         for namespace in (name, name + "-out"):
             added = ip_netns("add", namespace)
@@ -135,6 +140,8 @@ def engine(request: pytest.FixtureRequest, runtime: Runtime, session_dir: Path, 
     finally:
         for namespace in made:
             ip_netns("del", namespace)
+        for directory in leases:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def run_args(engine: Engine, *args: str, network: str = "bridge") -> list[str]:
@@ -373,7 +380,7 @@ def test_nothing_left_after_the_container_stops(engine: Engine, runtime: Runtime
         raise
     try:
         # Podman's CNI host-local IPAM keeps a file per leased address, shared with the host's own podman.
-        lease = Path("/var/lib/cni/networks/podman") / engine.inspect(cid, "{{.NetworkSettings.IPAddress}}")
+        lease = CNI_LEASES / "podman" / engine.inspect(cid, "{{.NetworkSettings.IPAddress}}")
         assert not isinstance(engine, Podman) or lease.read_text().split()[0] == cid
         links = subprocess.run(["nsenter", f"--net={path}", "ip", "-o", "link"], capture_output=True, text=True)
         assert bool(OURS.search(links.stdout)) == runtime.capsa, links.stdout

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import select
 import socket
 import struct
@@ -49,8 +51,10 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture
 def root(session_dir: Path, request: pytest.FixtureRequest) -> Path:
+    """A state root per test, named after it in full: the runtime's sockets do not
+    live below it, so its length is no concern of the test's."""
     name: str = request.node.name
-    return session_dir / ("cli-" + name[:12].strip("_[]"))
+    return session_dir / ("cli-" + re.sub(r"[^\w.-]+", "-", name).strip("-"))
 
 
 def test_ten_concurrent_containers(runtime: Runtime, session_dir: Path, rootfs: Path, root: Path) -> None:
@@ -90,7 +94,9 @@ def test_ten_concurrent_containers(runtime: Runtime, session_dir: Path, rootfs: 
 @pytest.fixture
 def running(runtime: Runtime, session_dir: Path, rootfs: Path, root: Path) -> Iterator[str]:
     bundle = make_bundle(runtime, session_dir / "rb", rootfs, ["sleep", "1000"])
-    cid = "running1"
+    # An ID as Docker and containerd make them (64 hex digits), under a root as long
+    # as the test's name makes it: the state directory is longer than a unix socket's path may be.
+    cid = secrets.token_hex(32)
     try:
         runtime(root, "create", "--bundle", str(bundle), cid, timeout=300).check()
         runtime(root, "start", cid, timeout=300).check()

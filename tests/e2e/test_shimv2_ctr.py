@@ -16,6 +16,7 @@ import pytest
 from cri.harness import (
     BUSYBOX_IMAGE,
     CAPSA_RUNTIME,
+    CTR_NAMESPACE,
     RUNC_RUNTIME,
     ShimContainerd,
     capsa_shim,
@@ -28,7 +29,7 @@ from e2e_support import run_in_pty
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vm, pytest.mark.slow]
 
-NS = "shimv2"
+NS = CTR_NAMESPACE  # ctr's own, "default"
 TRAP_LOOP = 'trap "exit 42" TERM; while :; do sleep 1; done'
 
 
@@ -49,7 +50,7 @@ def runtime(request: pytest.FixtureRequest) -> str:
 
 def ctr_run(k: ShimContainerd, runtime: str, *args: str) -> list[str]:
     if runtime == "runc":
-        return ["run", "--runtime", RUNC_RUNTIME, "--runc-root", str(k.runc_root), *args]
+        return ["run", "--runtime", RUNC_RUNTIME, *args]
     return ["run", "--runtime", CAPSA_RUNTIME, *args]
 
 

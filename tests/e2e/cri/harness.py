@@ -1,7 +1,9 @@
-"""A private containerd 1.6 with its CRI plugin on, for the shim v2 tests: runtime
-handlers ``runc`` (``io.containerd.runc.v2``, proves the harness) and ``capsa``
+"""containerd 1.6 with its CRI plugin on, as installed (``e2e_engines.Containerd``:
+default root, state and socket), for the shim v2 tests: runtime handlers
+``runc`` (``io.containerd.runc.v2``, proves the harness) and ``capsa``
 (``io.containerd.capsa.v2``), a CNI network of the test's own, a local pause
-image, and a CRI client speaking gRPC (``cri/api.proto``).
+image, and a CRI client speaking gRPC (``cri/api.proto``).  Pods are made in
+CRI's own namespace ``k8s.io``; ``ctr`` runs in ``default``.
 
 Choices, and why:
 
@@ -12,21 +14,24 @@ Choices, and why:
   ``host-local`` IPAM in ``10.199.77.0/24`` keeping its leases under the
   test's directory, no gateway, no masquerading, no iptables rules; the
   bridge is deleted on ``stop()``. (A ``loopback``-only config does not do:
-  CRI insists on an address on the pod's ``eth0``.)
+  CRI insists on an address on the pod's ``eth0``.)  The host's
+  ``/etc/cni/net.d`` (Podman's NATed bridge) is not used.
 - **Shim lookup.** containerd resolves ``io.containerd.capsa.v2`` to the
   binary ``containerd-shim-capsa-v2`` on its own ``PATH``; the test puts a
   directory holding a symlink to the venv's script first on that ``PATH``.
 - **Sandbox image.** No registry is reachable: a busybox image whose
   entrypoint sleeps forever is imported with ``ctr -n k8s.io images import``
-  and named as ``sandbox_image``.
+  and named as ``sandbox_image``; it and the busybox image are removed on
+  ``stop()``.
 - **Host specifics.** ``restrict_oom_score_adj`` (no CAP_SYS_RESOURCE here),
   cgroupfs (``SystemdCgroup = false``) under a cgroup parent the test names
-  and removes, runc's state under the test's directory, the streaming
-  server on 127.0.0.1 with a port the kernel picks.
+  and removes, the streaming server on 127.0.0.1 with a port the kernel
+  picks.
 
 Every process containerd starts (shims, and what they start) inherits
 ``CAPSA_E2E_MARK=<session dir>``, so what outlives a test is found by that
-marker or by this containerd's directory in its command line.
+marker.  Only pods of the Kubernetes namespace ``cri-e2e`` and containers
+that appeared while this containerd ran are removed on ``stop()``.
 """
 
 from __future__ import annotations
@@ -36,9 +41,7 @@ import json
 import os
 import re
 import secrets
-import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,42 +50,42 @@ from typing import Any
 import grpc
 from cri import api_pb2 as cri
 from cri import api_pb2_grpc as cri_grpc
-from e2e_engines import _short_dir, _stop_daemon, _tail, _wait_daemon
+from e2e_engines import (
+    CAPSA_RUNTIME,
+    CNI_BIN,
+    CONTAINERD_SOCKET,
+    PAUSE_IMAGE,
+    RUNC_RUNTIME,
+    Containerd,
+    _tail,
+)
 from e2e_support import (
-    MARK_VAR,
+    SHIM_NAME,
     Proc,
     Result,
+    capsa_shim,
     expected_kernel_release,
-    kill_pids,
     make_oci_archive,
     run,
     session_processes,
+    skip_or_fail,
     unmount_under,
 )
 
+__all__ = ["CAPSA_RUNTIME", "PAUSE_IMAGE", "RUNC_RUNTIME", "SHIM_NAME", "capsa_shim", "skip_or_fail"]
+
 K8S_NAMESPACE = "k8s.io"
-PAUSE_IMAGE = "localhost/cri-e2e-pause:latest"
+#: ``ctr``'s own namespace, where the ctr-driven shim v2 tests run their containers.
+CTR_NAMESPACE = "default"
 BUSYBOX_IMAGE = "localhost/cri-e2e-busybox:latest"
-CAPSA_RUNTIME = "io.containerd.capsa.v2"
-RUNC_RUNTIME = "io.containerd.runc.v2"
-SHIM_NAME = "containerd-shim-capsa-v2"
 SUBNET = "10.199.77.0/24"
-CNI_BIN = Path("/usr/lib/cni")
+#: The name (comm) of the process capsa's jail leaves between a VMM and the process that started it.
+VMM_KEEPER = "capsa-vmm"
 # Long enough for a pod VM under TCG (a cold boot is ~5 s, a template one ~1.5 s).
 CRI_TIMEOUT = 180.0
-
-
-def capsa_shim() -> Path | None:
-    """The capsa shim v2 binary: ``CAPSA_E2E_SHIM``, else the script next to
-    this Python (the venv's), else one on PATH; None when there is none."""
-    chosen = os.environ.get("CAPSA_E2E_SHIM")
-    candidates = [Path(chosen)] if chosen else [Path(sys.executable).parent / SHIM_NAME]
-    if not chosen and (found := shutil.which(SHIM_NAME)):
-        candidates.append(Path(found))
-    for candidate in candidates:
-        if candidate.exists() and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+#: Every pod the harness makes is in this Kubernetes namespace (and carries the
+#: label): what ``stop()`` removes.
+POD_NAMESPACE = POD_LABEL = "cri-e2e"
 
 
 def cri_unready() -> str | None:
@@ -93,66 +96,30 @@ def cri_unready() -> str | None:
     return None
 
 
-def skip_or_fail(reason: str) -> None:
-    """Skip, but fail under CI, where a missing part is a broken setup, not a reason to pass."""
-    import pytest
+class ShimContainerd(Containerd):
+    """The default containerd (CRI plugin, both handlers) with a CNI bridge of the test's.
 
-    if os.environ.get("CI"):
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
-class ShimContainerd:
-    """containerd with the CRI plugin, both handlers and a CNI bridge, all private.
-
-    ``ctr`` and the CRI client both talk to it; ``stop()`` removes every pod
-    and container it knows, stops it, ends what it left running (found by the
-    session marker and its directory), deletes the bridge, the cgroup parent
-    and its files.
+    ``ctr`` and the CRI client both talk to it; ``stop()`` removes the pods
+    (Kubernetes namespace ``cri-e2e``) and the containers the session made,
+    stops it, ends what it left running (found by the session marker),
+    deletes the bridge, the cgroup parent, the images it imported and its
+    files.
     """
 
     def __init__(self, session: Path, image_tar: Path, shim: Path | None) -> None:
-        self.session = session
-        self.shim = shim
-        self.dir = _short_dir("k")
-        self.address = self.dir / "c.sock"
         self.bridge = "cb" + secrets.token_hex(3)
         self.cgroup_parent = f"/capsa-cri-{self.bridge}"
-        self.runc_root = self.dir / "runc"
-        self.log = session / f"cri-containerd-{self.bridge}.log"
-        self.pod_logs = self.dir / "pods"
-        self.proc: subprocess.Popen[bytes] | None = None
         self.channel: grpc.Channel | None = None
-        self.runtime: cri_grpc.RuntimeServiceStub | None = None
-        self._namespaces = {K8S_NAMESPACE}
+        self.service: cri_grpc.RuntimeServiceStub | None = None
         self._netns_paths: list[str] = []
-        try:
-            self._configure()
-            self._start()
-            self._import_images(image_tar)
-            self.channel = grpc.insecure_channel(f"unix://{self.address}")
-            self.runtime = cri_grpc.RuntimeServiceStub(self.channel)
-            self.images = cri_grpc.ImageServiceStub(self.channel)
-            self._wait_cri()
-        except BaseException:
-            self.stop()
-            raise
+        self._image_tar = image_tar
+        self.pod_logs = session / f"cri-{self.bridge}" / "pods"
+        super().__init__(session, tag=f"cri-{self.bridge}", namespace=K8S_NAMESPACE, shim=shim)
 
     # -- setup ------------------------------------------------------------------------------
 
-    def _configure(self) -> None:
-        bindir = self.dir / "bin"
-        bindir.mkdir()
-        if self.shim is not None:
-            (bindir / SHIM_NAME).symlink_to(self.shim)
-        self.env = {
-            **os.environ,
-            "PATH": f"{bindir}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
-            MARK_VAR: str(self.session),
-        }
-        netd = self.dir / "net.d"
-        netd.mkdir()
-        (netd / "10-cri-e2e.conflist").write_text(
+    def prepare(self) -> None:
+        (self.cni_dir / "10-cri-e2e.conflist").write_text(
             json.dumps(
                 {
                     "cniVersion": "0.4.0",
@@ -174,59 +141,13 @@ class ShimContainerd:
                 indent=2,
             )
         )
-        cri_plugin = 'plugins."io.containerd.grpc.v1.cri"'
-        self.config = self.dir / "config.toml"
-        self.config.write_text(
-            "version = 2\n"
-            f'root = "{self.dir / "root"}"\n'
-            f'state = "{self.dir / "state"}"\n'
-            f'[grpc]\n  address = "{self.address}"\n'
-            f'[ttrpc]\n  address = "{self.address}.ttrpc"\n'
-            '[debug]\n  address = ""\n'
-            '[metrics]\n  address = ""\n'
-            f"[{cri_plugin}]\n"
-            f'  sandbox_image = "{PAUSE_IMAGE}"\n'
-            "  restrict_oom_score_adj = true\n"
-            '  stream_server_address = "127.0.0.1"\n'
-            '  stream_server_port = "0"\n'
-            "  enable_selinux = false\n"
-            f"[{cri_plugin}.containerd]\n"
-            '  snapshotter = "overlayfs"\n'
-            '  default_runtime_name = "runc"\n'
-            f"[{cri_plugin}.containerd.runtimes.runc]\n"
-            f'  runtime_type = "{RUNC_RUNTIME}"\n'
-            f"[{cri_plugin}.containerd.runtimes.runc.options]\n"
-            "  SystemdCgroup = false\n"
-            f'  Root = "{self.runc_root}"\n'
-            f"[{cri_plugin}.containerd.runtimes.capsa]\n"
-            f'  runtime_type = "{CAPSA_RUNTIME}"\n'
-            # The same shims named by path (CRI's runtime_path), not found on PATH.
-            f"[{cri_plugin}.containerd.runtimes.runc-path]\n"
-            f'  runtime_type = "{RUNC_RUNTIME}"\n'
-            f'  runtime_path = "{shutil.which("containerd-shim-runc-v2")}"\n'
-            f"[{cri_plugin}.containerd.runtimes.runc-path.options]\n"
-            "  SystemdCgroup = false\n"
-            f'  Root = "{self.runc_root}"\n'
-            f"[{cri_plugin}.containerd.runtimes.capsa-path]\n"
-            f'  runtime_type = "{CAPSA_RUNTIME}"\n'
-            f'  runtime_path = "{self.shim or "/nonexistent/" + SHIM_NAME}"\n'
-            f"[{cri_plugin}.cni]\n"
-            f'  bin_dir = "{CNI_BIN}"\n'
-            f'  conf_dir = "{netd}"\n'
-            "  max_conf_num = 1\n"
-        )
 
-    def _start(self) -> None:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                ["containerd", "--config", str(self.config)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                env=self.env,
-                start_new_session=True,
-            )
-        _wait_daemon(self.proc, self.address, self.log, self.ctr_argv(K8S_NAMESPACE, "version"), "containerd")
+    def started(self) -> None:
+        self._import_images(self._image_tar)
+        self.channel = grpc.insecure_channel(f"unix://{self.address}")
+        self.service = cri_grpc.RuntimeServiceStub(self.channel)
+        self.images = cri_grpc.ImageServiceStub(self.channel)
+        self._wait_cri()
 
     def _import_images(self, image_tar: Path) -> None:
         pause = self.dir / "pause.tar"
@@ -236,14 +157,14 @@ class ShimContainerd:
         )
         busybox = self.dir / "busybox.tar"
         make_oci_archive(image_tar, busybox, BUSYBOX_IMAGE)
-        for archive in (pause, busybox):
-            self.ctr(K8S_NAMESPACE, "images", "import", str(archive), timeout=120).check()
+        self.import_image(pause, PAUSE_IMAGE, K8S_NAMESPACE)
+        self.import_image(busybox, BUSYBOX_IMAGE, K8S_NAMESPACE)
 
     def _wait_cri(self) -> None:
         deadline = time.monotonic() + 60
         while True:
             try:
-                self.runtime.Version(cri.VersionRequest(version="v1"), timeout=10)
+                self.service.Version(cri.VersionRequest(version="v1"), timeout=10)
                 return
             except grpc.RpcError as e:
                 if time.monotonic() > deadline:
@@ -252,24 +173,16 @@ class ShimContainerd:
 
     # -- ctr -------------------------------------------------------------------------------
 
-    def ctr_argv(self, namespace: str, *args: str) -> list[str]:
-        return ["ctr", "--address", str(self.address), "--namespace", namespace, *args]
-
-    def ctr(self, namespace: str, *args: str, timeout: float = 120, input: str | None = None) -> Result:
-        self._namespaces.add(namespace)
+    def ctr(  # type: ignore[override]  # the namespace first: the tests use two
+        self, namespace: str, *args: str, timeout: float = 120, input: str | None = None
+    ) -> Result:
         return run(self.ctr_argv(namespace, *args), timeout=timeout, input=input)
 
-    def import_busybox(self, namespace: str) -> str:
+    def import_busybox(self, namespace: str = CTR_NAMESPACE) -> str:
         """Import the busybox image into another namespace (for ``ctr run``); its name."""
-        archive = self.dir / "busybox.tar"
-        self.ctr(namespace, "images", "import", str(archive), timeout=120).check()
-        return BUSYBOX_IMAGE
+        return self.import_image(self.dir / "busybox.tar", BUSYBOX_IMAGE, namespace)
 
     # -- processes -------------------------------------------------------------------------
-
-    @property
-    def needles(self) -> list[str]:
-        return [str(self.dir), str(self.address)]
 
     def processes(self) -> list[Proc]:
         """Everything alive that this containerd started (directly or not), but
@@ -281,12 +194,22 @@ class ShimContainerd:
         return [p for p in self.processes() if "qemu-system" in p.cmdline.split(" ", 1)[0]]
 
     def shims(self) -> list[Proc]:
-        """The shim v2 servers alive (runc's binary, or capsa's, whose server is ``python -m capsa.shim.v2``)."""
+        """The shim v2 servers alive (runc's binary, or capsa's, whose server is ``python -m capsa.shim.v2``;
+        not the fork of it that keeps QEMU's jail, ``capsa-vmm``)."""
         return [
             p
             for p in self.processes()
-            if "containerd-shim" in p.cmdline.split(" ", 1)[0] or "capsa.shim.v2" in p.cmdline
+            if p.name != VMM_KEEPER
+            and ("containerd-shim" in p.cmdline.split(" ", 1)[0] or "capsa.shim.v2" in p.cmdline)
         ]
+
+    def spawner(self, vmm: Proc) -> int:
+        """The PID of the process that started QEMU ``vmm``: its parent, or the parent of
+        the ``capsa-vmm`` between them (capsa's jail: QEMU is PID 1 of its own PID namespace,
+        and the fork that made it stays as its parent on the host's side)."""
+        parents = {p.pid: p for p in self.processes()}
+        parent = parents.get(vmm.ppid)
+        return parent.ppid if parent is not None and parent.name == VMM_KEEPER else vmm.ppid
 
     def leftovers(self) -> list[Proc]:
         """QEMU, virtiofsd, shims and the runtime's helpers still alive."""
@@ -304,7 +227,7 @@ class ShimContainerd:
     def call(self, method: str, request: Any, timeout: float = CRI_TIMEOUT) -> Any:
         """A RuntimeService call; a failure names the call and carries containerd's log."""
         try:
-            return getattr(self.runtime, method)(request, timeout=timeout)
+            return getattr(self.service, method)(request, timeout=timeout)
         except grpc.RpcError as e:
             code = e.code() if isinstance(e, grpc.Call) else None
             details = e.details() if isinstance(e, grpc.Call) else str(e)
@@ -319,10 +242,10 @@ class ShimContainerd:
         log_dir = self.pod_logs / f"{name}_{uid}"
         log_dir.mkdir(parents=True, exist_ok=True)
         return cri.PodSandboxConfig(
-            metadata=cri.PodSandboxMetadata(name=name, uid=uid, namespace="cri-e2e", attempt=0),
+            metadata=cri.PodSandboxMetadata(name=name, uid=uid, namespace=POD_NAMESPACE, attempt=0),
             hostname=name,
             log_directory=str(log_dir),
-            labels={"cri-e2e": "1"},
+            labels={POD_LABEL: "1"},
             linux=cri.LinuxPodSandboxConfig(
                 cgroup_parent=self.cgroup_parent,
                 security_context=cri.LinuxSandboxSecurityContext(
@@ -392,50 +315,40 @@ class ShimContainerd:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self._remove_everything()
+            self._remove_pods()
         if self.channel is not None:
             self.channel.close()
-        _stop_daemon(self.proc)
-        # Shims outlive containerd by design; ours carry the marker or name our socket.
-        kill_pids([p.pid for p in session_processes(self.session, self.needles)])
-        unmount_under([self.dir])
+        # containerd's own clean-up (the containers that appeared, the images), its
+        # stop, and the end of every process it left (found by the marker).
+        super().stop()
         for netns in self._netns_paths:
             unmount_under([Path(netns)])
             with contextlib.suppress(OSError):
                 Path(netns).unlink()
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=30, check=False)
         _remove_cgroup_parent(self.cgroup_parent)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
-    def _remove_everything(self) -> None:
+    def _remove_pods(self) -> None:
         """Bounded, failures only noted: a stuck pod must not stop the rest of the clean-up."""
-        if self.runtime is not None:
-            with contextlib.suppress(grpc.RpcError, AssertionError):
-                pods = self.runtime.ListPodSandbox(cri.ListPodSandboxRequest(), timeout=30).items
-                for pod in pods:
-                    with contextlib.suppress(grpc.RpcError, ValueError, KeyError):
-                        info = self.runtime.PodSandboxStatus(
-                            cri.PodSandboxStatusRequest(pod_sandbox_id=pod.id, verbose=True), timeout=30
-                        ).info
-                        path = json.loads(info.get("info", "{}")).get("runtimeSpec", {})
-                        for ns in path.get("linux", {}).get("namespaces", []):
-                            if ns.get("type") == "network" and ns.get("path"):
-                                self._netns_paths.append(ns["path"])
-                    for call, request in (
-                        ("StopPodSandbox", cri.StopPodSandboxRequest(pod_sandbox_id=pod.id)),
-                        ("RemovePodSandbox", cri.RemovePodSandboxRequest(pod_sandbox_id=pod.id)),
-                    ):
-                        with contextlib.suppress(grpc.RpcError):
-                            getattr(self.runtime, call)(request, timeout=120)
-        for namespace in sorted(self._namespaces - {K8S_NAMESPACE}):
-            with contextlib.suppress(AssertionError):
-                tasks = run(self.ctr_argv(namespace, "tasks", "ls", "--quiet"), timeout=30)
-                for task in tasks.stdout.split() if tasks.code == 0 else []:
-                    run(self.ctr_argv(namespace, "tasks", "kill", "--signal", "SIGKILL", task), timeout=30)
-                    run(self.ctr_argv(namespace, "tasks", "delete", "--force", task), timeout=60)
-                containers = run(self.ctr_argv(namespace, "containers", "ls", "--quiet"), timeout=30)
-                for container in containers.stdout.split() if containers.code == 0 else []:
-                    run(self.ctr_argv(namespace, "containers", "delete", container), timeout=60)
+        if self.service is None:
+            return
+        with contextlib.suppress(grpc.RpcError, AssertionError):
+            pods = self.service.ListPodSandbox(cri.ListPodSandboxRequest(), timeout=30).items
+            for pod in [p for p in pods if p.metadata.namespace == POD_NAMESPACE]:
+                with contextlib.suppress(grpc.RpcError, ValueError, KeyError):
+                    info = self.service.PodSandboxStatus(
+                        cri.PodSandboxStatusRequest(pod_sandbox_id=pod.id, verbose=True), timeout=30
+                    ).info
+                    path = json.loads(info.get("info", "{}")).get("runtimeSpec", {})
+                    for ns in path.get("linux", {}).get("namespaces", []):
+                        if ns.get("type") == "network" and ns.get("path"):
+                            self._netns_paths.append(ns["path"])
+                for call, request in (
+                    ("StopPodSandbox", cri.StopPodSandboxRequest(pod_sandbox_id=pod.id)),
+                    ("RemovePodSandbox", cri.RemovePodSandboxRequest(pod_sandbox_id=pod.id)),
+                ):
+                    with contextlib.suppress(grpc.RpcError):
+                        getattr(self.service, call)(request, timeout=120)
 
 
 def _remove_cgroup_parent(parent: str) -> None:
@@ -475,12 +388,18 @@ def kernel_release(runtime: str) -> str:
 
 def state_paths(procs: list[Proc]) -> list[Path]:
     """The runtime's state (sockets, state directories, the VM's RAM file) that the
-    shim, QEMU and virtiofsd name outside the test's directory: below /run/capsa
-    and /run/containerd, and /dev/shm/capsa-*."""
+    shim, QEMU and virtiofsd name outside the test's directory: below /run/capsa,
+    /run/capsa-v2, /run/capsa-vm and /run/containerd (but containerd's own
+    sockets), and /dev/shm/capsa-*."""
     found = set()
+    pattern = r"(?:/run/(?:capsa|capsa-v2|capsa-vm|containerd)/|/dev/shm/capsa-)[^\s,=]+"
     for proc in procs:
-        for match in re.finditer(r"(?:/run/(?:capsa|containerd)/|/dev/shm/capsa-)[^\s,=]+", proc.cmdline):
+        for match in re.finditer(pattern, proc.cmdline):
+            if match.group(0).startswith(str(CONTAINERD_SOCKET)):
+                continue  # the daemon's, which outlives every container
             path = Path(match.group(0))
-            # The directory right below the shim's own (/run/capsa/v2/<pod>, /run/capsa/s/<hash>).
-            found.add(Path(*path.parts[:5]) if len(path.parts) > 5 else path)
+            # The directory right below the shim's own (/run/capsa-v2/pods/<pod>,
+            # /run/capsa-v2/s/<hash>), or a task's (/run/containerd/io.containerd.runtime.v2.task/<ns>/<id>).
+            depth = 6 if path.parts[1:3] == ("run", "containerd") else 5
+            found.add(Path(*path.parts[:depth]) if len(path.parts) > depth else path)
     return sorted(found)
