@@ -24,6 +24,7 @@ from cri.harness import (
     state_paths,
     wait_for,
 )
+from e2e_confinement import assert_confined, pod_qemus
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vm, pytest.mark.slow]
 
@@ -68,6 +69,8 @@ def test_pod_of_two_containers(k: ShimContainerd, handler: str) -> None:
             assert result.exit_code == 0, result.stderr
             boot_ids.append(result.stdout.decode().strip())
         assert boot_ids[0] == boot_ids[1]
+        if handler == "capsa":
+            assert_confined(pod_qemus())  # issue 13: the host side of a CRI pod
 
         # ExecSync passes output and the exit code through.
         result = k.exec_sync(ids[1], ["sh", "-c", "echo out; echo err >&2; exit 7"])

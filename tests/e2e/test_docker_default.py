@@ -25,6 +25,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from e2e_confinement import assert_qemus_confined
 from e2e_engines import DOCKER_RUNTIME_ROOT, Docker, claim_default
 from e2e_support import (
     Runtime,
@@ -92,6 +93,8 @@ def test_runtime_added_to_a_default_dockerd(
 
         cid = docker("run", "-d", "--runtime", name, docker.image, "sh", "-c", TRAP_LOOP).check().out
         try:
+            if runtime.capsa:
+                assert_qemus_confined(runtime.session)  # issue 13: the host side, under Docker
             execd = docker("exec", cid, "sh", "-c", "echo from exec; uname -r").check()
             assert execd.stdout == f"from exec\n{kernel}\n"
             docker("stop", "--time", "20", cid).check()

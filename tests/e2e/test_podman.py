@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from e2e_cgroups import cgroup_dirs, memory_bytes
+from e2e_confinement import assert_qemus_confined
 from e2e_engines import Podman
 from e2e_support import Runtime, assert_nothing_left, expected_kernel_release, run_in_pty, vm_process, wait_until
 
@@ -98,6 +99,11 @@ def ticker(podman: Podman) -> Iterator[str]:
 
 class TestRunning:
     """One detached container, shared by the checks that need it running."""
+
+    def test_its_qemu_is_confined(self, podman: Podman, ticker: str, runtime: Runtime) -> None:
+        if not runtime.capsa:
+            pytest.skip("runc starts no QEMU")
+        assert_qemus_confined(runtime.session)
 
     def test_exec(self, podman: Podman, ticker: str) -> None:
         assert podman("exec", ticker, "echo", "from exec").check().out == "from exec"

@@ -25,6 +25,7 @@ from cri.harness import (
     state_paths,
     wait_for,
 )
+from e2e_confinement import assert_confined, pod_qemus
 from e2e_support import run_in_pty
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vm, pytest.mark.slow]
@@ -76,6 +77,8 @@ def test_exec_ps_metrics_pause_kill(k: ShimContainerd, runtime: str) -> None:
     k.ctr(NS, *ctr_run(k, runtime, "--detach", image, cid, "sh", "-c", TRAP_LOOP)).check()
     try:
         assert task_status(k, cid) == "RUNNING"
+        if runtime == "capsa":
+            assert_confined(pod_qemus())  # issue 13: the host side, under the shim v2
 
         result = k.ctr(NS, "tasks", "exec", "--exec-id", "e1", cid, "sh", "-c", "echo from exec; exit 3")
         assert (result.code, result.out) == (3, "from exec"), result.stderr
