@@ -20,6 +20,7 @@ class CgroupStats:
     memory_usage_bytes: int = 0
     memory_limit_bytes: int = 0  # 0: no limit ("max")
     pids_current: int = 0
+    oom_kills: int = 0  # memory.events oom_kill
 
 
 def unified_path(proc_cgroup: str) -> str:
@@ -67,6 +68,7 @@ def read_stats(cgroup_dir: str) -> CgroupStats:
         memory_usage_bytes=parse_single_value(_read(cgroup_dir, "memory.current")),
         memory_limit_bytes=parse_single_value(_read(cgroup_dir, "memory.max")),
         pids_current=parse_single_value(_read(cgroup_dir, "pids.current")),
+        oom_kills=oom_kills(cgroup_dir),
     )
 
 

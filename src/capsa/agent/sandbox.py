@@ -418,6 +418,30 @@ class Sandbox:
                     return container.id
             await asyncio.sleep(poll_interval)
 
+    async def wait_oom_kill(
+        self, container_id: str, seen: int, poll_interval: float = OOM_POLL_SECONDS
+    ) -> tuple[int, bool]:
+        """GetOOMEvent for one container: (its ``oom_kill`` count, whether its init exited).
+
+        Returns once the count exceeds ``seen`` or the init has exited,
+        whichever comes first; nothing is recorded, so every ``capsa events``
+        watching the container gets the same answer.  The kernel counts a kill
+        when it picks the victim, before the victim dies, so the count read
+        after the init's exit includes a kill that ended it.  Polled, like
+        :meth:`next_oom_event`; the init's exit ends the wait at once.
+        """
+        container = self.registry.get(container_id)
+        while True:
+            kills = cgroup.oom_kills(cgroup.directory(container.cgroup)) if container.cgroup else 0
+            stopped = container.state is ContainerState.STOPPED
+            if kills > seen or stopped:
+                return kills, stopped
+            if container.init is None:
+                await asyncio.sleep(poll_interval)
+            else:
+                # asyncio.wait leaves the shared exit future alone when it times out or is cancelled.
+                await asyncio.wait([container.init.exited], timeout=poll_interval)
+
     def pids(self, container_id: str) -> list[int]:
         container = self.registry.get(container_id)
         return cgroup.read_pids(self._cgroup_dir(container))

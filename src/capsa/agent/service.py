@@ -252,6 +252,7 @@ class AgentService:
             memory_usage_bytes=stats.memory_usage_bytes,
             memory_limit_bytes=stats.memory_limit_bytes,
             pids_current=stats.pids_current,
+            oom_kills=stats.oom_kills,
         )
 
     async def update_container(self, request: pb.UpdateContainerRequest) -> pb.Empty:
@@ -323,7 +324,10 @@ class AgentService:
         routes = await _uninterrupted(self._guest_network().update_routes(list(request.routes.routes)))
         return pb.Routes(routes=routes)
 
-    # --- not yet ------------------------------------------------------------------------
+    # --- OOM kills ---------------------------------------------------------------------
 
     async def get_oom_event(self, request: pb.GetOOMEventRequest) -> pb.OOMEvent:
-        return pb.OOMEvent(container_id=await self.sandbox.next_oom_event())
+        if not request.container_id:
+            return pb.OOMEvent(container_id=await self.sandbox.next_oom_event())
+        kills, stopped = await self.sandbox.wait_oom_kill(request.container_id, request.oom_kills_seen)
+        return pb.OOMEvent(container_id=request.container_id, oom_kills=kills, stopped=stopped)

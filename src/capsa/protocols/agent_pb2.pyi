@@ -434,10 +434,13 @@ class StatsContainerResponse(_message.Message):
     MEMORY_USAGE_BYTES_FIELD_NUMBER: _builtins.int
     MEMORY_LIMIT_BYTES_FIELD_NUMBER: _builtins.int
     PIDS_CURRENT_FIELD_NUMBER: _builtins.int
+    OOM_KILLS_FIELD_NUMBER: _builtins.int
     cpu_usage_usec: _builtins.int
     memory_usage_bytes: _builtins.int
     memory_limit_bytes: _builtins.int
     pids_current: _builtins.int
+    oom_kills: _builtins.int
+    """memory.events oom_kill: processes the OOM killer took in the container's cgroup."""
     def __init__(
         self,
         *,
@@ -445,10 +448,11 @@ class StatsContainerResponse(_message.Message):
         memory_usage_bytes: _builtins.int = ...,
         memory_limit_bytes: _builtins.int = ...,
         pids_current: _builtins.int = ...,
+        oom_kills: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_usage_usec", b"cpu_usage_usec", "memory_limit_bytes", b"memory_limit_bytes", "memory_usage_bytes", b"memory_usage_bytes", "pids_current", b"pids_current"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_usage_usec", b"cpu_usage_usec", "memory_limit_bytes", b"memory_limit_bytes", "memory_usage_bytes", b"memory_usage_bytes", "oom_kills", b"oom_kills", "pids_current", b"pids_current"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -884,14 +888,28 @@ Global___UpdateRoutesRequest: _TypeAlias = UpdateRoutesRequest  # noqa: Y015
 
 @_typing.final
 class GetOOMEventRequest(_message.Message):
+    """Without container_id (Kata's form, the shim v2's): wait until the OOM
+    killer strikes in any container of the sandbox; each kill is reported to
+    one such call only.  With container_id (`capsa events`): wait until that
+    container's oom_kill count exceeds oom_kills_seen, or its init has exited;
+    nothing is consumed, so any number of watchers may wait side by side.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
+    CONTAINER_ID_FIELD_NUMBER: _builtins.int
+    OOM_KILLS_SEEN_FIELD_NUMBER: _builtins.int
+    container_id: _builtins.str
+    oom_kills_seen: _builtins.int
     def __init__(
         self,
+        *,
+        container_id: _builtins.str = ...,
+        oom_kills_seen: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_id", b"container_id", "oom_kills_seen", b"oom_kills_seen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -902,15 +920,23 @@ class OOMEvent(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CONTAINER_ID_FIELD_NUMBER: _builtins.int
+    OOM_KILLS_FIELD_NUMBER: _builtins.int
+    STOPPED_FIELD_NUMBER: _builtins.int
     container_id: _builtins.str
+    oom_kills: _builtins.int
+    """the container's memory.events oom_kill (with container_id)"""
+    stopped: _builtins.bool
+    """its init has exited: no more kills will come (with container_id)"""
     def __init__(
         self,
         *,
         container_id: _builtins.str = ...,
+        oom_kills: _builtins.int = ...,
+        stopped: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_id", b"container_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_id", b"container_id", "oom_kills", b"oom_kills", "stopped", b"stopped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

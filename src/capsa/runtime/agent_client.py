@@ -25,7 +25,7 @@ from google.protobuf.message import Message
 from capsa.errors import AgentError
 from capsa.protocols import agent_pb2 as pb
 from capsa.ttrpc.client import Client
-from capsa.ttrpc.errors import StatusError, TtrpcError
+from capsa.ttrpc.errors import Code, StatusError, TtrpcError
 
 SERVICE = "capsa.agent.v1.AgentService"
 M = TypeVar("M", bound=Message)
@@ -155,6 +155,23 @@ class AgentClient:
         """Wait (without a deadline) until the OOM killer strikes in a container; its ID."""
         response = await self._call("GetOOMEvent", pb.GetOOMEventRequest(), pb.OOMEvent, timeout=None)
         return response.container_id
+
+    async def wait_oom_kill(self, container_id: str, seen: int, timeout: float) -> pb.OOMEvent | None:
+        """Wait until the container's OOM kill count exceeds ``seen`` or its init exits.
+
+        The agent's answer (``oom_kills``, ``stopped``), or None when neither
+        happened within ``timeout`` seconds.  Nothing is consumed in the
+        agent: other watchers of the same container see the same kills.
+        """
+        request = pb.GetOOMEventRequest(container_id=container_id, oom_kills_seen=seen)
+        try:
+            return await self._client.unary(SERVICE, "GetOOMEvent", request, pb.OOMEvent, timeout=timeout)
+        except StatusError as exc:
+            if exc.code is Code.DEADLINE_EXCEEDED:
+                return None
+            raise AgentError(exc.message or f"agent GetOOMEvent failed ({exc.code.name})") from exc
+        except TtrpcError as exc:
+            raise AgentError(f"agent GetOOMEvent: {exc}") from exc
 
     async def tty_win_resize(self, container_id: str, exec_id: str, rows: int, columns: int) -> None:
         request = pb.TtyWinResizeRequest(container_id=container_id, exec_id=exec_id, row=rows, column=columns)

@@ -51,7 +51,7 @@ def stats_event(container_id: str, stats: pb.StatsContainerResponse) -> dict[str
 
 
 def oom_event(container_id: str) -> dict[str, Any]:
-    """A runc ``oom`` event: the container's cgroup hit its memory limit; no data."""
+    """A runc ``oom`` event: the OOM killer took a process of the container (in the guest); no data."""
     return {"type": "oom", "id": container_id}
 
 

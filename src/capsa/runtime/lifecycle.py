@@ -499,3 +499,20 @@ def stats(rt: Runtime, container_id: str) -> Any:
         return await client.agent.stats_container(state.id)
 
     return with_proxy(rt.store.socket_dir(container_id), rt.config.agent.request_timeout, in_vm)
+
+
+def wait_oom_kill(rt: Runtime, container_id: str, seen: int, timeout: float) -> Any:
+    """The agent's ``OOMEvent`` once the container's OOM kills exceed ``seen`` or its init exited.
+
+    None when neither happened within ``timeout`` seconds.
+
+    Asked whatever the container's status: one whose init the OOM killer
+    just ended is ``stopped`` here, and the guest still counts that kill
+    until ``delete``.  An error once the VM is gone.
+    """
+    state = rt.store.load(validate_id(container_id))
+
+    async def in_vm(client: ProxyClient) -> Any:
+        return await client.agent.wait_oom_kill(state.id, seen, timeout)
+
+    return with_proxy(rt.store.socket_dir(container_id), rt.config.agent.request_timeout, in_vm)

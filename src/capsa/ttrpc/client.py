@@ -13,7 +13,16 @@ Failure model:
   without waiting for the server, which also gets the deadline as
   ``timeout_nano`` (as containerd derives it from the context deadline);
 * the connection drops or is closed -> every pending call fails with
-  :class:`ConnectionClosed` saying who closed it.
+  :class:`ConnectionClosed` saying who closed it;
+* the peer has left :data:`MAX_WRITE_BACKLOG` bytes unread -> a new call
+  fails at once with :class:`StatusError` RESOURCE_EXHAUSTED.
+
+The peer may be hostile (the proxy's peer is a guest's agent channel), so
+nothing it sends grows this side without bound: the codec holds at most one
+frame's payload (4 MiB) and skips larger ones unread, a reply only ever
+resolves the call that opened its stream, what a peer sends that nobody
+waits for is dropped, and the log lines such frames cause are counted, not
+written one per frame (1st, 2nd, 4th, 8th... of each kind).
 """
 
 from __future__ import annotations
@@ -29,11 +38,13 @@ from typing import TypeVar
 from google.protobuf.message import DecodeError, Message
 
 from capsa.ttrpc.codec import (
+    HEADER_SIZE,
+    MAX_MESSAGE_SIZE,
     Connection,
+    DataReceived,
     Event,
     InvalidFrameReceived,
     OversizedFrame,
-    PeerClosed,
     ResponseReceived,
     Role,
     StrayFrameReceived,
@@ -46,6 +57,13 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
 
 READ_SIZE = 64 * 1024
+MAX_WRITE_BACKLOG = 4 * (MAX_MESSAGE_SIZE + HEADER_SIZE)
+"""Bytes written but not yet taken by the peer beyond which new calls fail.
+
+A peer that stops reading would otherwise collect every later request in
+the transport's buffer for as long as the connection lives; callers that
+wait for ``drain`` each add one frame, so room for four of the largest
+frames never refuses a peer that reads at all."""
 _MAX_TIMEOUT_NANO = (1 << 63) - 1  # Request.timeout_nano is an int64
 
 
@@ -59,6 +77,8 @@ class Client:
         self._pending: dict[int, asyncio.Future[ResponseReceived]] = {}
         # Why the connection ended, once it has: (by_peer, reason).
         self._closed: tuple[bool, str] | None = None
+        # Frames the peer sent that nobody could use, by kind (for the log).
+        self._dropped: dict[str, int] = {}
         self._read_task = asyncio.get_running_loop().create_task(self._read_loop(), name="ttrpc-client-reader")
 
     @classmethod
@@ -108,6 +128,12 @@ class Client:
             )
         except MessageTooLarge as exc:
             raise StatusError(Code.RESOURCE_EXHAUSTED, exc.message) from exc
+        backlog = self._writer.transport.get_write_buffer_size()
+        if backlog + len(frame) > MAX_WRITE_BACKLOG:
+            self._connection.abandon(stream_id)
+            raise StatusError(
+                Code.RESOURCE_EXHAUSTED, f"{service}/{method}: the peer has not read the {backlog} bytes sent before"
+            )
         reply: asyncio.Future[ResponseReceived] = asyncio.get_running_loop().create_future()
         self._pending[stream_id] = reply
         try:
@@ -162,6 +188,10 @@ class Client:
         self._read_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._read_task
+        if self._writer.transport.get_write_buffer_size():
+            # Requests the peer never took: nobody waits for their replies now,
+            # and a graceful close would wait for a peer that may never read.
+            self._writer.transport.abort()
         self._writer.close()
         with contextlib.suppress(ConnectionError, OSError, NotImplementedError):
             # NotImplementedError: StreamWriters over pipes have no close waiter.
@@ -196,13 +226,35 @@ class Client:
             elif isinstance(event, OversizedFrame | InvalidFrameReceived):
                 self._resolve(event.stream_id, StatusError(event.code, event.message))
             elif isinstance(event, StrayFrameReceived):
-                log.debug("ttrpc: dropped frame on stream %d: %s", event.stream_id, event.reason)
+                self._note("stray", logging.DEBUG, "dropped frame on stream %d: %s", event.stream_id, event.reason)
             elif isinstance(event, UnknownFrameReceived):
-                log.warning("ttrpc: skipped frame of unknown type %d on stream %d", event.message_type, event.stream_id)
-            elif isinstance(event, PeerClosed):
-                pass  # _read_loop fails the pending calls next
-            else:
-                log.debug("ttrpc: ignored %r (streaming is not supported by this client)", event)
+                self._note(
+                    "unknown",
+                    logging.WARNING,
+                    "skipped frame of unknown type %d on stream %d",
+                    event.message_type,
+                    event.stream_id,
+                )
+            elif isinstance(event, DataReceived):
+                self._note(
+                    "data",
+                    logging.DEBUG,
+                    "ignored %d bytes of data on stream %d (this client makes unary calls only)",
+                    len(event.data),
+                    event.stream_id,
+                )
+            # PeerClosed: _read_loop fails the pending calls next.
+
+    def _note(self, kind: str, level: int, message: str, *args: object) -> None:
+        """Log a frame that was dropped, for the 1st, 2nd, 4th, 8th... frame of its ``kind``.
+
+        How many such frames come is the peer's choice; a line for each would
+        let it fill this side's log (on ``/run``, a tmpfs: memory) at will.
+        """
+        count = self._dropped.get(kind, 0) + 1
+        self._dropped[kind] = count
+        if count & (count - 1) == 0:
+            log.log(level, "ttrpc: " + message + " (%d such frames on this connection)", *args, count)
 
     def _resolve(self, stream_id: int, outcome: ResponseReceived | StatusError) -> None:
         reply = self._pending.get(stream_id)
