@@ -61,7 +61,7 @@ def confinement_problems(pid: int) -> list[str]:
         problems.append(f"seccomp mode {qemu['Seccomp']}")
     if qemu["NSpid"].split()[-1] != "1":
         problems.append("not PID 1 of a PID namespace of its own")
-    for kind in ("mnt", "ipc"):
+    for kind in ("mnt", "ipc", "net"):
         if os.readlink(f"/proc/{pid}/ns/{kind}") == os.readlink(f"/proc/self/ns/{kind}"):
             problems.append(f"in the host's {kind} namespace")
     top = {p.name for p in Path(f"/proc/{pid}/root").iterdir()}

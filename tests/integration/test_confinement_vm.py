@@ -92,7 +92,7 @@ def test_qemu_runs_unprivileged_jailed_and_apart(two: tuple[dict[str, int], dict
         assert qemu["Seccomp"] == "2"
         # PID 1 of a PID namespace of its own.
         assert qemu["NSpid"].split()[-1] == "1"
-        for kind in ("mnt", "pid_for_children", "ipc"):
+        for kind in ("mnt", "pid_for_children", "ipc", "net"):
             assert namespace(host["qemu"], kind) != namespace("self", kind), kind
         # Its root is the jail: /usr and its own files, nothing else of the host.
         root = Path(f"/proc/{host['qemu']}/root")

@@ -3,8 +3,12 @@
 What a process in QEMU's place gets, in the order the child sets it up
 between fork and exec (:func:`confine`):
 
-1. Its own mount and IPC namespaces (unshare(2) ``CLONE_NEWNS|CLONE_NEWIPC``),
-   every mount private, so nothing it mounts reaches the host and back.
+1. Its own mount, IPC and network namespaces (unshare(2) ``CLONE_NEWNS |
+   CLONE_NEWIPC | CLONE_NEWNET``), every mount private, so nothing it
+   mounts reaches the host and back.  The network namespace is empty: QEMU
+   needs none of its own (its NICs arrive as open tap descriptors, which
+   keep working in any namespace), and a compromised QEMU reaches no
+   network, the host's or the pod's.
 2. A fresh tmpfs as its root, holding only what it needs, each at the same
    path as on the host (so QEMU's command line does not change): ``/usr``
    read-only (QEMU, its libraries, firmware and ROMs), the guest kernel and
@@ -58,6 +62,7 @@ from capsa.hypervisor.base import NinePShare, SerialChannel, VirtioFsShare, VMCo
 
 # <linux/sched.h>
 CLONE_NEWIPC = 0x08000000
+CLONE_NEWNET = 0x40000000
 CLONE_NEWPID = 0x20000000
 # <linux/prctl.h>
 PR_CAPBSET_DROP = 24
@@ -289,7 +294,8 @@ def confine(plan: JailPlan) -> None:
     """Apply ``plan`` to the calling process (a forked child, before exec); see the module docstring."""
     lib = ctypes.CDLL(None, use_errno=True)
     if plan.jailed:
-        libc.unshare(libc.CLONE_NEWNS | CLONE_NEWIPC | (CLONE_NEWPID if plan.pid_parent is not None else 0))
+        pid = CLONE_NEWPID if plan.pid_parent is not None else 0
+        libc.unshare(libc.CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWNET | pid)
         libc.mount("none", "/", "", libc.MS_REC | libc.MS_PRIVATE)
         root = str(plan.root)
         # Not nodev: it holds the VMM's own device nodes (it cannot make any:
