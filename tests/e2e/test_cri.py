@@ -116,8 +116,13 @@ def test_killed_vm_stops_every_container(k: ShimContainerd, handler: str) -> Non
         for cid in ids:
             status = k.call("ContainerStatus", cri.ContainerStatusRequest(container_id=cid)).status
             assert status.exit_code != 0 and status.finished_at > 0, status
-        status = k.call("PodSandboxStatus", cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id)).status
-        assert status.state == cri.SANDBOX_NOTREADY
+        # The sandbox task's exit is its own event, which may come after the containers'.
+        wait_for(
+            lambda: k.call("PodSandboxStatus", cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id)).status.state
+            == cri.SANDBOX_NOTREADY,
+            60,
+            "the pod's sandbox to be not ready",
+        )
     left = k.wait_nothing_left()
     assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)
     assert [p for p in state if p.exists()] == [], "state left behind"

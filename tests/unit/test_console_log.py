@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-import time
 from pathlib import Path
 
 from capsa.hypervisor.console_log import DROPPED, ConsoleLog, pump
@@ -30,28 +29,20 @@ def test_small_output_is_kept_whole(tmp_path: Path) -> None:
     assert (tmp_path / "console.log").stat().st_mode & 0o777 == 0o600
 
 
-def test_a_flood_is_read_at_the_rate_and_the_writer_waits(tmp_path: Path) -> None:
+def test_a_flood_is_read_as_fast_as_it_comes_and_stays_bounded(tmp_path: Path) -> None:
+    # A reader that holds back would stall the guest (see the module docstring).
     ours, theirs = socket.socketpair()
     log = ConsoleLog(tmp_path / "console.log", limit=64 << 10)
-    sent = 0
-    stop = time.monotonic() + 1.0
+    total = 8 << 20
 
     def flood() -> None:
-        nonlocal sent
-        theirs.settimeout(0.05)
-        while time.monotonic() < stop:
-            try:
-                sent += theirs.send(b"x" * 4096)
-            except TimeoutError:
-                continue  # the reader is behind: the writer waits, as QEMU's console port does
+        sent = 0
+        while sent < total:
+            sent += theirs.send(b"x" * 65536)
         theirs.close()
 
     writer = threading.Thread(target=flood)
     writer.start()
-    started = time.monotonic()
-    asyncio.run(asyncio.wait_for(pump(ours, log, rate=100_000), 20))
-    elapsed = time.monotonic() - started
+    asyncio.run(asyncio.wait_for(pump(ours, log), 20))
     writer.join()
-    # About 100 kB/s read, whatever the writer wanted (the socket buffers hold the rest).
-    assert sent < 100_000 * elapsed + 2 * 1024 * 1024
     assert (tmp_path / "console.log").stat().st_size <= 64 << 10
