@@ -34,6 +34,7 @@ from typing import Any
 
 from capsa.monitor.procfs import PROC, ProcessTable, read_cwd
 from capsa.monitor.roles import Role
+from capsa.runtime.container import current_status
 from capsa.runtime.state import DEFAULT_ROOT, OWNER_LINK, SOCKET_ROOT, STATE_FILE, ContainerState, Status, socket_key
 
 #: Where engines point the runtime by default: capsa's own (what Podman 4.3,
@@ -106,24 +107,6 @@ def is_capsa_state(data: Mapping[str, Any]) -> bool:
     return "proxy_pid" in data and "bundle" in data and isinstance(data.get("id"), str)
 
 
-def runc_status(state: ContainerState, table: ProcessTable) -> str:
-    """The status ``capsa state`` would report, from this reading of the process table.
-
-    The same rules as :func:`capsa.runtime.container.current_status`, which
-    reads ``/proc`` itself: a container whose proxy or shim is gone is
-    stopped, and so is one whose create died halfway.
-    """
-    if state.status == Status.STOPPED:
-        return Status.STOPPED
-    if state.status == Status.CREATING:
-        if state.creator_pid:
-            return Status.CREATING if table.alive(state.creator_pid, state.creator_start) else Status.STOPPED
-        return Status.CREATING if table.alive(state.proxy_pid, state.proxy_start) else Status.STOPPED
-    if not table.alive(state.proxy_pid, state.proxy_start) or not table.alive(state.pid, state.pid_start):
-        return Status.STOPPED
-    return state.status
-
-
 def parse_iso_time(text: str) -> float | None:
     try:
         return datetime.fromisoformat(text).timestamp()
@@ -139,7 +122,7 @@ def runc_sandbox(
     exec_shims: Iterable[int] = (),
 ) -> SandboxInfo:
     """A runc-CLI container's sandbox (one VM, one container) from its state and the process table."""
-    status = runc_status(state, table)
+    status = current_status(state, table.alive)
     anchors: list[tuple[int, str]] = []
     if status != Status.STOPPED:
         if table.alive(state.pid, state.pid_start):

@@ -29,18 +29,20 @@ T = TypeVar("T")
 OCI_VERSION = "1.0.2"
 
 
-def current_status(state: ContainerState) -> str:
+def current_status(state: ContainerState, alive: Callable[[int, int], bool] = pids.alive) -> str:
+    """``alive(pid, start_time)`` says whether a recorded process still runs
+    (default: read ``/proc`` now; capsa-monitor passes its own reading)."""
     if state.status == Status.STOPPED:
         return Status.STOPPED
     if state.status == Status.CREATING:
         # A create still at work holds the lock; one that died left this, and
         # whatever it started stops by itself or at delete.
         if state.creator_pid:
-            return Status.CREATING if pids.alive(state.creator_pid, state.creator_start) else Status.STOPPED
-        return Status.CREATING if pids.alive(state.proxy_pid, state.proxy_start) else Status.STOPPED
-    if not pids.alive(state.proxy_pid, state.proxy_start):
+            return Status.CREATING if alive(state.creator_pid, state.creator_start) else Status.STOPPED
+        return Status.CREATING if alive(state.proxy_pid, state.proxy_start) else Status.STOPPED
+    if not alive(state.proxy_pid, state.proxy_start):
         return Status.STOPPED
-    if not pids.alive(state.pid, state.pid_start):
+    if not alive(state.pid, state.pid_start):
         return Status.STOPPED
     return state.status
 
