@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from harness import Capsa, is_running, vm_processes
 
-from capsa.hypervisor.console_log import DEFAULT_LIMIT
+from capsa.hypervisor.bounded_log import DEFAULT_LIMIT
 
 pytestmark = pytest.mark.vm
 

@@ -13,7 +13,7 @@ between fork and exec (:func:`confine`):
    path as on the host (so QEMU's command line does not change): ``/usr``
    read-only (QEMU, its libraries, firmware and ROMs), the guest kernel and
    image read-only, the VM's socket directory and RAM file read-write (its
-   console is a socket we pass it: hypervisor/console_log.py),
+   console and stderr are sockets we pass it: hypervisor/bounded_log.py),
    ``/dev/null``, ``/dev/zero``, ``/dev/urandom`` and, where KVM (or vsock)
    is used, a ``/dev/kvm`` (``/dev/vhost-vsock``) node of its own, owned by
    its uid: no host group has to let it in.  No ``/etc``, no ``/proc``, no
@@ -88,8 +88,8 @@ NOFILE_LIMIT = 4096
 #: Bytes beyond the guest's largest RAM block any file QEMU writes may
 #: reach.  RLIMIT_FSIZE also bounds the memfds QEMU sizes for guest RAM and
 #: hot-plugged DIMMs, so the limit is the VM's largest possible memory plus
-#: this; what it still bounds is a file QEMU grows by writing (its console
-#: log, a saved state) to that size.
+#: this; what it still bounds is a file QEMU grows by writing (a saved
+#: state) to that size.  Its console and stderr are sockets (hypervisor/bounded_log.py).
 FSIZE_MARGIN = 256 << 20
 
 

@@ -1,9 +1,10 @@
 """Starting and ending the long-lived helper processes of a VM (QEMU, virtiofsd).
 
 Both are started the same way: stdin from /dev/null, stdout and stderr into a
-log file (a pipe would break the helper with EPIPE once a short-lived capsa
-invocation that started it exits), a session of their own so a terminal's
-Ctrl-C reaches capsa rather than the VMM, and optionally
+socket whose other end the VM's owner (the process that lives as long as
+the VM) reads into a bounded log file (hypervisor/bounded_log.py: a guest
+can make either helper write without end), a session of their own so a
+terminal's Ctrl-C reaches capsa rather than the VMM, and optionally
 ``PR_SET_PDEATHSIG=SIGKILL`` so that a killed foreground ``capsa run`` does
 not leave them behind.  Both are ended the same way: a polite signal or
 request, a bounded wait, SIGKILL, reap.
@@ -19,10 +20,13 @@ import contextlib
 import ctypes
 import os
 import signal
+import socket
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from capsa.errors import CapsaError
+from capsa.hypervisor.bounded_log import BoundedLog, pump
 
 # prctl(2): PR_SET_PDEATHSIG = 1 (linux/prctl.h).
 _PR_SET_PDEATHSIG = 1
@@ -50,6 +54,19 @@ def die_with_parent_hook() -> Callable[[], None]:
     return hook
 
 
+@dataclass
+class Helper:
+    """A started helper process and the task copying its output into its log."""
+
+    proc: asyncio.subprocess.Process
+    output: asyncio.Future[None]
+
+    async def output_closed(self, timeout: float = 2.0) -> None:
+        """Wait until everything the helper wrote is in its log (it closed its end), at most ``timeout`` s."""
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(self.output), timeout)
+
+
 async def spawn(
     argv: Sequence[str],
     *,
@@ -58,7 +75,7 @@ async def spawn(
     pass_fds: Sequence[int] = (),
     die_with_parent: bool = False,
     confine: Callable[[Callable[[], None] | None], Callable[[], None]] | None = None,
-) -> asyncio.subprocess.Process:
+) -> Helper:
     """Start ``argv`` with its output in ``log_path`` (emptied first, so its last line is about this run).
 
     ``confine``, given the die-with-parent hook (or None), returns the
@@ -69,24 +86,33 @@ async def spawn(
     """
     what = Path(argv[0]).name
     try:
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        log = BoundedLog(log_path)
     except OSError as exc:
         raise error(f"cannot open log file {log_path} for {what}: {exc.strerror}") from exc
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.shutdown(socket.SHUT_WR)
     death_hook = die_with_parent_hook() if die_with_parent else None
     try:
-        return await asyncio.create_subprocess_exec(
+        proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=log_fd,
-            stderr=log_fd,
+            stdout=theirs.fileno(),
+            stderr=theirs.fileno(),
             pass_fds=tuple(pass_fds),
             start_new_session=True,
             preexec_fn=confine(death_hook) if confine is not None else death_hook,
         )
     except OSError as exc:
+        ours.close()
+        log.close()
         raise error(f"cannot execute {argv[0]}: {exc.strerror}") from exc
+    except BaseException:
+        ours.close()
+        log.close()
+        raise
     finally:
-        os.close(log_fd)
+        theirs.close()
+    return Helper(proc, asyncio.ensure_future(pump(ours, log)))
 
 
 async def terminate(

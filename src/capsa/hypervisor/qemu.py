@@ -62,10 +62,10 @@ from capsa.hypervisor.base import (
     VMConfig,
     VMSize,
 )
-from capsa.hypervisor.console_log import ConsoleLog
-from capsa.hypervisor.console_log import pump as console_pump
+from capsa.hypervisor.bounded_log import BoundedLog
+from capsa.hypervisor.bounded_log import pump as console_pump
 from capsa.hypervisor.jail import Confinement
-from capsa.hypervisor.process import last_line, spawn, terminate
+from capsa.hypervisor.process import Helper, last_line, spawn, terminate
 
 log = logging.getLogger("capsa.hypervisor.qemu")
 
@@ -219,7 +219,7 @@ def _console_and_agent(config: VMConfig, console_fd: int | None) -> tuple[list[s
     """The virtio-serial controller, guest console and agent port.
 
     The console goes to ``console_fd`` (a socket whose other end writes a
-    bounded log: hypervisor/console_log.py), else to the console log file.
+    bounded log: hypervisor/bounded_log.py), else to the console log file.
     Returns the arguments and the kernel parameters the console needs.
     """
     suffix = _device_suffix(config.machine_type)
@@ -531,7 +531,7 @@ class QemuHypervisor(Hypervisor):
         self.confinement = confinement
         self._die_with_parent = die_with_parent
         self._start_timeout = start_timeout
-        self._proc: asyncio.subprocess.Process | None = None
+        self._helper: Helper | None = None
         self._qmp: QMPClient | None = None
         # One hot-plug at a time: choosing a free root port and plugging
         # into it must not interleave with another plug (see free_root_port).
@@ -540,6 +540,10 @@ class QemuHypervisor(Hypervisor):
         self._fdsets: dict[str, int] = {}
         #: Copies the guest console into its bounded log while QEMU runs.
         self._console: asyncio.Future[None] | None = None
+
+    @property
+    def _proc(self) -> asyncio.subprocess.Process | None:
+        return self._helper.proc if self._helper is not None else None
 
     @property
     def pid(self) -> int | None:
@@ -579,7 +583,7 @@ class QemuHypervisor(Hypervisor):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         console_ours, console_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            console_log = ConsoleLog(config.console_log)
+            console_log = BoundedLog(config.console_log)
         except OSError as exc:
             for sock in (ours, theirs, console_ours, console_theirs):
                 sock.close()
@@ -594,7 +598,7 @@ class QemuHypervisor(Hypervisor):
             if plan is not None:
                 argv = plan.wrap(argv)
             log.debug("starting %s", " ".join(argv))
-            self._proc = await spawn(
+            self._helper = await spawn(
                 argv,
                 log_path=config.vmm_log,
                 error=HypervisorError,
@@ -650,7 +654,7 @@ class QemuHypervisor(Hypervisor):
         except TimeoutError:
             status = None
         await self.stop(timeout=0)
-        said = last_line(self.config.vmm_log)
+        said = last_line(self.config.vmm_log)  # stop() waited for QEMU's output to reach it
         if status is not None and said:
             return f"QEMU exited with status {status} while starting: {said}"
         if status is not None:
@@ -666,6 +670,8 @@ class QemuHypervisor(Hypervisor):
             # (QEMU treats it as a clean quit too).
             await terminate(proc, timeout, (lambda: None) if asked else None)
         await self._close_qmp()
+        if self._helper is not None and (proc is None or proc.returncode is not None):
+            await self._helper.output_closed()
         console, self._console = self._console, None
         if console is not None:
             # QEMU is gone: the pump reads what is left, sees EOF and closes the log.

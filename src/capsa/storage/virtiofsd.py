@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from capsa.errors import StorageError
-from capsa.hypervisor.process import last_line, spawn, terminate
+from capsa.hypervisor.process import Helper, last_line, spawn, terminate
 
 DEFAULT_VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
 CACHE_MODES = ("auto", "always", "none")
@@ -175,7 +175,11 @@ class Virtiofsd:
         )
         self._die_with_parent = die_with_parent
         self._ready_timeout = ready_timeout
-        self._proc: asyncio.subprocess.Process | None = None
+        self._helper: Helper | None = None
+
+    @property
+    def _proc(self) -> asyncio.subprocess.Process | None:
+        return self._helper.proc if self._helper is not None else None
 
     @property
     def pid(self) -> int | None:
@@ -198,7 +202,7 @@ class Virtiofsd:
         # the new daemon listens; virtiofsd replaces it anyway.
         with contextlib.suppress(FileNotFoundError):
             config.socket_path.unlink()
-        self._proc = await spawn(
+        self._helper = await spawn(
             virtiofsd_argv(config),
             log_path=config.log_file,
             error=StorageError,
@@ -219,6 +223,8 @@ class Virtiofsd:
         delay = 0.002
         while True:
             if proc.returncode is not None:
+                assert self._helper is not None
+                await self._helper.output_closed()
                 said = last_line(self.config.log_file)
                 raise StorageError(
                     f"virtiofsd for {self.config.shared_dir} exited with status {proc.returncode}"
@@ -245,9 +251,9 @@ class Virtiofsd:
         Safe when the daemon already exited (it does when QEMU disconnects),
         before :meth:`start`, and twice.
         """
-        proc = self._proc
-        if proc is not None:
-            await terminate(proc, timeout)
+        if self._helper is not None:
+            await terminate(self._helper.proc, timeout)
+            await self._helper.output_closed()
         # virtiofsd does not remove its socket when it is signalled.
         with contextlib.suppress(OSError):
             self.config.socket_path.unlink(missing_ok=True)

@@ -1,18 +1,20 @@
-"""The guest console's log on the host: bounded in size, read as fast as the guest writes.
+"""Logs a guest can make the host write: bounded in size, read as fast as they come.
 
 A guest writes its console (``hvc0``, or ``ttyS0`` with ``--debug``) as
 fast as it likes, and root in a privileged container can reach it
-(``mknod /dev/hvc0 c 229 0``).  QEMU writing that to a file would let the
-guest fill the host's disk, or its RAM where the file is on tmpfs.  So QEMU
-gets one end of a socket pair for the console, and the VM's owner reads the
-other end (:func:`pump`) into :class:`ConsoleLog`, which keeps the file
+(``mknod /dev/hvc0 c 229 0``).  A hostile guest kernel can also make QEMU
+and virtiofsd complain on their stderr at will (bad descriptors, bad FUSE
+requests).  A helper writing either to a file would let the guest fill
+the host's disk, or its RAM where the file is on tmpfs.  So no helper gets
+a file: each gets one end of a socket pair, and the VM's owner reads the
+other end (:func:`pump`) into :class:`BoundedLog`, which keeps the file
 under ``limit`` bytes: when a write would pass it, the file starts over
 with a marker line, so the newest output, the last words before a crash
 that error messages quote, is always there.
 
-The pump reads as fast as QEMU delivers, on purpose.  A reader that holds
-back makes QEMU throttle the console port, and the guest's virtio console
-driver waits for the host with the port's lock held: tried with a
+The pump reads as fast as the helper delivers, on purpose.  A reader that
+holds back makes QEMU throttle the console port, and the guest's virtio
+console driver waits for the host with the port's lock held: tried with a
 256 KiB/s reader, the flooding guest's agent did not answer a
 SignalProcess within 60 s.  What a flood costs the host is the reader's
 CPU, which runs in the sandbox's host cgroup and so under its CPU limit.
@@ -27,17 +29,17 @@ import os
 import socket
 from pathlib import Path
 
-#: The console log's size bound.
+#: The size bound of each log.
 DEFAULT_LIMIT = 1 << 20
-DROPPED = b"\n[capsa: earlier console output dropped to keep this log bounded]\n"
+DROPPED = b"\n[capsa: earlier output dropped to keep this log bounded]\n"
 
 
-class ConsoleLog:
+class BoundedLog:
     """An append-only file that never grows past ``limit`` bytes (its newest bytes are kept)."""
 
     def __init__(self, path: Path, limit: int = DEFAULT_LIMIT) -> None:
         if limit < 2 * len(DROPPED):
-            raise ValueError(f"console log limit {limit} is too small")
+            raise ValueError(f"log limit {limit} is too small")
         self.path = path
         self.limit = limit
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -61,7 +63,7 @@ class ConsoleLog:
             self._fd = -1
 
 
-async def pump(sock: socket.socket, log: ConsoleLog) -> None:
+async def pump(sock: socket.socket, log: BoundedLog) -> None:
     """Copy what the guest writes on ``sock`` into ``log`` until QEMU closes it."""
     loop = asyncio.get_running_loop()
     sock.setblocking(False)

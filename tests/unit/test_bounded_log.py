@@ -7,11 +7,11 @@ import socket
 import threading
 from pathlib import Path
 
-from capsa.hypervisor.console_log import DROPPED, ConsoleLog, pump
+from capsa.hypervisor.bounded_log import DROPPED, BoundedLog, pump
 
 
 def test_the_log_keeps_its_newest_bytes_under_the_limit(tmp_path: Path) -> None:
-    log = ConsoleLog(tmp_path / "console.log", limit=4096)
+    log = BoundedLog(tmp_path / "console.log", limit=4096)
     for n in range(2000):
         log.write(f"line {n}\n".encode())
     log.close()
@@ -22,7 +22,7 @@ def test_the_log_keeps_its_newest_bytes_under_the_limit(tmp_path: Path) -> None:
 
 
 def test_small_output_is_kept_whole(tmp_path: Path) -> None:
-    log = ConsoleLog(tmp_path / "console.log", limit=4096)
+    log = BoundedLog(tmp_path / "console.log", limit=4096)
     log.write(b"Linux version 6.1\n")
     log.close()
     assert (tmp_path / "console.log").read_bytes() == b"Linux version 6.1\n"
@@ -32,7 +32,7 @@ def test_small_output_is_kept_whole(tmp_path: Path) -> None:
 def test_a_flood_is_read_as_fast_as_it_comes_and_stays_bounded(tmp_path: Path) -> None:
     # A reader that holds back would stall the guest (see the module docstring).
     ours, theirs = socket.socketpair()
-    log = ConsoleLog(tmp_path / "console.log", limit=64 << 10)
+    log = BoundedLog(tmp_path / "console.log", limit=64 << 10)
     total = 8 << 20
 
     def flood() -> None:
