@@ -64,7 +64,8 @@ def test_missing_program_is_the_callers_error(tmp_path: Path) -> None:
 
 def test_terminate_escalates_to_sigkill(tmp_path: Path) -> None:
     async def scenario() -> tuple[int, float]:
-        proc = (await spawn(["sh", "-c", "trap '' TERM; sleep 30"], log_path=tmp_path / "log", error=HypervisorError)).proc
+        helper = await spawn(["sh", "-c", "trap '' TERM; sleep 30"], log_path=tmp_path / "log", error=HypervisorError)
+        proc = helper.proc
         await asyncio.sleep(0.1)  # let the shell install its trap
         started = time.monotonic()
         status = await terminate(proc, 0.3)
