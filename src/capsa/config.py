@@ -126,6 +126,10 @@ class AgentConfig:
     connect_timeout: float = 60.0
     request_timeout: float = 60.0
     vsock_port: int = 1024
+    #: An agent policy document (TOML, docs/agent-policy.md) set in every
+    #: sandbox before its first container; None: the guest image's own
+    #: policy (allow everything unless the image carries one).
+    policy: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -375,6 +379,7 @@ def _parse_agent(table: Mapping[str, Any], where: str) -> AgentConfig:
         connect_timeout=t.seconds("connect_timeout", d.connect_timeout),
         request_timeout=t.seconds("request_timeout", d.request_timeout),
         vsock_port=t.integer("vsock_port", d.vsock_port, 1, 0xFFFFFFFE),
+        policy=t.optional_path("policy", d.policy),
     )
 
 

@@ -58,6 +58,7 @@ from pathlib import Path
 
 from e2e_support import (
     MARK_VAR,
+    POLICIES,
     SHIM_NAME,
     Result,
     Runtime,
@@ -278,6 +279,8 @@ class Containerd:
             "  SystemdCgroup = false\n"
             f"[{cri_plugin}.containerd.runtimes.capsa]\n"
             f'  runtime_type = "{CAPSA_RUNTIME}"\n'
+            # Pod annotations reach the pod's sandbox only where the handler lists them (the agent policy's).
+            '  pod_annotations = ["io.capsa.*"]\n'
             # The same shims named by path (CRI's runtime_path), not found on PATH.
             f"[{cri_plugin}.containerd.runtimes.runc-path]\n"
             f'  runtime_type = "{RUNC_RUNTIME}"\n'
@@ -487,6 +490,20 @@ class Docker:
             config.update({"bridge": "none", "iptables": False, "ip6tables": False, "ip-masq": False})
         if default_runtime:
             config["default-runtime"] = self.runtime_name
+        #: The runtime again, with the example no-exec agent policy in its
+        #: configuration: how a Docker user picks a policy (runtimeArgs; the
+        #: docker CLI passes no annotations).  None under runc.
+        self.no_exec_runtime: str | None = None
+        if runtime.capsa:
+            capsa_config = self.dir / "capsa-no-exec.toml"
+            capsa_config.write_text(f'[agent]\npolicy = "{POLICIES / "no-exec.toml"}"\n')
+            self.no_exec_runtime = "capsa-no-exec"
+            runtimes = config["runtimes"]
+            assert isinstance(runtimes, dict)
+            runtimes[self.no_exec_runtime] = {
+                "path": str(runtime.wrapper),
+                "runtimeArgs": ["--config", str(capsa_config)],
+            }
         self.config = self.dir / "daemon.json"
         self.config.write_text(json.dumps(config, indent=2) + "\n")
         try:

@@ -48,6 +48,19 @@ VM_PROCESS_NAMES = ("qemu-system",)
 RUNTIME_PROCESS_WORDS = ("qemu-system", "virtiofsd", "capsa", "runc")
 
 
+#: The example agent policies (config/policies).
+POLICIES = Path(__file__).parents[2] / "config" / "policies"
+
+
+def policy_annotation(name: str) -> str:
+    """``io.capsa.agent.policy=<base64>`` for the example policy ``name`` (an engine's --annotation)."""
+    import base64
+
+    from capsa.proxy.proxy import POLICY_ANNOTATION
+
+    return f"{POLICY_ANNOTATION}={base64.b64encode((POLICIES / f'{name}.toml').read_bytes()).decode()}"
+
+
 def runtime_binary() -> Path:
     """The runtime under test: ``CAPSA_E2E_RUNTIME`` (a path or ``runc``), else capsa."""
     chosen = os.environ.get("CAPSA_E2E_RUNTIME", str(CAPSA))

@@ -25,6 +25,7 @@ from cri.harness import (
     wait_for,
 )
 from e2e_confinement import assert_confined, pod_qemus
+from e2e_support import policy_annotation
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vm, pytest.mark.slow]
 
@@ -118,8 +119,10 @@ def test_killed_vm_stops_every_container(k: ShimContainerd, handler: str) -> Non
             assert status.exit_code != 0 and status.finished_at > 0, status
         # The sandbox task's exit is its own event, which may come after the containers'.
         wait_for(
-            lambda: k.call("PodSandboxStatus", cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id)).status.state
-            == cri.SANDBOX_NOTREADY,
+            lambda: (
+                k.call("PodSandboxStatus", cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id)).status.state
+                == cri.SANDBOX_NOTREADY
+            ),
             60,
             "the pod's sandbox to be not ready",
         )
@@ -254,5 +257,25 @@ def test_container_lifecycle_in_a_running_pod(k: ShimContainerd, handler: str) -
         assert k.exec_sync(late, ["true"]).exit_code == 0
         assert len(k.shims()) == 1
         assert len(k.qemus()) == (1 if handler == "capsa" else 0)
+    left = k.wait_nothing_left()
+    assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)
+
+
+def test_a_pod_annotated_agent_policy_refuses_exec(k: ShimContainerd, handler: str) -> None:
+    """The pod annotation ``io.capsa.agent.policy`` (no-exec, passed by the handler's
+    ``pod_annotations``): ExecSync, what ``crictl exec`` and ``kubectl exec`` use, fails naming the rule."""
+    if handler != "capsa":
+        pytest.skip("an agent policy is capsa's")
+    config = k.pod_config("policy")
+    key, value = policy_annotation("no-exec").split("=", 1)
+    config.annotations[key] = value
+    pod_id = k.run_pod(config, handler)
+    try:
+        cid = create_started(k, pod_id, config, "c", ["sleep", "600"])
+        with pytest.raises(AssertionError, match='ExecProcess refused by the agent policy \\(rule "no-exec"\\)'):
+            k.exec_sync(cid, ["echo", "should not run"])
+        assert k.container_state(cid) == cri.CONTAINER_RUNNING
+    finally:
+        k.remove_pod(pod_id)
     left = k.wait_nothing_left()
     assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)

@@ -141,3 +141,23 @@ def test_stats_from_the_host_cgroup(docker: Docker) -> None:
 def test_nothing_left(docker: Docker) -> None:
     assert docker("ps", "--all", "--quiet").check().out == ""
     assert_nothing_left(docker.runtime, docker.runtime_root, docker.needles, engine_words=("containerd-shim",))
+
+
+def test_a_configured_agent_policy_refuses_exec(docker: Docker, runtime: Runtime) -> None:
+    """A runtime registered with ``runtimeArgs: ["--config", FILE]`` whose configuration sets the
+    no-exec agent policy (Debian's docker 20.10 CLI has no ``--annotation``): ``docker exec`` fails
+    with the rule's name."""
+    if docker.no_exec_runtime is None:
+        pytest.skip("an agent policy is capsa's")
+    run = ["run", "--runtime", docker.no_exec_runtime, "--network", "none", "-d", docker.image, "sleep", "600"]
+    cid = docker(*run).check().out
+    try:
+        refused = docker("exec", cid, "echo", "should not run")
+        assert refused.code == 126  # docker exec: the command could not be run
+        # Docker 20.10 prints "OCI runtime exec failed: ..." on stdout.
+        said = refused.stdout + refused.stderr
+        assert "should not run" not in said
+        assert 'ExecProcess refused by the agent policy (rule "no-exec")' in said, said
+        assert "Traceback" not in said
+    finally:
+        docker("rm", "--force", cid).check()

@@ -13,7 +13,15 @@ import pytest
 from e2e_cgroups import cgroup_dirs, memory_bytes
 from e2e_confinement import assert_qemus_confined
 from e2e_engines import Podman
-from e2e_support import Runtime, assert_nothing_left, expected_kernel_release, run_in_pty, vm_process, wait_until
+from e2e_support import (
+    Runtime,
+    assert_nothing_left,
+    expected_kernel_release,
+    policy_annotation,
+    run_in_pty,
+    vm_process,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vm, pytest.mark.slow]
 
@@ -180,3 +188,21 @@ def test_stats_from_the_host_cgroup(podman: Podman) -> None:
 def test_nothing_left(podman: Podman, runtime: Runtime) -> None:
     assert podman("ps", "--all", "--quiet").check().out == ""
     assert_nothing_left(runtime, podman.runtime_root, podman.needles, engine_words=("conmon",))
+
+
+def test_an_annotated_agent_policy_refuses_exec(podman: Podman, runtime: Runtime) -> None:
+    """``--annotation io.capsa.agent.policy=...`` (no-exec): ``podman exec`` fails with the rule's name."""
+    if not runtime.capsa:
+        pytest.skip("an agent policy is capsa's")
+    name = "e2e-policy"
+    podman(
+        "run", "-d", "--name", name, "--annotation", policy_annotation("no-exec"), *NET, podman.image, "sleep", "600"
+    ).check()
+    try:
+        refused = podman("exec", name, "echo", "should not run")
+        assert refused.code != 0
+        assert "should not run" not in refused.stdout
+        assert 'ExecProcess refused by the agent policy (rule "no-exec")' in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
+    finally:
+        podman("rm", "--force", "--time", "0", name)

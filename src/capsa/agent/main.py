@@ -26,6 +26,7 @@ from typing import TextIO
 
 from capsa.agent import channel
 from capsa.agent.options import AgentOptions, from_argv, from_kernel_cmdline
+from capsa.agent.policy import Enforcer, load_image_policy
 from capsa.agent.reaper import Reaper
 from capsa.agent.sandbox import Sandbox
 from capsa.agent.service import AgentService, Timing
@@ -67,7 +68,7 @@ def _process_start_uptime() -> float:
     return int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
-async def serve(options: AgentOptions, timing: Timing) -> None:
+async def serve(options: AgentOptions, timing: Timing, policy: Enforcer | None = None) -> None:
     """Serve the agent API until DestroySandbox (or until cancelled)."""
     loop = asyncio.get_running_loop()
     reaper = Reaper(loop)
@@ -75,7 +76,7 @@ async def serve(options: AgentOptions, timing: Timing) -> None:
     destroyed = asyncio.Event()
     sandbox = Sandbox(options, reaper)
     server = Server()
-    AgentService(sandbox, timing, destroyed.set).register(server)
+    AgentService(sandbox, timing, destroyed.set, policy).register(server)
     connections = channel.Connections(server)
 
     def on_ready() -> None:
@@ -122,7 +123,8 @@ def _run_guest(started: float) -> None:
             from capsa.agent import netlink
 
             log.debug("template: network modules preloaded in %.3f s", netlink.preload())
-        asyncio.run(serve(options, timing))
+        # The image's policy is in force before the channel opens.
+        asyncio.run(serve(options, timing, Enforcer(load_image_policy())))
         log.debug("sandbox destroyed, powering off")
         init.power_off()
     except BaseException:

@@ -10,6 +10,10 @@ state -> FAILED_PRECONDITION, bad input -> INVALID_ARGUMENT, crun's refusal
 that never appeared -> NOT_FOUND, the kernel's refusal of a netlink
 request -> UNKNOWN with the request and the errno's words.
 
+Every request is first checked against the agent policy in force
+(:mod:`capsa.agent.policy`); a refusal leaves as PERMISSION_DENIED naming
+the rule, before the handler runs.
+
 The network modules (and pyroute2 under them) are imported on the first
 UpdateInterface/UpdateRoutes only: most containers never configure a NIC.
 """
@@ -26,6 +30,8 @@ from google.protobuf.message import Message
 
 import capsa
 from capsa.agent.container import ProcessNotFound
+from capsa.agent.policy import Enforcer, PolicyError
+from capsa.agent.policy import parse as parse_policy
 from capsa.agent.sandbox import CrunFailed, Sandbox
 from capsa.errors import BundleError, CapsaError, ContainerExists, ContainerNotFound, InvalidArgument, WrongState
 from capsa.protocols import agent_pb2 as pb
@@ -96,10 +102,15 @@ def status_code(exc: CapsaError) -> Code:
     return Code.INTERNAL
 
 
-def _translated(handler: Callable[[Req], Awaitable[Resp]], method: str) -> Callable[[Req, Context], Awaitable[Resp]]:
-    """Wrap a handler so that every failure leaves as a StatusError."""
+def _translated(
+    handler: Callable[[Req], Awaitable[Resp]], method: str, policy: Enforcer
+) -> Callable[[Req, Context], Awaitable[Resp]]:
+    """Wrap a handler: the policy first, then every failure leaves as a StatusError."""
 
     async def run(request: Req, context: Context) -> Resp:
+        refusal = policy.check(method, request)
+        if refusal is not None:
+            raise StatusError(Code.PERMISSION_DENIED, refusal)
         try:
             return await handler(request)
         except StatusError:
@@ -149,9 +160,12 @@ def _mem_total_bytes() -> int:
 class AgentService:
     """The agent API over one :class:`Sandbox`."""
 
-    def __init__(self, sandbox: Sandbox, timing: Timing, on_destroyed: Callable[[], None]) -> None:
+    def __init__(
+        self, sandbox: Sandbox, timing: Timing, on_destroyed: Callable[[], None], policy: Enforcer | None = None
+    ) -> None:
         self.sandbox = sandbox
         self.timing = timing
+        self.policy = policy if policy is not None else Enforcer()
         self._on_destroyed = on_destroyed
         self._network: GuestNetwork | None = None
 
@@ -180,10 +194,14 @@ class AgentService:
             "UpdateInterface": (pb.UpdateInterfaceRequest, self.update_interface),
             "UpdateRoutes": (pb.UpdateRoutesRequest, self.update_routes),
             "GetOOMEvent": (pb.GetOOMEventRequest, self.get_oom_event),
+            "SetPolicy": (pb.SetPolicyRequest, self.set_policy),
         }
         server.register_service(
             SERVICE_NAME,
-            {name: unary_method(kind, _translated(handler, name)) for name, (kind, handler) in table.items()},
+            {
+                name: unary_method(kind, _translated(handler, name, self.policy))
+                for name, (kind, handler) in table.items()
+            },
         )
 
     # --- health and guest ------------------------------------------------
@@ -200,7 +218,18 @@ class AgentService:
             mem_total_bytes=_mem_total_bytes(),
             kernel_boot_seconds=self.timing.kernel_boot_seconds,
             agent_start_seconds=self.timing.agent_start_seconds,
+            policy_digest=self.policy.policy.digest,
+            policy_denials=self.policy.denied,
         )
+
+    async def set_policy(self, request: pb.SetPolicyRequest) -> pb.Empty:
+        try:
+            policy = parse_policy(request.policy)
+        except PolicyError as exc:
+            raise InvalidArgument(f"agent policy: {exc}") from exc
+        self.policy.policy = policy
+        log.info("agent policy %s in force", policy.digest[:12])
+        return pb.Empty()
 
     # --- sandbox ------------------------------------------------------------
 

@@ -69,6 +69,9 @@ class GuestDetails:
     memory_total_bytes: int
     kernel_boot_seconds: float
     agent_start_seconds: float
+    #: The agent policy in force (SHA-256 of its text, "" for allow-everything) and its refusals.
+    policy_digest: str = ""
+    policy_denials: int = 0
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,8 @@ async def ask_proxy(sandbox: SandboxInfo, timeout: float, record: Record) -> Gue
             memory_total_bytes=reply.mem_total_bytes,
             kernel_boot_seconds=reply.kernel_boot_seconds,
             agent_start_seconds=reply.agent_start_seconds,
+            policy_digest=reply.policy_digest,
+            policy_denials=reply.policy_denials,
         )
         figures: dict[str, ContainerFigures] = {}
         for container in sandbox.containers:

@@ -164,6 +164,12 @@ def families(snapshot: Snapshot) -> list[Metric]:
         "From the guest's /init starting until its agent served its first request.",
         labels=list(SANDBOX_LABELS),
     )
+    policy_denials = CounterMetricFamily(
+        "capsa_guest_policy_denials",
+        "Requests the guest's agent policy refused; policy is the SHA-256 of the policy in force"
+        " (empty: the built-in allow-everything).",
+        labels=[*SANDBOX_LABELS, "policy"],
+    )
     c_status = GaugeMetricFamily(
         "capsa_container_status",
         "1 for the container's current status, 0 for the others.",
@@ -214,6 +220,7 @@ def families(snapshot: Snapshot) -> list[Metric]:
             guest_memory.add_metric(list(base), details.memory_total_bytes)
             kernel_boot.add_metric(list(base), details.kernel_boot_seconds)
             agent_start.add_metric(list(base), details.agent_start_seconds)
+            policy_denials.add_metric([*base, details.policy_digest], details.policy_denials)
         for container in sb.containers:
             c_base = [*base, container.id, container.name]
             c_current = container_status(sample, container.id, container.status)
@@ -267,6 +274,7 @@ def families(snapshot: Snapshot) -> list[Metric]:
         guest_memory,
         kernel_boot,
         agent_start,
+        policy_denials,
         c_status,
         c_cpu,
         c_memory,

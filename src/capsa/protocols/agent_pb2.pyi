@@ -116,6 +116,8 @@ class GuestDetailsResponse(_message.Message):
     MEM_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     KERNEL_BOOT_SECONDS_FIELD_NUMBER: _builtins.int
     AGENT_START_SECONDS_FIELD_NUMBER: _builtins.int
+    POLICY_DIGEST_FIELD_NUMBER: _builtins.int
+    POLICY_DENIALS_FIELD_NUMBER: _builtins.int
     kernel_release: _builtins.str
     """uname -r in the guest"""
     agent_version: _builtins.str
@@ -128,6 +130,11 @@ class GuestDetailsResponse(_message.Message):
     agent served its first request.
     """
     agent_start_seconds: _builtins.float
+    policy_digest: _builtins.str
+    """The agent policy in force: SHA-256 of its text ("" for the built-in
+    allow-everything), and how many requests it has refused.
+    """
+    policy_denials: _builtins.int
     def __init__(
         self,
         *,
@@ -138,10 +145,12 @@ class GuestDetailsResponse(_message.Message):
         mem_total_bytes: _builtins.int = ...,
         kernel_boot_seconds: _builtins.float = ...,
         agent_start_seconds: _builtins.float = ...,
+        policy_digest: _builtins.str = ...,
+        policy_denials: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_start_seconds", b"agent_start_seconds", "agent_version", b"agent_version", "crun_version", b"crun_version", "kernel_boot_seconds", b"kernel_boot_seconds", "kernel_release", b"kernel_release", "mem_total_bytes", b"mem_total_bytes", "online_cpus", b"online_cpus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_start_seconds", b"agent_start_seconds", "agent_version", b"agent_version", "crun_version", b"crun_version", "kernel_boot_seconds", b"kernel_boot_seconds", "kernel_release", b"kernel_release", "mem_total_bytes", b"mem_total_bytes", "online_cpus", b"online_cpus", "policy_denials", b"policy_denials", "policy_digest", b"policy_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -941,3 +950,24 @@ class OOMEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OOMEvent: _TypeAlias = OOMEvent  # noqa: Y015
+
+@_typing.final
+class SetPolicyRequest(_message.Message):
+    """An agent policy document (TOML, docs/agent-policy.md)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    policy: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        policy: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPolicyRequest: _TypeAlias = SetPolicyRequest  # noqa: Y015

@@ -6,7 +6,7 @@ and its agent channel.  Host clients (the capsa CLI, capsa-shim) reach the
 agent's own API (capsa.agent.v1.AgentService) through the proxy's socket
 too: the proxy forwards those calls on its single agent connection.  This
 service is what only the proxy can do, because it owns the VM's helpers
-and the private mount namespace that the shared directory lives in.
+and the mount namespace of its own that the shared directory lives in.
 """
 
 from google.protobuf import descriptor as _descriptor

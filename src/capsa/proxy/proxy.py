@@ -21,14 +21,17 @@ SIGKILL takes its VM along.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
 import os
 import signal
+from collections.abc import Mapping
 from pathlib import Path
 
 from capsa.config import Config
-from capsa.errors import CapsaError
+from capsa.errors import CapsaError, InvalidArgument
 from capsa.hypervisor.qemu import BlockDisk
 from capsa.network.attach import NetworkAttachment
 from capsa.protocols import proxy_pb2
@@ -53,6 +56,22 @@ log = logging.getLogger("capsa.proxy")
 
 SHARED_DIR_NAME = "shared"
 VOLUMES_DIR_NAME = "volumes"
+
+
+#: The annotation that carries a sandbox's agent policy: base64 of its TOML
+#: text (capsa/agent/policy.py), as Kata's io.katacontainers.config.agent.policy.
+POLICY_ANNOTATION = "io.capsa.agent.policy"
+
+
+def annotated_policy(annotations: Mapping[str, str]) -> bytes | None:
+    """The policy a sandbox's annotations carry, decoded; None when they carry none."""
+    encoded = annotations.get(POLICY_ANNOTATION)
+    if encoded is None:
+        return None
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidArgument(f"annotation {POLICY_ANNOTATION}: not base64 ({exc})") from exc
 
 
 class Proxy:
@@ -91,6 +110,7 @@ class Proxy:
         self._done = asyncio.Event()
         self._binds: dict[str, tuple[HostBind, ...]] = {}
         self._disks: dict[str, list[BlockDisk]] = {}
+        self._created_any = False
         self.reason = ""
 
     async def start(self) -> None:
@@ -137,6 +157,12 @@ class Proxy:
         )
         request = container_request(container_id, plan, self.config.shared_fs.kind)
         request.sandbox_container_id = sandbox_container_id
+        if not self._created_any and not sandbox_container_id:
+            # The sandbox's own annotation, before its first container; later
+            # containers' annotations cannot change the sandbox's policy.
+            policy = annotated_policy(bundle.annotations)
+            if policy is not None:
+                await self.agent.set_policy(policy)
         await asyncio.to_thread(self._apply_binds, plan.binds)
         disks: list[BlockDisk] = []
         try:
@@ -149,6 +175,7 @@ class Proxy:
             raise
         self._binds[container_id] = plan.binds
         self._disks[container_id] = disks
+        self._created_any = True
 
     def _shared_dirs(self, binds: tuple[HostBind, ...]) -> list[tuple[SharedDir, tuple[HostBind, ...]]]:
         """Each share's directory with the binds that go into it (:attr:`HostBind.share`)."""

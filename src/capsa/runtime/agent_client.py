@@ -93,6 +93,9 @@ class AgentClient:
     async def create_sandbox(self, request: pb.CreateSandboxRequest) -> None:
         await self._call("CreateSandbox", request, pb.Empty)
 
+    async def set_policy(self, policy: bytes) -> None:
+        await self._call("SetPolicy", pb.SetPolicyRequest(policy=policy), pb.Empty)
+
     async def destroy_sandbox(self) -> None:
         await self._call("DestroySandbox", pb.DestroySandboxRequest(), pb.Empty)
 

@@ -296,8 +296,23 @@ class Sandbox:
         self.agent = await self._connect_agent(channel)
         self._mark("agent_ready")
         await self.agent.create_sandbox(self._create_sandbox_request(virtiofs_devices=0))
+        await self._set_configured_policy(self.agent)
         self._mark("sandbox_created")
         return self.agent
+
+    async def _set_configured_policy(self, agent: AgentClient) -> None:
+        """The configuration's agent policy, in force before any container (capsa/agent/policy.py)."""
+        path = self.config.agent.policy
+        if path is None:
+            return
+        try:
+            text = await asyncio.to_thread(path.read_bytes)
+        except OSError as exc:
+            raise CapsaError(f"agent policy {path}: {exc.strerror}") from exc
+        try:
+            await agent.set_policy(text)
+        except CapsaError as exc:
+            raise CapsaError(f"agent policy {path}: {exc}") from exc
 
     def _create_sandbox_request(self, virtiofs_devices: int) -> pb.CreateSandboxRequest:
         # Sent on cold boots too: harmless there, and one code path.
@@ -369,6 +384,7 @@ class Sandbox:
         await agent.check(timeout=config.agent.connect_timeout)
         self._mark("agent_ready")
         await agent.create_sandbox(self._create_sandbox_request(virtiofs_devices=len(plugged)))
+        await self._set_configured_policy(agent)
         self._mark("sandbox_created")
         return agent
 
