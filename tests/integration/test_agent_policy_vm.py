@@ -6,6 +6,7 @@ policy refuses must leave nothing behind (the ``capsa`` fixture checks).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from pathlib import Path
@@ -13,7 +14,10 @@ from pathlib import Path
 import pytest
 from harness import Capsa
 
+from capsa.errors import AgentError
+from capsa.proxy.launch import ProxyClient
 from capsa.proxy.proxy import POLICY_ANNOTATION
+from capsa.runtime.state import StateStore
 
 pytestmark = pytest.mark.vm
 
@@ -41,6 +45,19 @@ def one_line(stderr: str) -> str:
     return lines[0]
 
 
+async def raw_exec(capsa: Capsa, cid: str) -> str:
+    """Send ExecProcess to the agent through the proxy's forwarding; the refusal's words."""
+    client = await ProxyClient.connect(StateStore(capsa.root).socket_dir(cid), 30)
+    try:
+        process = {"args": ["/bin/echo", "raw"], "cwd": "/", "user": {"uid": 0, "gid": 0}}
+        await client.agent.exec_process(cid, "raw", process)
+    except AgentError as exc:
+        return str(exc)
+    finally:
+        await client.aclose()
+    raise AssertionError("the agent ran an ExecProcess its policy denies")
+
+
 def test_the_configured_policy_refuses_exec_naming_its_rule(capsa: Capsa, tmp_path: Path) -> None:
     config = config_with(tmp_path, "no-exec.toml")
     capsa.spec(["sleep", "600"])
@@ -52,6 +69,11 @@ def test_the_configured_policy_refuses_exec_naming_its_rule(capsa: Capsa, tmp_pa
         assert refused.code != 0
         assert "should not run" not in refused.stdout
         assert 'ExecProcess refused by the agent policy (rule "no-exec")' in one_line(refused.stderr)
+        # The check is the guest's: an ExecProcess sent straight down the
+        # agent channel (the proxy forwards it untouched) is refused alike.
+        refused_raw = asyncio.run(raw_exec(capsa, "p1"))
+        assert refused_raw == 'ExecProcess refused by the agent policy (rule "no-exec")'
+        assert capsa.status("p1") == "running"
         # What the policy allows still works: signals, state, delete.
         assert capsa("kill", "p1", "KILL").code == 0
     finally:
