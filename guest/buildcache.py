@@ -17,18 +17,19 @@ own exception types rather than part of ``capsa.errors``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import fcntl
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Self
+
+from buildreport import Stages
 
 DEFAULT_CACHE_DIR = Path("/var/cache/capsa")
 DEFAULT_GUEST_DIR = Path("/var/lib/capsa/guest")
@@ -61,23 +62,6 @@ class Layout:
         return self.cache / ".lock"
 
 
-class Stages:
-    """One line per stage on stderr, with the time since the run started."""
-
-    def __init__(self) -> None:
-        self._start = time.monotonic()
-        self._mark = self._start
-
-    def say(self, message: str) -> None:
-        now = time.monotonic()
-        print(f"[{now - self._start:7.1f}s] {message}", file=sys.stderr, flush=True)
-        self._mark = now
-
-    def lap(self) -> float:
-        """Seconds since the last line."""
-        return time.monotonic() - self._mark
-
-
 def run(argv: Sequence[str | Path], *, cwd: Path | None = None, stdin: bytes | None = None) -> bytes:
     """Run a command; return its stdout, or raise with the end of its stderr
     (or stdout, if it printed nothing on stderr)."""
@@ -89,6 +73,87 @@ def run(argv: Sequence[str | Path], *, cwd: Path | None = None, stdin: bytes | N
         detail = (done.stderr or done.stdout).decode(errors="replace").strip()[-3000:]
         raise BuildError(f"{' '.join(map(str, argv))} exited with {done.returncode}\n{detail}".rstrip())
     return done.stdout
+
+
+#: How much of a failed command's output its error carries.
+TAIL_LINES = 25
+
+
+def run_lines(
+    argv: Sequence[str | Path],
+    on_line: Callable[[str], None],
+    *,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> None:
+    """Run a command with stdout and stderr merged, handing each line (with
+    its newline) to ``on_line`` as it comes; raise with the last lines if
+    the command fails."""
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    try:
+        process = subprocess.Popen(
+            [str(arg) for arg in argv],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+    except FileNotFoundError as exc:
+        raise BuildError(f"{argv[0]} not found (install it first)") from exc
+    with process:
+        assert process.stdout is not None
+        try:
+            for raw in process.stdout:
+                line = raw.decode(errors="replace")
+                tail.append(line)
+                on_line(line)
+        except BaseException:
+            process.kill()
+            raise
+    if process.returncode != 0:
+        detail = "".join(tail).rstrip()
+        raise BuildError(f"{' '.join(map(str, argv))} exited with {process.returncode}\n{detail}".rstrip())
+
+
+def run_watched(
+    argv: Sequence[str | Path], watch: Callable[[], None], *, cwd: Path | None = None, interval: float = 0.5
+) -> None:
+    """Run a command that says little while it works, calling ``watch``
+    every ``interval`` seconds until it exits (to measure what it has
+    written so far, say); raise with the end of its output if it fails."""
+    with tempfile.TemporaryFile() as output:
+        try:
+            process = subprocess.Popen(
+                [str(arg) for arg in argv], cwd=cwd, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
+            )
+        except FileNotFoundError as exc:
+            raise BuildError(f"{argv[0]} not found (install it first)") from exc
+        try:
+            while True:
+                try:
+                    process.wait(interval)
+                    break
+                except subprocess.TimeoutExpired:
+                    watch()
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+        if process.returncode != 0:
+            output.seek(0)
+            detail = output.read().decode(errors="replace").strip()[-3000:]
+            raise BuildError(f"{' '.join(map(str, argv))} exited with {process.returncode}\n{detail}".rstrip())
+
+
+def tree_bytes(root: Path) -> int:
+    """Bytes in the regular files under ``root`` (0 if it is gone)."""
+    total = 0
+    for directory, _subdirs, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(directory, name)).st_size
+    return total
 
 
 @contextlib.contextmanager

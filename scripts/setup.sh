@@ -6,19 +6,51 @@
 #
 #   scripts/setup.sh            install everything, then run the demo
 #   scripts/setup.sh --no-demo  install everything (what the test run uses)
+#
+# Each step is announced with its number ("==> [4/6] guest kernel"), the
+# guest builders show their own progress, and a summary of the time each
+# step took ends the run. Sourcing the script defines its functions and runs
+# nothing (tests/unit/test_setup_script.py).
 set -euo pipefail
 
-repo=$(cd "$(dirname "$0")/.." && pwd)
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${CAPSA_VENV:-/opt/capsa/venv}
-demo=1
-[ "${1:-}" = "--no-demo" ] && demo=0
 
 say() { printf '==> %s\n' "$*"; }
+note() { printf '    %s\n' "$*"; }
 
-if [ "$(id -u)" != 0 ]; then
-    echo "setup.sh: run as root (it installs packages and builds in /var/cache/capsa)" >&2
-    exit 1
-fi
+# Microseconds since the epoch; bash's EPOCHREALTIME has six decimals, with
+# the locale's separator.
+now_us() {
+    local now=$EPOCHREALTIME
+    echo "${now/[.,]/}"
+}
+
+# A duration in microseconds as the guest builders' summaries write one
+# (guest/buildcache.py format_duration): 0.4s, 52.3s, 6m 05s, 1h 02m.
+duration() {
+    local tenths=$(( ($1 + 50000) / 100000 )) seconds=$(( ($1 + 500000) / 1000000 ))
+    if (( tenths < 600 )); then
+        printf '%d.%ds' $(( tenths / 10 )) $(( tenths % 10 ))
+    elif (( seconds < 3600 )); then
+        printf '%dm %02ds' $(( seconds / 60 )) $(( seconds % 60 ))
+    else
+        printf '%dh %02dm' $(( seconds / 3600 )) $(( seconds % 3600 / 60 ))
+    fi
+}
+
+# The closing summary: the run's total time (microseconds, $1), then each
+# step done (done_names) with its time (done_us).
+summary() {
+    local i width=0
+    for i in "${!done_names[@]}"; do
+        if (( ${#done_names[i]} > width )); then width=${#done_names[i]}; fi
+    done
+    say "setup done in $(duration "$1")"
+    for i in "${!done_names[@]}"; do
+        printf '    %-*s  %8s\n' "$width" "${done_names[i]}" "$(duration "${done_us[i]}")"
+    done
+}
 
 # Host side: QEMU (with Debian's virtiofsd), the kernel source and what
 # builds it, busybox for test images. The guest's own packages (python3.11,
@@ -31,59 +63,103 @@ packages=(
     podman conmon docker.io containerd runc  # the engines tests/e2e drives (Podman 4.3, Docker 20.10, containerd 1.6)
     containernetworking-plugins iptables  # CNI: the CRI pods of tests/e2e/test_cri.py, and Podman 4.3's network backend (no netavark: bridge, portmap, firewall, tuning) in test_network_engines.py
 )
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-# The image builder downloads the guest's packages with apt-get download,
-# which needs the package lists even when nothing is missing on the host.
-if [ ${#missing[@]} -gt 0 ] || ! compgen -G '/var/lib/apt/lists/*_Packages*' > /dev/null; then
-    apt-get update -q
-fi
-if [ ${#missing[@]} -gt 0 ]; then
-    say "installing Debian packages: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
 
-if [ ! -x "$venv/bin/python" ]; then
-    say "creating the Python environment $venv"
-    /usr/bin/python3 -m venv "$venv"
-fi
-stamp="$venv/.capsa-installed"
-if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ] || \
-   [ "$(cat "$stamp")" != "$repo" ]; then
-    say "installing capsa and its Python dependencies into $venv"
-    "$venv/bin/pip" install -q --upgrade pip
-    "$venv/bin/pip" install -q -e "$repo[dev]"
-    echo "$repo" > "$stamp"
-fi
+install_packages() {
+    local p missing=()
+    for p in "${packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    # The image builder downloads the guest's packages with apt-get download,
+    # which needs the package lists even when nothing is missing on the host.
+    if [ ${#missing[@]} -gt 0 ] || ! compgen -G '/var/lib/apt/lists/*_Packages*' > /dev/null; then
+        apt-get update -q
+    fi
+    if [ ${#missing[@]} -gt 0 ]; then
+        note "installing ${missing[*]}"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+    fi
+}
+
+install_python() {
+    if [ ! -x "$venv/bin/python" ]; then
+        note "creating $venv"
+        /usr/bin/python3 -m venv "$venv"
+    fi
+    local stamp="$venv/.capsa-installed" tool
+    if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ] || \
+       [ "$(cat "$stamp")" != "$repo" ]; then
+        note "installing capsa and its Python dependencies into $venv"
+        "$venv/bin/pip" install -q --upgrade pip
+        "$venv/bin/pip" install -q -e "$repo[dev]"
+        echo "$repo" > "$stamp"
+    fi
+    for tool in capsa capsa-agent capsa-monitor capsa-proxy capsa-shim containerd-shim-capsa-v2; do
+        ln -sf "$venv/bin/$tool" "/usr/local/bin/$tool"
+    done
+}
+
 # The jailed QEMU's parent outside its PID namespace (hypervisor/jail.py):
 # a small C program, under /usr so that the jail, which holds /usr, has it.
-vmm_src="$repo/src/capsa/hypervisor/vmm/capsa-vmm.c"
-vmm=/usr/local/libexec/capsa/capsa-vmm
-if [ ! -x "$vmm" ] || ! cmp -s "$vmm_src" "$vmm.c"; then
-    say "building $vmm"
-    install -d -m 0755 "$(dirname "$vmm")"
-    cc -O2 -Wall -Wextra -Werror -o "$vmm.new" "$vmm_src"
-    install -m 0755 "$vmm.new" "$vmm"
-    install -m 0644 "$vmm_src" "$vmm.c"
-    rm -f "$vmm.new"
-fi
-for tool in capsa capsa-agent capsa-monitor capsa-proxy capsa-shim containerd-shim-capsa-v2; do
-    ln -sf "$venv/bin/$tool" "/usr/local/bin/$tool"
-done
+build_vmm() {
+    local vmm_src="$repo/src/capsa/hypervisor/vmm/capsa-vmm.c" vmm=/usr/local/libexec/capsa/capsa-vmm
+    if [ ! -x "$vmm" ] || ! cmp -s "$vmm_src" "$vmm.c"; then
+        note "building $vmm"
+        install -d -m 0755 "$(dirname "$vmm")"
+        cc -O2 -Wall -Wextra -Werror -o "$vmm.new" "$vmm_src"
+        install -m 0755 "$vmm.new" "$vmm"
+        install -m 0644 "$vmm_src" "$vmm.c"
+        rm -f "$vmm.new"
+    fi
+}
 
-say "guest kernel"
-"$venv/bin/python" "$repo/guest/kernel/build.py"
-say "guest image"
-"$venv/bin/python" "$repo/guest/image/build.py"
+build_kernel() { "$venv/bin/python" "$repo/guest/kernel/build.py"; }
+build_image() { "$venv/bin/python" "$repo/guest/image/build.py"; }
 
-if [ ! -e /etc/capsa/configuration.toml ]; then
-    install -D -m 0644 "$repo/config/configuration.toml" /etc/capsa/configuration.toml
-fi
+install_config() {
+    if [ ! -e /etc/capsa/configuration.toml ]; then
+        install -D -m 0644 "$repo/config/configuration.toml" /etc/capsa/configuration.toml
+    fi
+}
 
-if [ "$demo" = 1 ]; then
-    say "demo: a busybox container in its own VM"
-    exec "$repo/scripts/demo.sh"
+run_demo() { "$repo/scripts/demo.sh"; }
+
+# Names which step failed, and after how long, when one does (set -e ends
+# the run there).
+report_failure() {
+    local status=$1
+    if [ "$status" != 0 ] && [ -n "${current:-}" ]; then
+        echo "setup.sh: $current failed after $(duration $(( $(now_us) - current_start ))) (exit $status)" >&2
+    fi
+}
+
+main() {
+    local demo=1 started i
+    if [ "${1:-}" = "--no-demo" ]; then demo=0; fi
+    if [ "$(id -u)" != 0 ]; then
+        echo "setup.sh: run as root (it installs packages and builds in /var/cache/capsa)" >&2
+        exit 1
+    fi
+    local names=("Debian packages" "Python environment" "capsa-vmm" "guest kernel" "guest image" "configuration")
+    local steps=(install_packages install_python build_vmm build_kernel build_image install_config)
+    if [ "$demo" = 1 ]; then
+        names+=("demo container")
+        steps+=(run_demo)
+    fi
+    done_names=() done_us=()
+    started=$(now_us)
+    trap 'report_failure $?' EXIT
+    for i in "${!steps[@]}"; do
+        current="[$(( i + 1 ))/${#steps[@]}] ${names[i]}"
+        current_start=$(now_us)
+        say "$current"
+        "${steps[i]}"
+        done_names+=("${names[i]}")
+        done_us+=($(( $(now_us) - current_start )))
+    done
+    current=""
+    summary $(( $(now_us) - started ))
+}
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+    main "$@"
 fi

@@ -68,9 +68,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-# Run as a script: guest/, home of the shared buildcache module, is not on sys.path.
+# Run as a script: guest/, home of the shared buildcache and buildreport modules, is not on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import buildcache
+import buildreport
 
 # --------------------------------------------------------------------------
 # The recipe: what goes into the image. Everything here is part of a cache key.
@@ -623,23 +624,35 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download_packages(layout: Layout, debs: Sequence[Deb], stages: buildcache.Stages) -> list[Path]:
+def download_packages(layout: Layout, debs: Sequence[Deb], stages: buildreport.Stages) -> list[Path]:
     """The package files, from the cache or fetched and checked against the
     archive's SHA-256 (apt-get checks it too; the cache may be stale)."""
     layout.debs.mkdir(parents=True, exist_ok=True)
     wanted = [deb for deb in debs if not (layout.debs / deb.filename).exists()]
     if wanted:
-        with tempfile.TemporaryDirectory(dir=layout.debs, prefix=".download-") as scratch:
+        size = sum(deb.size for deb in wanted)
+        with (
+            tempfile.TemporaryDirectory(dir=layout.debs, prefix=".download-") as scratch,
+            stages.progress("download") as progress,
+        ):
             # The apt sandbox user cannot write into our private directory;
             # we only download, so fetching as root is acceptable.
             specs = [f"{deb.package}={_version_of(deb)}" for deb in wanted]
-            buildcache.run(["apt-get", "download", "-o", "APT::Sandbox::User=root", *specs], cwd=Path(scratch))
+            argv = ["apt-get", "download", "-o", "APT::Sandbox::User=root", *specs]
+
+            def measure() -> None:
+                # What apt-get has written so far, against the sizes the
+                # archive announced: apt-get itself says nothing until the end.
+                fetched = buildcache.tree_bytes(Path(scratch))
+                progress.update(min(fetched / size, 1.0), f"{fetched / 2**20:.1f}/{size / 2**20:.1f} MiB")
+
+            buildcache.run_watched(argv, measure, cwd=Path(scratch))
             for deb in wanted:
                 fetched = Path(scratch) / deb.filename
                 if not fetched.exists():
                     raise ImageBuildError(f"apt-get download did not produce {deb.filename}")
                 fetched.rename(layout.debs / deb.filename)
-        stages.say(f"download: {len(wanted)} packages fetched, {len(debs) - len(wanted)} cached")
+        stages.say(f"download: fetched {len(wanted)} of {len(debs)} packages")
     paths = []
     for deb in debs:
         path = layout.debs / deb.filename
@@ -656,7 +669,9 @@ def _version_of(deb: Deb) -> str:
     return deb.filename.split("_")[1].replace("%3a", ":")
 
 
-def extract_packages(debs: Sequence[Path], into: Path) -> dict[PurePosixPath, str]:
+def extract_packages(
+    debs: Sequence[Path], into: Path, progress: buildreport.Progress | None = None
+) -> dict[PurePosixPath, str]:
     """``dpkg-deb -x`` each package, merge /bin /sbin /lib /lib64 into /usr
     (Debian 12 is usr-merged, but its packages still ship some files under
     /lib), and return which package each regular file or link came from."""
@@ -675,6 +690,8 @@ def extract_packages(debs: Sequence[Path], into: Path) -> dict[PurePosixPath, st
                 raise ImageBuildError(f"{relative} is in both {owner[relative]} and {package}")
             owner[relative] = package
         _merge_tree(scratch, into)
+        if progress is not None:
+            progress.advance(package)
     for top in USR_MERGE:
         (into / "usr" / top).mkdir(parents=True, exist_ok=True)
         (into / top).symlink_to(f"usr/{top}")
@@ -815,52 +832,84 @@ def guest_python(root: Path) -> list[str]:
     return [str(loader), "--library-path", str(root / MULTIARCH_LIB), str(root / "usr/bin" / PYTHON), "-SIB"]
 
 
-def compile_tree(root: Path, directory: PurePosixPath, *, drop_sources: bool, base: Path | None = None) -> None:
+def python_sources(directory: Path) -> int:
+    """How many modules :func:`compile_tree` will compile under ``directory``."""
+    return sum(1 for path in _walk_files(directory) if path.suffix == ".py" and not path.is_symlink())
+
+
+#: What compileall prints (without -q) as it starts on each file.
+_COMPILING = "Compiling '"
+
+
+def compile_tree(
+    root: Path,
+    directory: PurePosixPath,
+    *,
+    drop_sources: bool,
+    base: Path | None = None,
+    progress: buildreport.Progress | None = None,
+) -> None:
     """compileall ``root/directory`` with unchecked-hash pycs whose recorded
     file names are the guest's (``-s root -p /``).
 
     With ``drop_sources`` the .pyc files go beside their sources (``-b``,
     the legacy location the sourceless loader reads) and the sources are
     removed; otherwise they go to __pycache__ and the sources stay, so
-    tracebacks can quote them.
+    tracebacks can quote them. ``progress`` advances by one per file
+    compiled (its total from :func:`python_sources`).
     """
     interpreter = guest_python(base if base is not None else root)
-    argv = [*interpreter, "-m", "compileall", "-q", "-j", "0", "--invalidation-mode", INVALIDATION_MODE]
+    # -u: the worker processes (-j 0) report each file as they start it,
+    # not in one flush when they exit.
+    argv = [*interpreter, "-u", "-m", "compileall", "-j", "0", "--invalidation-mode", INVALIDATION_MODE]
     argv += ["-s", str(root), "-p", "/"]
     if drop_sources:
         argv.append("-b")
-    buildcache.run([*argv, str(root / directory)])
+
+    def count(line: str) -> None:
+        # Counted, not matched per line: unbuffered workers write a line
+        # and its newline separately, so two can share a line.
+        if progress is not None and _COMPILING in line:
+            progress.advance(count=line.count(_COMPILING))
+
+    buildcache.run_lines([*argv, str(root / directory)], count)
     if drop_sources:
         for path in _walk_files(root / directory):
             if path.suffix == ".py" and path.with_suffix(".pyc").exists():
                 path.unlink()
 
 
-def build_base(layout: Layout, *, force: bool, stages: buildcache.Stages) -> tuple[str, Path]:
-    debs = resolve_packages()
+def build_base(layout: Layout, *, force: bool, stages: buildreport.Stages) -> tuple[str, Path, bool]:
+    """Stage 1; return its key, its directory, and whether it was built now."""
+    with stages.step("resolve packages"):
+        debs = resolve_packages()
     key = base_key(debs)
     final = layout.base(key)
     if (final / "manifest.json").exists() and not force:
         os.utime(final)  # most recently used: pruning goes by mtime
-        stages.say(f"base: cached {final.name}")
-        return key, final
+        return key, final, False
     stages.say(f"base: building {final.name} from {len(debs)} packages")
-    paths = download_packages(layout, debs, stages)
+    with stages.step("download"):
+        paths = download_packages(layout, debs, stages)
     with buildcache.staging_dir(final) as scratch:
         tree = scratch / "extracted"
-        owner = extract_packages(paths, tree)
-        files = select_files(tree, owner)
-        root = scratch / "root"
-        copy_selection(tree, files, root)
-        add_skeleton(root)
-        contributing = {owner[path] for path in files if path in owner}
-        idle = sorted({deb.package for deb in debs} - contributing)
-        shutil.rmtree(tree)
+        with stages.step("unpack"), stages.progress("unpack", len(paths)) as progress:
+            owner = extract_packages(paths, tree, progress)
+        with stages.step("select"):
+            files = select_files(tree, owner)
+            root = scratch / "root"
+            copy_selection(tree, files, root)
+            add_skeleton(root)
+            contributing = {owner[path] for path in files if path in owner}
+            idle = sorted({deb.package for deb in debs} - contributing)
+            shutil.rmtree(tree)
         stages.say(f"base: extracted and kept {len(files)} files" + (f" (unused: {', '.join(idle)})" if idle else ""))
         if idle:
             raise ImageBuildError(f"packages that contribute nothing to the image: {', '.join(idle)}")
-        compile_tree(root, STDLIB, drop_sources=True)
-        stages.say("base: standard library compiled")
+        modules = python_sources(root / STDLIB)
+        with stages.step("compile stdlib"), stages.progress("compile", modules) as progress:
+            compile_tree(root, STDLIB, drop_sources=True, progress=progress)
+        stages.say(f"base: standard library compiled ({modules} modules)")
         manifest = {
             "key": key,
             "recipe": BASE_RECIPE_VERSION,
@@ -870,14 +919,14 @@ def build_base(layout: Layout, *, force: bool, stages: buildcache.Stages) -> tup
         (scratch / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         buildcache.publish(scratch, final, fsync=[scratch / "manifest.json"])
     stages.say(f"base: {size / 2**20:.1f} MiB in {final}")
-    return key, final
+    return key, final, True
 
 
 def _tree_bytes(root: Path) -> int:
     return sum(path.lstat().st_size for path in _walk_files(root))
 
 
-def base_segment(base: Path, compression: Compression, stages: buildcache.Stages) -> Path:
+def base_segment(base: Path, compression: Compression, stages: buildreport.Stages) -> Path:
     """The base as one (compressed) cpio archive, padded for concatenation;
     made once per compression and kept beside the base."""
     segment = base / f"root.cpio.{compression.value}"
@@ -943,17 +992,17 @@ def host_protobuf_version() -> str:
 PYROUTE2 = ("pyroute2-minimal", "0.9.7")
 
 
-def protobuf_wheel(layout: Layout, version: str, stages: buildcache.Stages) -> Path:
+def protobuf_wheel(layout: Layout, version: str, stages: buildreport.Stages) -> Path:
     """The manylinux wheel of exactly the host's protobuf, cached."""
     return fetch_wheel(layout, "protobuf", version, "manylinux*x86_64", stages)
 
 
-def pyroute2_wheel(layout: Layout, stages: buildcache.Stages) -> Path:
+def pyroute2_wheel(layout: Layout, stages: buildreport.Stages) -> Path:
     project, version = PYROUTE2
     return fetch_wheel(layout, project, version, "py3-none-any", stages)
 
 
-def fetch_wheel(layout: Layout, project: str, version: str, tags: str, stages: buildcache.Stages) -> Path:
+def fetch_wheel(layout: Layout, project: str, version: str, tags: str, stages: buildreport.Stages) -> Path:
     """The wheel of ``project==version`` for the guest (CPython 3.11, x86-64 manylinux), cached.
 
     ``tags`` is a glob over the wheel's tags (PEP 427 file name) that picks
@@ -1026,6 +1075,7 @@ def build_overlay(
     wheels: Sequence[Path],
     init: bytes,
     modules: Mapping[str, bytes],
+    stages: buildreport.Stages,
 ) -> None:
     """Lay out and compile what stage 2 adds, in ``overlay`` (an empty dir)."""
     site = overlay / SITE
@@ -1037,9 +1087,10 @@ def build_overlay(
     # capsa keeps its sources (tracebacks from the agent quote them); the
     # wheels' packages (protobuf's google/, pyroute2/), like the standard
     # library, are compiled sourceless.
-    compile_tree(overlay, SITE / "capsa", drop_sources=False, base=base / "root")
-    for package in sorted(entry.name for entry in site.iterdir() if entry.is_dir() and entry.name != "capsa"):
-        compile_tree(overlay, SITE / package, drop_sources=True, base=base / "root")
+    with stages.progress("compile", python_sources(site)) as progress:
+        compile_tree(overlay, SITE / "capsa", drop_sources=False, base=base / "root", progress=progress)
+        for package in sorted(entry.name for entry in site.iterdir() if entry.is_dir() and entry.name != "capsa"):
+            compile_tree(overlay, SITE / package, drop_sources=True, base=base / "root", progress=progress)
     elves = [
         PurePosixPath(path.relative_to(overlay).as_posix())
         for path in _walk_files(overlay)
@@ -1054,7 +1105,7 @@ def build_overlay(
         target.write_bytes(data)
 
 
-def write_initrd(base: Path, overlay: Path, compression: Compression, output: Path, stages: buildcache.Stages) -> None:
+def write_initrd(base: Path, overlay: Path, compression: Compression, output: Path, stages: buildreport.Stages) -> None:
     """Cached base segment + the overlay as a second archive (compressed the
     same way, quickly): the kernel unpacks both into one rootfs."""
     segment = base_segment(base, compression, stages)
@@ -1100,10 +1151,12 @@ def build_image(
     modules: Path | None,
     init_script: Path,
     force: bool,
-    stages: buildcache.Stages,
-) -> Path:
+    stages: buildreport.Stages,
+) -> tuple[Path, bool]:
+    """Stage 2; return the artefact and whether it was built now."""
     capsa = capsa_sources()
-    wheels = [protobuf_wheel(layout, host_protobuf_version(), stages), pyroute2_wheel(layout, stages)]
+    with stages.step("wheels"):
+        wheels = [protobuf_wheel(layout, host_protobuf_version(), stages), pyroute2_wheel(layout, stages)]
     init = init_script.read_bytes()
     check_init(init, base / "root")
     module_tree = module_files(modules) if modules is not None else {}
@@ -1116,18 +1169,20 @@ def build_image(
     artefact = final / artefact_name(image_format)
     if artefact.exists() and not force:
         os.utime(final)  # most recently used: pruning goes by mtime
-        stages.say(f"image: cached {final.name}")
-        return artefact
+        return artefact, False
+    stages.say(f"image: building {key} on base {base.name.removeprefix('base-')}")
     with buildcache.staging_dir(final) as scratch:
         overlay = scratch / "overlay"
         overlay.mkdir()
-        build_overlay(base, overlay, capsa=capsa, wheels=wheels, init=init, modules=module_tree)
+        with stages.step("overlay"):
+            build_overlay(base, overlay, capsa=capsa, wheels=wheels, init=init, modules=module_tree, stages=stages)
         stages.say(f"image: capsa ({len(capsa)} files), {', '.join(w.name for w in wheels)}, compiled")
         output = scratch / artefact.name
-        if image_format is Format.INITRD:
-            write_initrd(base, overlay, compression, output, stages)
-        else:
-            write_erofs(base, overlay, output, key)
+        with stages.step(f"write {artefact.name}"):
+            if image_format is Format.INITRD:
+                write_initrd(base, overlay, compression, output, stages)
+            else:
+                write_erofs(base, overlay, output, key)
         shutil.rmtree(overlay)
         manifest = {
             "key": key,
@@ -1140,13 +1195,13 @@ def build_image(
         (scratch / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         buildcache.publish(scratch, final, fsync=[output])
     stages.say(f"image: {artefact.name} {size / 2**20:.1f} MiB in {final}")
-    return artefact
+    return artefact, True
 
 
-def install(layout: Layout, artefact: Path, image_format: Format, stages: buildcache.Stages) -> None:
+def install(layout: Layout, artefact: Path, image_format: Format) -> Path:
     link = layout.installed(image_format)
     buildcache.point_symlink(link, artefact)
-    stages.say(f"install: {link} -> {artefact}")
+    return link
 
 
 def remove_leftovers(layout: Layout) -> None:
@@ -1213,12 +1268,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("build.py: error: run me with Python 3.11 (the guest's version)", file=sys.stderr)
         return 1
     layout = Layout.from_environment("image")
-    stages = buildcache.Stages()
+    stages = buildreport.Stages()
     try:
         with buildcache.locked(layout.lock, stages):
             remove_leftovers(layout)
-            key, base = build_base(layout, force=args.force, stages=stages)
-            artefact = build_image(
+            key, base, base_built = build_base(layout, force=args.force, stages=stages)
+            artefact, image_built = build_image(
                 layout,
                 key,
                 base,
@@ -1229,15 +1284,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 force=args.force,
                 stages=stages,
             )
-            install(layout, artefact, image_format, stages)
-            prune_old_builds(layout, artefact.parent)
+            with stages.step("install"):
+                link = install(layout, artefact, image_format)
+                prune_old_builds(layout, artefact.parent)
     except buildcache.BuildError as exc:
+        stages.clear()
         print(f"build.py: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        stages.clear()
         print("build.py: interrupted", file=sys.stderr)
         return 130
-    stages.say("done")
+    what = f"image {artefact.parent.name} (base {key})"
+    if base_built or image_built:
+        stages.say(f"install: {link} -> {artefact}")
+        print(stages.summary(f"{what} built"), file=stages.stream)
+    else:
+        stages.say(f"cached: {what}, {link} -> {artefact}")
     if args.print_path:
         print(artefact)
     return 0

@@ -11,6 +11,14 @@ until the key changes. The installed symlink
 ``$CAPSA_GUEST_DIR/vmlinux`` (default ``/var/lib/capsa/guest``) is then
 replaced atomically to point at it.
 
+A build takes about ten minutes on two cores, so it shows how far it is
+(``buildreport.Stages``: a bar on a terminal, a line now and then in a log):
+the share of the source tarball unpacked, then make's progress estimated
+from the steps kbuild prints (:class:`MakeEstimate`), against the steps a
+fresh build printed last time (``$CACHE/kernel/make-steps-<version>``).
+make's whole output goes to ``build.log`` in the object directory. A
+cached run says one line; a build ends with the time each step took.
+
 ``--cloud`` instead downloads (``apt-get download``, never installs) the
 package that ``linux-image-cloud-amd64`` depends on, and caches its
 ``vmlinuz`` plus the virtio/virtio-fs/9p/vsock modules (with their dependency
@@ -41,14 +49,16 @@ import struct
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-# Run as a script: guest/, home of the shared buildcache module, is not on sys.path.
+# Run as a script: guest/, home of the shared buildcache and buildreport modules, is not on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import buildcache
+import buildreport
 
 #: Bump whenever the way a kernel is built from the same inputs changes
 #: (make targets, strip flags, artefact layout): it is part of the cache key.
@@ -257,6 +267,80 @@ def unmatched_prefixes(deps: Mapping[str, Sequence[str]], prefixes: Iterable[str
     return [prefix for prefix in prefixes if not any(module.startswith("kernel/" + prefix) for module in deps)]
 
 
+#: kbuild's quiet output (``V=0``, the default; scripts/Kbuild.include
+#: ``cmd``, Makefile ``quiet_cmd_*``): two spaces, the step's verb padded
+#: to eight columns, its target, e.g. ``  CC      fs/namei.o``. Anything
+#: else (make's own lines, compiler diagnostics, ``  Kernel: ... is ready``)
+#: is not a step.
+_KBUILD_STEP_RE = re.compile(r"^  ([A-Z][A-Z0-9_]*(?: \[M\])?) +(\S.*?)\s*$")
+
+#: About the number of steps a fresh build of capsa.config prints (an
+#: object directory of 6.1.192 holds 2,088 ``.cmd`` files, one per target
+#: kbuild made); the estimate until this machine has recorded a fresh build
+#: of its own.
+FRESH_BUILD_STEPS = 2100
+#: The estimate cannot know that make is about to finish, so it stops short.
+MAX_ESTIMATE = 0.99
+
+
+@dataclasses.dataclass(frozen=True)
+class KbuildStep:
+    """One step of a kernel build, as kbuild prints it."""
+
+    verb: str
+    target: str
+
+    def __str__(self) -> str:
+        return f"{self.verb} {self.target}"
+
+
+def parse_kbuild_step(line: str, directories: Sequence[Path] = ()) -> KbuildStep | None:
+    """The step a line of make's output announces, or None. Targets under
+    ``directories`` (the object and source trees: objtool's own build
+    prints absolute paths) are made relative to them, so that the steps of
+    two builds compare whatever their cache directory."""
+    match = _KBUILD_STEP_RE.match(line)
+    if match is None:
+        return None
+    target = match[2]
+    for directory in directories:
+        prefix = f"{directory}/"
+        if target.startswith(prefix):
+            target = target.removeprefix(prefix)
+            break
+    return KbuildStep(match[1], target)
+
+
+class MakeEstimate:
+    """How far a kernel build has got, from the steps make has printed.
+
+    ``previous`` is what a fresh build of the same object directory printed,
+    in order (empty if none was recorded). make walks the tree in the same
+    order every time and an incremental build prints only what it redoes,
+    so the furthest point reached in that list measures both kinds of
+    build; the number of steps seen so far, against the length of that list
+    or else :data:`FRESH_BUILD_STEPS`, measures a fresh build without a
+    record. The larger of the two counts. Neither knows when make will end,
+    so the estimate stops at :data:`MAX_ESTIMATE`.
+    """
+
+    def __init__(self, previous: Sequence[str] = ()) -> None:
+        self._position: dict[str, int] = {}
+        for index, step in enumerate(previous, start=1):
+            self._position.setdefault(step, index)
+        self._expected = len(previous) or FRESH_BUILD_STEPS
+        self._furthest = 0
+        self.steps: list[str] = []
+
+    def add(self, step: KbuildStep) -> None:
+        self.steps.append(str(step))
+        self._furthest = max(self._furthest, self._position.get(str(step), 0))
+
+    @property
+    def fraction(self) -> float:
+        return min(max(self._furthest, len(self.steps)) / self._expected, MAX_ESTIMATE)
+
+
 def cloud_image_package(apt_show: str) -> tuple[str, str]:
     """From ``apt-cache show linux-image-cloud-amd64``, the versioned image
     package it depends on and that version (Debian policy 7.1 relation
@@ -276,7 +360,7 @@ def cloud_image_package(apt_show: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------
 
 
-def remove_stale_staging(directory: Path, stages: buildcache.Stages) -> None:
+def remove_stale_staging(directory: Path, stages: buildreport.Stages) -> None:
     """Delete staging leftovers of runs that were killed outright (SIGKILL
     skips ``finally``). Only call this holding the lock: then no live run
     owns any of them."""
@@ -319,22 +403,55 @@ class Layout(buildcache.Layout):
         # fragment changes: kbuild rebuilds only what a config change touches.
         return self.cache / f"obj-{version}"
 
+    def make_steps(self, version: str) -> Path:
+        # Beside the object directory, not in it: --force removes that one
+        # and then builds afresh, which is when the record helps most.
+        return self.cache / f"make-steps-{version}"
+
     def build(self, key: str) -> Path:
         return self.cache / key
 
 
-def extract_source(layout: Layout, version: str, stages: buildcache.Stages) -> Path:
+def extract_source(layout: Layout, version: str, stages: buildreport.Stages) -> Path:
     source = layout.source(version)
     if (source / "Makefile").exists():
-        stages.say(f"source: reusing {source}")
         return source
     if not SOURCE_TARBALL.exists():
         raise KernelBuildError(f"{SOURCE_TARBALL} not found: install {SOURCE_PACKAGE}")
-    stages.say(f"source: extracting {SOURCE_TARBALL} to {source}")
-    with buildcache.staging_dir(source) as scratch:
-        buildcache.run(["tar", "-xJf", SOURCE_TARBALL, "-C", scratch, "--strip-components=1"])
+    with (
+        stages.step("extract source", f"{SOURCE_TARBALL} to {source}"),
+        buildcache.staging_dir(source) as scratch,
+        stages.progress("extract") as progress,
+    ):
+        untar(SOURCE_TARBALL, scratch, progress)
         buildcache.publish(scratch, source)
     return source
+
+
+def untar(tarball: Path, into: Path, progress: buildreport.Progress) -> None:
+    """``tar -xJ`` fed by us, so that the share of the tarball handed over
+    says how far it is (it takes about a minute: xz is single-threaded)."""
+    size = tarball.stat().st_size
+    argv = ["tar", "-xJ", "-C", str(into), "--strip-components=1"]
+    with open(tarball, "rb") as source, tempfile.TemporaryFile() as errors:
+        # Unbuffered, so that nothing is left to flush into a closed pipe.
+        with subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=errors, bufsize=0) as tar:
+            assert tar.stdin is not None
+            fed = 0
+            try:
+                for block in iter(lambda: source.read(1 << 20), b""):
+                    view = memoryview(block)
+                    while view:
+                        view = view[tar.stdin.write(view) :]
+                    fed += len(block)
+                    progress.update(fed / size, f"{fed / 2**20:.0f}/{size / 2**20:.0f} MiB")
+                tar.stdin.close()
+            except BrokenPipeError:
+                pass  # tar gave up; its exit status and stderr say why
+        if tar.returncode != 0:
+            errors.seek(0)
+            detail = errors.read().decode(errors="replace").strip()[-3000:]
+            raise KernelBuildError(f"tar -xJf {tarball} exited with {tar.returncode}\n{detail}".rstrip())
 
 
 def kbuild_env() -> dict[str, str]:
@@ -350,18 +467,37 @@ def kbuild_env() -> dict[str, str]:
     return env
 
 
-def make(source: Path, objects: Path, targets: Sequence[str], log: IO[str], *, jobs: int = 1, **variables: str) -> None:
+def make(
+    source: Path,
+    objects: Path,
+    targets: Sequence[str],
+    log: IO[str],
+    *,
+    jobs: int = 1,
+    on_line: Callable[[str], None] | None = None,
+    **variables: str,
+) -> None:
     """Run kbuild out of tree (``O=``), so the extracted source stays pristine
-    and can serve several object directories."""
+    and can serve several object directories. All its output goes to
+    ``log``, each line also to ``on_line``."""
     argv = [
         "make", "-C", str(source), f"O={objects}", f"-j{jobs}",
         *[f"{name}={value}" for name, value in variables.items()], *targets,
     ]  # fmt: skip
     log.write(f"$ {' '.join(argv)}\n")
     log.flush()
-    done = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=kbuild_env(), check=False)
-    if done.returncode != 0:
-        raise KernelBuildError(f"make {' '.join(targets)} failed (exit {done.returncode}); see {log.name}")
+
+    def record(line: str) -> None:
+        log.write(line)
+        if on_line is not None:
+            on_line(line)
+
+    try:
+        buildcache.run_lines(argv, record, env=kbuild_env())
+    except buildcache.BuildError as exc:
+        raise KernelBuildError(f"make {' '.join(targets)} failed: {exc}\n(all of its output: {log.name})") from exc
+    finally:
+        log.flush()
 
 
 def configure(source: Path, objects: Path, fragment_path: Path, log: IO[str]) -> dict[str, str]:
@@ -382,35 +518,61 @@ def configure(source: Path, objects: Path, fragment_path: Path, log: IO[str]) ->
     return config
 
 
-def build_kernel(layout: Layout, fragment_path: Path, *, force: bool, jobs: int, stages: buildcache.Stages) -> Path:
-    """Build (or reuse) our kernel; return the cache directory holding it."""
+def make_kernel(
+    layout: Layout, version: str, source: Path, objects: Path, log: IO[str], *, jobs: int, fresh: bool,
+    stages: buildreport.Stages,
+) -> None:  # fmt: skip
+    """``make vmlinux bzImage`` with its progress estimated (:class:`MakeEstimate`);
+    a fresh build's steps are recorded for the next estimate."""
+    record = layout.make_steps(version)
+    previous = record.read_text().splitlines() if record.exists() else []
+    estimate = MakeEstimate(previous)
+    trees = (objects, source)
+
+    with stages.progress("make") as progress:
+
+        def follow(line: str) -> None:
+            step = parse_kbuild_step(line, trees)
+            if step is not None:
+                estimate.add(step)
+                progress.update(estimate.fraction, str(step))
+
+        make(source, objects, ["vmlinux", "bzImage"], log, jobs=jobs, on_line=follow)
+    if fresh:
+        buildcache.write_atomically(record, "".join(f"{step}\n" for step in estimate.steps).encode())
+
+
+def build_kernel(
+    layout: Layout, fragment_path: Path, *, force: bool, jobs: int, stages: buildreport.Stages
+) -> tuple[Path, bool]:
+    """Build (or reuse) our kernel; return the cache directory holding it,
+    and whether it was built now."""
     fragment_bytes = fragment_path.read_bytes()
     fragment = parse_fragment(fragment_bytes.decode())  # a malformed fragment fails before any work
     version = source_version()
     key = cache_key(fragment, version)
     final = layout.build(key)
-    stages.say(f"key {key}: linux-source {version}, recipe {RECIPE_VERSION}, {fragment_path}")
     if (final / "vmlinux").exists() and not force:
-        stages.say(f"cached: {final}")
-        return final
+        return final, False
+    stages.say(f"building {key}: linux-source {version}, recipe {RECIPE_VERSION}, {fragment_path}")
 
     source = extract_source(layout, version, stages)
     objects = layout.objects(version)
     if force and objects.exists():
         stages.say(f"clean: removing {objects}")
         shutil.rmtree(objects)
+    fresh = not objects.exists() or not any(objects.iterdir())
     objects.mkdir(parents=True, exist_ok=True)
     log_path = objects / "build.log"
     with open(log_path, "w") as log:
-        stages.say("configure: allnoconfig + fragment, olddefconfig, verify every symbol")
-        configure(source, objects, fragment_path, log)
-        stages.say(f"make: vmlinux bzImage, -j{jobs} (log {log_path})")
+        with stages.step("configure", "allnoconfig + fragment, olddefconfig, verify every symbol"):
+            configure(source, objects, fragment_path, log)
         started = time.monotonic()
-        make(source, objects, ["vmlinux", "bzImage"], log, jobs=jobs)
+        with stages.step("make", f"vmlinux bzImage, -j{jobs}{'' if fresh else ', incremental'} (log {log_path})"):
+            make_kernel(layout, version, source, objects, log, jobs=jobs, fresh=fresh, stages=stages)
         build_seconds = time.monotonic() - started
 
-    stages.say(f"store: stripping vmlinux into {final}")
-    with buildcache.staging_dir(final) as scratch:
+    with stages.step("store", f"stripping vmlinux into {final}"), buildcache.staging_dir(final) as scratch:
         buildcache.run(["strip", "--strip-all", "-o", scratch / "vmlinux", objects / "vmlinux"])
         entry = pvh_entry((scratch / "vmlinux").read_bytes())
         if entry is None:
@@ -435,18 +597,23 @@ def build_kernel(layout: Layout, fragment_path: Path, *, force: bool, jobs: int,
         }
         (scratch / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         buildcache.publish(scratch, final)
-    stages.say(
-        f"built {release} in {build_seconds:.0f}s: vmlinux {vmlinux_bytes / 2**20:.1f} MiB, "
-        f"bzImage {bzimage_bytes / 2**20:.1f} MiB"
-    )
-    return final
+    stages.say(f"built {release}: vmlinux {vmlinux_bytes / 2**20:.1f} MiB, bzImage {bzimage_bytes / 2**20:.1f} MiB")
+    return final, True
 
 
-def install_kernel(layout: Layout, build: Path, stages: buildcache.Stages) -> Path:
+def kernel_release(build: Path) -> str:
+    """The release a cached build recorded, for the one line a cached run says."""
+    try:
+        manifest = json.loads((build / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return "unknown release"
+    return str(manifest.get("kernel_release", "unknown release"))
+
+
+def install_kernel(layout: Layout, build: Path) -> Path:
     link = layout.guest / "vmlinux"
     buildcache.point_symlink(link, build / "vmlinux")
     buildcache.point_symlink(layout.guest / "bzImage", build / "bzImage")
-    stages.say(f"install: {link} -> {build / 'vmlinux'}")
     return link
 
 
@@ -455,55 +622,34 @@ def install_kernel(layout: Layout, build: Path, stages: buildcache.Stages) -> Pa
 # --------------------------------------------------------------------------
 
 
-def fetch_cloud_kernel(layout: Layout, *, force: bool, stages: buildcache.Stages) -> Path:
+def fetch_cloud_kernel(layout: Layout, *, force: bool, stages: buildreport.Stages) -> tuple[Path, bool]:
     """Download and unpack the cloud kernel; return its cache directory,
-    holding ``vmlinuz`` and ``modules/<kver>/`` (a ``/lib/modules`` tree)."""
-    stages.say(f"resolve: {CLOUD_META_PACKAGE}")
-    try:
-        shown = buildcache.run(["apt-cache", "show", "--no-all-versions", CLOUD_META_PACKAGE]).decode()
-    except buildcache.BuildError as exc:
-        raise KernelBuildError(f"{exc}\n(run apt-get update first?)") from exc
-    package, version = cloud_image_package(shown)
+    holding ``vmlinuz`` and ``modules/<kver>/`` (a ``/lib/modules`` tree),
+    and whether it was fetched now."""
+    with stages.step("resolve"):
+        try:
+            shown = buildcache.run(["apt-cache", "show", "--no-all-versions", CLOUD_META_PACKAGE]).decode()
+        except buildcache.BuildError as exc:
+            raise KernelBuildError(f"{exc}\n(run apt-get update first?)") from exc
+        package, version = cloud_image_package(shown)
     final = layout.cache / f"cloud-{package}_{version}-r{RECIPE_VERSION}"
     if (final / "vmlinuz").exists() and not force:
-        stages.say(f"cached: {final}")
-        return final
+        return final, False
 
     with buildcache.staging_dir(final) as scratch:
         download = scratch / "download"
         download.mkdir()
-        stages.say(f"download: apt-get download {package}={version}")
-        # The apt sandbox user cannot write into our private staging dir; we
-        # only download, so fetching as root is acceptable.
-        buildcache.run(["apt-get", "download", "-o", "APT::Sandbox::User=root", f"{package}={version}"], cwd=download)
+        with stages.step("download", f"apt-get download {package}={version}"):
+            # The apt sandbox user cannot write into our private staging dir; we
+            # only download, so fetching as root is acceptable.
+            argv = ["apt-get", "download", "-o", "APT::Sandbox::User=root", f"{package}={version}"]
+            buildcache.run(argv, cwd=download)
         (deb,) = download.glob("*.deb")
-        stages.say(f"extract: {deb.name}")
-        unpacked = scratch / "unpacked"
-        kernel_release = _extract_kernel_package(deb, unpacked)
-
-        stages.say("modules: dependency closure, depmod")
-        all_modules = unpacked / "lib/modules" / kernel_release
-        buildcache.run(["depmod", "-b", unpacked, kernel_release])
-        available = parse_modules_dep((all_modules / "modules.dep").read_text())
-        chosen = module_closure(available, CLOUD_MODULE_PREFIXES)
-        missing = unmatched_prefixes(available, CLOUD_MODULE_PREFIXES)
-        if not any(module.startswith("kernel/drivers/virtio/") for module in chosen):
-            raise KernelBuildError(f"{package} has no virtio modules")
-        if missing:
-            stages.say(f"modules: not built as modules in {package}: {', '.join(missing)}")
-        # depmod -b wants <base>/lib/modules/<kver>; the published tree is
-        # flattened to modules/<kver> once depmod has run.
-        modules = scratch / "lib/modules" / kernel_release
-        for module in chosen:
-            (modules / module).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(all_modules / module, modules / module)
-        for kept in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
-            if (all_modules / kept).exists():
-                shutil.copy2(all_modules / kept, modules / kept)
-        # depmod again on just what we ship, so modules.dep (and its .bin /
-        # alias indexes) name no module that is missing from the tree.
-        buildcache.run(["depmod", "-b", scratch, kernel_release])
-        (modules / "capsa-load-order").write_text("".join(f"{module}\n" for module in chosen))
+        with stages.step("extract", deb.name):
+            unpacked = scratch / "unpacked"
+            kernel_release = _extract_kernel_package(deb, unpacked)
+        with stages.step("modules", "dependency closure, depmod"):
+            chosen, missing = _select_cloud_modules(package, unpacked, scratch, kernel_release, stages)
         (scratch / "lib/modules").rename(scratch / "modules")
         (scratch / "lib").rmdir()
         (unpacked / "boot" / f"vmlinuz-{kernel_release}").rename(scratch / "vmlinuz")
@@ -520,7 +666,38 @@ def fetch_cloud_kernel(layout: Layout, *, force: bool, stages: buildcache.Stages
         shutil.rmtree(unpacked)
         buildcache.publish(scratch, final)
     stages.say(f"fetched {kernel_release}: {len(chosen)} modules")
-    return final
+    return final, True
+
+
+def _select_cloud_modules(
+    package: str, unpacked: Path, scratch: Path, kernel_release: str, stages: buildreport.Stages
+) -> tuple[list[str], list[str]]:
+    """Copy the modules we want, and what they need, from the unpacked
+    package to ``scratch/lib/modules/<kver>``; return them and the prefixes
+    that matched nothing."""
+    all_modules = unpacked / "lib/modules" / kernel_release
+    buildcache.run(["depmod", "-b", unpacked, kernel_release])
+    available = parse_modules_dep((all_modules / "modules.dep").read_text())
+    chosen = module_closure(available, CLOUD_MODULE_PREFIXES)
+    missing = unmatched_prefixes(available, CLOUD_MODULE_PREFIXES)
+    if not any(module.startswith("kernel/drivers/virtio/") for module in chosen):
+        raise KernelBuildError(f"{package} has no virtio modules")
+    if missing:
+        stages.say(f"modules: not built as modules in {package}: {', '.join(missing)}")
+    # depmod -b wants <base>/lib/modules/<kver>; the published tree is
+    # flattened to modules/<kver> once depmod has run.
+    modules = scratch / "lib/modules" / kernel_release
+    for module in chosen:
+        (modules / module).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(all_modules / module, modules / module)
+    for kept in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
+        if (all_modules / kept).exists():
+            shutil.copy2(all_modules / kept, modules / kept)
+    # depmod again on just what we ship, so modules.dep (and its .bin /
+    # alias indexes) name no module that is missing from the tree.
+    buildcache.run(["depmod", "-b", scratch, kernel_release])
+    (modules / "capsa-load-order").write_text("".join(f"{module}\n" for module in chosen))
+    return chosen, missing
 
 
 def _extract_kernel_package(deb: Path, into: Path) -> str:
@@ -544,11 +721,10 @@ def _extract_kernel_package(deb: Path, into: Path) -> str:
     return kernels[0].name.removeprefix("vmlinuz-")
 
 
-def install_cloud_kernel(layout: Layout, fetched: Path, stages: buildcache.Stages) -> Path:
+def install_cloud_kernel(layout: Layout, fetched: Path) -> Path:
     link = layout.guest / "vmlinuz-cloud"
     buildcache.point_symlink(link, fetched / "vmlinuz")
     buildcache.point_symlink(layout.guest / "modules-cloud", fetched / "modules")
-    stages.say(f"install: {link} -> {fetched / 'vmlinuz'}, modules-cloud -> {fetched / 'modules'}")
     return link
 
 
@@ -567,25 +743,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     layout = Layout.from_environment("kernel")
-    stages = buildcache.Stages()
+    stages = buildreport.Stages()
     try:
         with buildcache.locked(layout.lock, stages):
             remove_stale_staging(layout.cache, stages)
             if args.cloud:
-                result = fetch_cloud_kernel(layout, force=args.force, stages=stages)
-                install_cloud_kernel(layout, result, stages)
+                result, built = fetch_cloud_kernel(layout, force=args.force, stages=stages)
+                with stages.step("install"):
+                    link = install_cloud_kernel(layout, result)
                 path = result / "vmlinuz"
+                what = f"cloud kernel {result.name.removeprefix('cloud-')}"
             else:
-                result = build_kernel(layout, args.fragment.resolve(), force=args.force, jobs=args.jobs, stages=stages)
-                install_kernel(layout, result, stages)
+                fragment = args.fragment.resolve()
+                result, built = build_kernel(layout, fragment, force=args.force, jobs=args.jobs, stages=stages)
+                with stages.step("install"):
+                    link = install_kernel(layout, result)
                 path = result / "vmlinux"
+                what = f"kernel {kernel_release(result)} ({result.name})"
     except buildcache.BuildError as exc:
+        stages.clear()
         print(f"build.py: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        stages.clear()
         print("build.py: interrupted", file=sys.stderr)
         return 130
-    stages.say("done")
+    if built:
+        stages.say(f"install: {link} -> {path}")
+        print(stages.summary(f"{what} built"), file=stages.stream)
+    else:
+        stages.say(f"cached: {what}, {link} -> {path}")
     if args.print_path:
         print(path)
     return 0

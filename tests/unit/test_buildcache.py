@@ -16,9 +16,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "guest"))
 import buildcache
+import buildreport
 
 
-class RecordingStages(buildcache.Stages):
+class RecordingStages(buildreport.Stages):
     def __init__(self) -> None:
         super().__init__()
         self.lines: list[str] = []
@@ -117,3 +118,25 @@ def test_run_returns_stdout_and_raises_with_stderr() -> None:
         buildcache.run(["sh", "-c", "echo broken >&2; exit 3"])
     with pytest.raises(buildcache.BuildError, match="not found"):
         buildcache.run(["/nonexistent/capsa-tool"])
+
+
+def test_run_lines_hands_over_each_line_and_raises_with_the_last() -> None:
+    seen: list[str] = []
+    buildcache.run_lines(["sh", "-c", "echo one; echo two >&2"], seen.append)
+    assert seen == ["one\n", "two\n"]
+    with pytest.raises(buildcache.BuildError, match=r"exited with 2\nlast words"):
+        buildcache.run_lines(["sh", "-c", "echo last words; exit 2"], seen.append)
+
+
+def test_run_watched_raises_with_the_output() -> None:
+    buildcache.run_watched(["true"], lambda: None)
+    with pytest.raises(buildcache.BuildError, match=r"exited with 4\nno space"):
+        buildcache.run_watched(["sh", "-c", "echo no space; exit 4"], lambda: None)
+
+
+def test_tree_bytes(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a").write_bytes(b"x" * 10)
+    (tmp_path / "b").write_bytes(b"y" * 5)
+    assert buildcache.tree_bytes(tmp_path) == 15
+    assert buildcache.tree_bytes(tmp_path / "gone") == 0

@@ -156,3 +156,76 @@ def test_cloud_image_package_from_apt_show() -> None:
         "Depends: linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)\n"
     )
     assert build.cloud_image_package(shown) == ("linux-image-6.1.0-56-cloud-amd64", "6.1.192-2")
+
+
+# --- progress of make -------------------------------------------------------
+
+OBJ = Path("/var/cache/capsa/kernel/obj-6.1.192-3")
+SRC = Path("/var/cache/capsa/kernel/src-6.1.192-3")
+
+
+@pytest.mark.parametrize(
+    ("line", "step"),
+    [
+        ("  CC      fs/namei.o\n", "CC fs/namei.o"),
+        ("  AR      drivers/built-in.a\n", "AR drivers/built-in.a"),
+        ("  DESCEND objtool\n", "DESCEND objtool"),
+        ("  HOSTCC  scripts/basic/fixdep\n", "HOSTCC scripts/basic/fixdep"),
+        ("  VDSO2C  arch/x86/entry/vdso/vdso-image-64.c\n", "VDSO2C arch/x86/entry/vdso/vdso-image-64.c"),
+        ("  CC [M]  fs/fuse/virtio_fs.o\n", "CC [M] fs/fuse/virtio_fs.o"),
+        # objtool's own build, and scripts run from the source tree, print absolute paths.
+        (f"  CC      {OBJ}/tools/objtool/exec-cmd.o\n", "CC tools/objtool/exec-cmd.o"),
+        (f"  CALL    {SRC}/scripts/checksyscalls.sh\n", "CALL scripts/checksyscalls.sh"),
+    ],
+)
+def test_parse_kbuild_step(line: str, step: str) -> None:
+    parsed = build.parse_kbuild_step(line, (OBJ, SRC))
+    assert parsed is not None and str(parsed) == step
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "make[1]: Entering directory '/var/cache/capsa/kernel/obj-6.1.192-3'\n",
+        "#\n",
+        "# configuration written to .config\n",
+        "fs/namei.c: In function 'link_path_walk':\n",
+        "fs/namei.c:2283:13: warning: unused variable 'x' [-Wunused-variable]\n",
+        " 2283 |         int x;\n",
+        "      |             ^\n",
+        "Kernel: arch/x86/boot/bzImage is ready  (#1)\n",
+        "  Kernel: arch/x86/boot/bzImage is ready  (#1)\n",
+        "make: *** [Makefile:1992: fs] Error 2\n",
+        "\n",
+    ],
+)
+def test_parse_kbuild_step_ignores_what_is_not_a_step(line: str) -> None:
+    assert build.parse_kbuild_step(line, (OBJ, SRC)) is None
+
+
+def test_make_estimate_without_a_record_counts_against_a_fresh_build() -> None:
+    estimate = build.MakeEstimate()
+    for n in range(210):
+        estimate.add(build.KbuildStep("CC", f"f{n}.o"))
+    assert estimate.fraction == pytest.approx(210 / build.FRESH_BUILD_STEPS)
+
+
+def test_make_estimate_follows_the_recorded_order_through_an_incremental_build() -> None:
+    previous = [f"CC f{n}.o" for n in range(1000)]
+    estimate = build.MakeEstimate(previous)
+    # An incremental build redoes a few files here and there: how far make
+    # has walked, not how many it redid, says how far it is.
+    estimate.add(build.KbuildStep("CC", "f99.o"))
+    assert estimate.fraction == pytest.approx(0.1)
+    estimate.add(build.KbuildStep("CC", "f499.o"))
+    estimate.add(build.KbuildStep("CC", "f300.o"))  # -j: a slower job prints late
+    estimate.add(build.KbuildStep("GEN", "new.h"))  # not in the record
+    assert estimate.fraction == pytest.approx(0.5)
+    assert estimate.steps == ["CC f99.o", "CC f499.o", "CC f300.o", "GEN new.h"]
+
+
+def test_make_estimate_stops_short_of_done() -> None:
+    estimate = build.MakeEstimate(["CC a.o", "LD vmlinux"])
+    for step in (build.KbuildStep("CC", "a.o"), build.KbuildStep("LD", "vmlinux"), build.KbuildStep("CC", "b.o")):
+        estimate.add(step)
+    assert estimate.fraction == build.MAX_ESTIMATE
