@@ -119,6 +119,9 @@ install_config() {
     if [ ! -e /etc/capsa/configuration.toml ]; then
         install -D -m 0644 "$repo/config/configuration.toml" /etc/capsa/configuration.toml
     fi
+    # The example agent policies (docs/agent-policy.md), kept current: they are ours, not the admin's.
+    install -d -m 0755 /etc/capsa/policies
+    install -m 0644 "$repo"/config/policies/*.toml /etc/capsa/policies/
 }
 
 run_demo() { "$repo/scripts/demo.sh"; }
