@@ -219,3 +219,16 @@ def test_a_real_agent_refuses_what_its_policy_denies_and_keeps_a_final_policy(ag
     assert details.policy_denials == 2
     assert details.policy_digest == parse(no_exec).digest
     assert 'refused by the agent policy (rule "no-exec")' in agent.log.read_text()
+
+
+def test_a_host_agent_cannot_renew_itself_and_reports_its_hash_probe(agent: Agent) -> None:
+    async def scenario(client: Client) -> tuple[str, pb.GuestDetailsResponse]:
+        refused = await expect_error(
+            Code.FAILED_PRECONDITION, empty(client, "RenewAgent", pb.RenewAgentRequest(entropy=b"x" * 32))
+        )
+        details = await call(client, "GetGuestDetails", pb.GuestDetailsRequest(), pb.GuestDetailsResponse)
+        return refused, details
+
+    refused, details = run(agent, scenario)
+    assert "cannot renew itself" in refused
+    assert details.agent_hash_probe != 0 and details.agent_renewals == 0

@@ -36,6 +36,10 @@ log = logging.getLogger("capsa.agent")
 
 # How long the power-off waits for the DestroySandbox reply to leave.
 FLUSH_TIMEOUT_SECONDS = 2.0
+#: What a renewed agent re-executes (the guest image's /init), and the
+#: variable that tells the new process it is one, and how many came before.
+INIT_PATH = "/init"
+RENEWALS_ENV = "CAPSA_AGENT_RENEWALS"
 
 
 class _UptimeFormatter(logging.Formatter):
@@ -68,15 +72,35 @@ def _process_start_uptime() -> float:
     return int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
-async def serve(options: AgentOptions, timing: Timing, policy: Enforcer | None = None) -> None:
-    """Serve the agent API until DestroySandbox (or until cancelled)."""
+async def serve(
+    options: AgentOptions, timing: Timing, policy: Enforcer | None = None, renewals: int | None = None
+) -> bool:
+    """Serve the agent API until DestroySandbox (False) or RenewAgent (True), or until cancelled.
+
+    ``renewals`` (the guest's: how often this agent was renewed so far)
+    lets it renew; None (a host's agent): RenewAgent is refused.
+    """
     loop = asyncio.get_running_loop()
     reaper = Reaper(loop)
     reaper.install()
     destroyed = asyncio.Event()
+    renew = asyncio.Event()
+
+    def on_renew() -> None:
+        renew.set()
+        destroyed.set()
+
     sandbox = Sandbox(options, reaper)
     server = Server()
-    AgentService(sandbox, timing, destroyed.set, policy).register(server)
+    service = AgentService(
+        sandbox,
+        timing,
+        destroyed.set,
+        policy,
+        on_renew=on_renew if renewals is not None else None,
+        renewals=renewals or 0,
+    )
+    service.register(server)
     connections = channel.Connections(server)
 
     def on_ready() -> None:
@@ -95,8 +119,9 @@ async def serve(options: AgentOptions, timing: Timing, policy: Enforcer | None =
         await asyncio.wait({serving, waiting}, return_when=asyncio.FIRST_COMPLETED)
         if serving.done():
             serving.result()  # the channel failed: let it escape
-            return
+            return False
         await connections.flush(FLUSH_TIMEOUT_SECONDS)
+        return renew.is_set()
     finally:
         for task in (serving, waiting):
             task.cancel()
@@ -109,22 +134,26 @@ def _run_guest(started: float) -> None:
 
     timing = Timing(started, lambda: init.init_exec_uptime(init.read_kmsg()))
     console: TextIO = sys.stderr
+    renewals = int(os.environ.get(RENEWALS_ENV, "0"))
     try:
-        init.mount_api_filesystems()
+        if not renewals:
+            init.mount_api_filesystems()
         with contextlib.suppress(OSError):
             console = open("/dev/console", "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
         with open("/proc/cmdline", encoding="utf-8") as file:
             options = from_kernel_cmdline(file.read())
         _configure_logging(console, options.debug)
-        init.bring_up()
-        if options.template:
+        if not renewals:
+            init.bring_up()
+        if options.template and not renewals:
             # Saved right after it first serves: what the clones would load on
             # first use is loaded once, here (capsa.hypervisor.template).
             from capsa.agent import netlink
 
             log.debug("template: network modules preloaded in %.3f s", netlink.preload())
         # The image's policy is in force before the channel opens.
-        asyncio.run(serve(options, timing, Enforcer(load_image_policy())))
+        if asyncio.run(serve(options, timing, Enforcer(load_image_policy()), renewals)):
+            _renew(renewals + 1)
         log.debug("sandbox destroyed, powering off")
         init.power_off()
     except BaseException:
@@ -135,6 +164,22 @@ def _run_guest(started: float) -> None:
         console.flush()
         os.sync()
         raise
+
+
+def _renew(renewals: int) -> None:
+    """Replace this process with a fresh /init (RenewAgent, agent.proto): PID 1 stays PID 1.
+
+    A template clone's agent was restored with the template's hash seed,
+    stack canary and PRNG states; a new process draws its own from the
+    clone's kernel, which vmgenid and the host's entropy have reseeded.
+    What the first process set up (mounts, sysctls, hostname, cgroups) is
+    the kernel's and stays; the new one only serves.  Every descriptor the
+    agent holds is close-on-exec: the port closes here and opens again in
+    the new process.
+    """
+    log.debug("renewing the agent process (renewal %d)", renewals)
+    logging.shutdown()
+    os.execve(INIT_PATH, [INIT_PATH], {**os.environ, RENEWALS_ENV: str(renewals)})
 
 
 def _run_host(started: float, argv: list[str]) -> None:

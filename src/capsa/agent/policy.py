@@ -101,6 +101,7 @@ METHODS = (
     "UpdateRoutes",
     "GetOOMEvent",
     "SetPolicy",
+    "RenewAgent",
 )
 
 TEXT, TEXTS, FLAG, NUMBER = "text", "list of texts", "flag", "number"

@@ -76,6 +76,15 @@ class Sandbox:
 
     # --- sandbox -------------------------------------------------------
 
+    @property
+    def created(self) -> bool:
+        return self._created
+
+    def add_entropy(self, entropy: bytes) -> None:
+        """Mix host entropy into the guest kernel's pool (a host test's agent leaves its host's alone)."""
+        if self.options.guest:
+            clone.add_entropy(entropy)
+
     async def adopt(self, entropy: bytes, realtime_ns: int, virtiofs_devices: int) -> None:
         """CreateSandbox, first part: a VM restored from a template becomes unique (:mod:`.clone`)."""
         if self._created:

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from capsa.agent.netlink import GuestNetwork
 
 SERVICE_NAME = "capsa.agent.v1.AgentService"
+#: What GetGuestDetails' agent_hash_probe hashes (agent.proto).
+HASH_PROBE = "capsa-agent-hash-probe"
 
 log = logging.getLogger("capsa.agent")
 
@@ -161,11 +163,21 @@ class AgentService:
     """The agent API over one :class:`Sandbox`."""
 
     def __init__(
-        self, sandbox: Sandbox, timing: Timing, on_destroyed: Callable[[], None], policy: Enforcer | None = None
+        self,
+        sandbox: Sandbox,
+        timing: Timing,
+        on_destroyed: Callable[[], None],
+        policy: Enforcer | None = None,
+        on_renew: Callable[[], None] | None = None,
+        renewals: int = 0,
     ) -> None:
         self.sandbox = sandbox
         self.timing = timing
         self.policy = policy if policy is not None else Enforcer()
+        #: Called once a RenewAgent reply is on its way: serving stops and
+        #: the agent re-executes itself (agent/main.py); None: cannot renew.
+        self._on_renew = on_renew
+        self.renewals = renewals
         self._on_destroyed = on_destroyed
         self._network: GuestNetwork | None = None
 
@@ -195,6 +207,7 @@ class AgentService:
             "UpdateRoutes": (pb.UpdateRoutesRequest, self.update_routes),
             "GetOOMEvent": (pb.GetOOMEventRequest, self.get_oom_event),
             "SetPolicy": (pb.SetPolicyRequest, self.set_policy),
+            "RenewAgent": (pb.RenewAgentRequest, self.renew_agent),
         }
         server.register_service(
             SERVICE_NAME,
@@ -220,7 +233,18 @@ class AgentService:
             agent_start_seconds=self.timing.agent_start_seconds,
             policy_digest=self.policy.policy.digest,
             policy_denials=self.policy.denied,
+            agent_hash_probe=hash(HASH_PROBE) & 0xFFFF_FFFF_FFFF_FFFF,
+            agent_renewals=self.renewals,
         )
+
+    async def renew_agent(self, request: pb.RenewAgentRequest) -> pb.Empty:
+        if self._on_renew is None:
+            raise WrongState("this agent cannot renew itself (it is not a guest's init)")
+        if self.sandbox.created:
+            raise WrongState("the agent renews itself only before CreateSandbox")
+        self.sandbox.add_entropy(request.entropy)
+        self._on_renew()
+        return pb.Empty()
 
     async def set_policy(self, request: pb.SetPolicyRequest) -> pb.Empty:
         try:

@@ -118,6 +118,8 @@ class GuestDetailsResponse(_message.Message):
     AGENT_START_SECONDS_FIELD_NUMBER: _builtins.int
     POLICY_DIGEST_FIELD_NUMBER: _builtins.int
     POLICY_DENIALS_FIELD_NUMBER: _builtins.int
+    AGENT_HASH_PROBE_FIELD_NUMBER: _builtins.int
+    AGENT_RENEWALS_FIELD_NUMBER: _builtins.int
     kernel_release: _builtins.str
     """uname -r in the guest"""
     agent_version: _builtins.str
@@ -135,6 +137,13 @@ class GuestDetailsResponse(_message.Message):
     allow-everything), and how many requests it has refused.
     """
     policy_denials: _builtins.int
+    agent_hash_probe: _builtins.int
+    """hash() of a fixed string in the agent's interpreter: two agents that
+    answer the same share their hash seed (a clone's agent that was not
+    renewed shares its template's).
+    """
+    agent_renewals: _builtins.int
+    """Times this agent's process was renewed (RenewAgent) since the VM booted."""
     def __init__(
         self,
         *,
@@ -147,10 +156,12 @@ class GuestDetailsResponse(_message.Message):
         agent_start_seconds: _builtins.float = ...,
         policy_digest: _builtins.str = ...,
         policy_denials: _builtins.int = ...,
+        agent_hash_probe: _builtins.int = ...,
+        agent_renewals: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_start_seconds", b"agent_start_seconds", "agent_version", b"agent_version", "crun_version", b"crun_version", "kernel_boot_seconds", b"kernel_boot_seconds", "kernel_release", b"kernel_release", "mem_total_bytes", b"mem_total_bytes", "online_cpus", b"online_cpus", "policy_denials", b"policy_denials", "policy_digest", b"policy_digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_hash_probe", b"agent_hash_probe", "agent_renewals", b"agent_renewals", "agent_start_seconds", b"agent_start_seconds", "agent_version", b"agent_version", "crun_version", b"crun_version", "kernel_boot_seconds", b"kernel_boot_seconds", "kernel_release", b"kernel_release", "mem_total_bytes", b"mem_total_bytes", "online_cpus", b"online_cpus", "policy_denials", b"policy_denials", "policy_digest", b"policy_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -971,3 +982,26 @@ class SetPolicyRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetPolicyRequest: _TypeAlias = SetPolicyRequest  # noqa: Y015
+
+@_typing.final
+class RenewAgentRequest(_message.Message):
+    """Host entropy mixed into the guest's kernel pool before the new process
+    starts, so its seeds do not rest on the restored state alone.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTROPY_FIELD_NUMBER: _builtins.int
+    entropy: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        entropy: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entropy", b"entropy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewAgentRequest: _TypeAlias = RenewAgentRequest  # noqa: Y015
