@@ -105,6 +105,35 @@ def test_exec_ps_metrics_pause_kill(k: ShimContainerd, runtime: str) -> None:
         k.ctr(NS, "containers", "delete", cid)
 
 
+def memory_usage(output: str) -> int:
+    """Memory in use from ``ctr tasks metrics``'s table: ``memory.usage`` (cgroup v2 metrics,
+    what capsa's shim sends) or ``memory.usage_in_bytes`` (v1, a runc shim on a v1 host)."""
+    for line in output.splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[0] in ("memory.usage", "memory.usage_in_bytes"):
+            return int(fields[1])
+    raise AssertionError(f"no memory usage in:\n{output}")
+
+
+def test_metrics_show_what_the_container_holds(k: ShimContainerd, runtime: str) -> None:
+    """A container that fills 200 MiB of a tmpfs (memory charged to its cgroup): ``ctr tasks
+    metrics`` shows at least that much memory in use, under capsa the guest cgroup's."""
+    cid = f"m-{runtime}"
+    script = "dd if=/dev/zero of=/big/f bs=1M count=200 2>/dev/null && echo filled && sleep 600"
+    tmpfs = "type=tmpfs,src=tmpfs,dst=/big,options=size=300m"
+    k.ctr(NS, *ctr_run(k, runtime, "--detach", "--mount", tmpfs, BUSYBOX_IMAGE, cid, "sh", "-c", script)).check()
+    try:
+        wait_for(
+            lambda: memory_usage(k.ctr(NS, "tasks", "metrics", cid).check().stdout) > 200 << 20,
+            120,
+            "the container's memory to reach 200 MiB",
+        )
+    finally:
+        k.ctr(NS, "tasks", "kill", "--signal", "SIGKILL", cid)
+        k.ctr(NS, "tasks", "delete", "--force", cid)
+        k.ctr(NS, "containers", "delete", cid)
+
+
 def test_foreground_run_gets_the_exit_status_of_a_kill(k: ShimContainerd, runtime: str) -> None:
     """``ctr run --rm`` in the foreground, ``ctr task kill`` from elsewhere: the
     container's trap answers SIGTERM with 42, which ``ctr run`` exits with (the
