@@ -119,6 +119,13 @@ install_config() {
     if [ ! -e /etc/capsa/configuration.toml ]; then
         install -D -m 0644 "$repo/config/configuration.toml" /etc/capsa/configuration.toml
     fi
+    # Until issue 15 the shipped configuration named the PVH vmlinux, which
+    # boots without KASLR; the bzImage beside it is the same kernel with it.
+    local old_kernel='kernel = "/var/lib/capsa/guest/vmlinux"'
+    if grep -qxF "$old_kernel" /etc/capsa/configuration.toml; then
+        note "the guest kernel is now the bzImage (KASLR), was the vmlinux"
+        sed -i "s|^$old_kernel\$|kernel = \"/var/lib/capsa/guest/bzImage\"|" /etc/capsa/configuration.toml
+    fi
     # The example agent policies (docs/agent-policy.md), kept current: they are ours, not the admin's.
     install -d -m 0755 /etc/capsa/policies
     install -m 0644 "$repo"/config/policies/*.toml /etc/capsa/policies/

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import stat
@@ -26,7 +27,9 @@ from capsa.config import load_config
 from capsa.errors import HypervisorError
 from capsa.hypervisor.accel import KVM_DEVICE, kvm_unusable_reason, probe_accelerator
 from capsa.hypervisor.base import NinePShare, SerialChannel, Share, VirtioFsShare, VMConfig
+from capsa.hypervisor.guest_kernel import HEAD_BYTES, kernel_format
 from capsa.hypervisor.qemu import QemuHypervisor
+from capsa.runtime.sandbox import kernel_cmdline
 from capsa.storage.virtiofsd import DEFAULT_VIRTIOFSD, Virtiofsd
 
 pytestmark: list[pytest.MarkDecorator] = [pytest.mark.vm]
@@ -169,6 +172,61 @@ def test_boots_to_init_and_stops_without_leftovers(run_dir: Path) -> None:
         await vm.stop()  # idempotent
 
     asyncio.run(scenario())
+
+
+#: KASLR moves the kernel by multiples of CONFIG_PHYSICAL_ALIGN (2 MiB).
+KASLR_ALIGN = 2 << 20
+
+
+async def idle_instruction_pointer(vm: QemuHypervisor, timeout: float = BOOT_TIMEOUT) -> int:
+    """Where the vCPU sits while the guest idles: HMP ``info registers`` shows
+    ``RIP=<16 hex digits> ... HLT=1`` for a vCPU halted in the kernel's idle
+    loop, a kernel text address (the hardened guest hides /proc/kallsyms)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        registers = await vm.human_monitor("info registers")
+        match = re.search(r"RIP=([0-9a-f]{16}) .* HLT=1", registers)
+        if match:
+            return int(match[1], 16)
+        if time.monotonic() > deadline:
+            pytest.fail(f"the vCPU never halted; last registers:\n{registers}")
+        await asyncio.sleep(0.05)
+
+
+def test_cold_boots_run_the_kernel_at_random_addresses(run_dir: Path) -> None:
+    """KASLR: the configured kernel (the bzImage) with capsa's own command line
+    lands at another 2 MiB slot each cold boot; the same build's PVH vmlinux,
+    which skips the decompressor, runs at its link address every time."""
+    kernel = guest_kernel()
+    assert kernel_format(kernel.read_bytes()[:HEAD_BYTES]) == "bzImage", f"{kernel}: configure the bzImage"
+    initrd = make_initrd(run_dir, "echo CAPSA-IDLE\nexec /bin/busybox sleep 1000\n")
+    params = kernel_cmdline(load_config(), "serial", debug=False)
+    assert "nokaslr" not in params
+
+    async def idle_rip(kernel: Path) -> int:
+        vm = QemuHypervisor(vm_config(run_dir, initrd, kernel=kernel, kernel_params=params))
+        try:
+            await vm.start()
+            await console_shows(vm, "CAPSA-IDLE")
+            return await idle_instruction_pointer(vm)
+        finally:
+            await vm.stop()
+
+    first, second = asyncio.run(idle_rip(kernel)), asyncio.run(idle_rip(kernel))
+    if first == second:  # KASLR has about 500 slots: one chance in 500 of the same one
+        second = asyncio.run(idle_rip(kernel))
+    print(f"idle RIP of two cold boots: {first:#x}, {second:#x}")
+    assert first % KASLR_ALIGN == second % KASLR_ALIGN  # the same idle instruction...
+    assert first != second  # ...at two addresses
+    vmlinux = kernel.resolve().parent / "vmlinux"
+    if vmlinux.exists():
+        linked = asyncio.run(idle_rip(vmlinux))
+        print(f"idle RIP of the PVH vmlinux: {linked:#x}")
+        assert (first - linked) % KASLR_ALIGN == 0 and (second - linked) % KASLR_ALIGN == 0
+        symbols = vmlinux.parent / "System.map"
+        if symbols.exists():
+            text = {name: int(address, 16) for address, _, name in map(str.split, symbols.read_text().splitlines())}
+            assert text["_text"] <= linked < text["_etext"]  # no offset: where the kernel was linked
 
 
 def test_guest_poweroff_ends_the_vm(run_dir: Path) -> None:

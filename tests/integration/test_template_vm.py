@@ -42,6 +42,12 @@ def template_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     shutil.rmtree(cache, ignore_errors=True)
 
 
+def current_generation(cache: Path) -> Path:
+    """The generation of the one template in ``cache`` that serves sandboxes now."""
+    [key] = [p for p in (cache / "templates").iterdir() if p.is_dir() and not p.name.endswith(".new")]
+    return key / os.readlink(key / template.CURRENT_LINK)
+
+
 def run(capsa: Capsa, config: Path, tmp_path: Path, name: str) -> tuple[list[str], dict[str, float]]:
     timings = tmp_path / f"{name}.json"
     os.environ["CAPSA_TIMINGS"] = str(timings)
@@ -69,7 +75,7 @@ def test_clones_are_distinct_and_corrupt_templates_boot_cold(
 
     first, first_timings = run(capsa, config, tmp_path, "one")
     assert "template_restored" in first_timings
-    [made] = [p for p in (template_cache / "templates").iterdir() if p.is_dir()]
+    made = current_generation(template_cache)
     assert (made / template.META_FILE).exists()
 
     # Long enough that a clone still on the template's clock would show it.
@@ -119,3 +125,27 @@ def test_each_clone_gets_a_new_generation_id_and_its_kernel_reseeds(
         lines, timings = run(capsa, config, tmp_path, name)
         assert "template_restored" in timings, timings
         assert int(lines[0]) >= 1, f"{name}: the guest kernel did not see a new VM generation ID"
+
+
+def test_a_template_that_served_its_bound_is_replaced_by_a_fresh_one(
+    capsa: Capsa, tmp_path: Path, template_cache: Path
+) -> None:
+    """With template_max_clones = 1 every sandbox gets a template of its own,
+    booted cold (so with a kernel layout of its own), and the spent one goes."""
+    config = tmp_path / "configuration.toml"
+    config.write_text('[hypervisor]\nboot = "template"\ntemplate_max_clones = 1\n')
+    capsa.spec(["sh", "-c", "echo written > /written"])
+    spec = json.loads((capsa.bundle / "config.json").read_text())
+    spec["root"]["readonly"] = False
+    (capsa.bundle / "config.json").write_text(json.dumps(spec))
+
+    _, first_timings = run(capsa, config, tmp_path, "one")
+    first = current_generation(template_cache)
+    assert (first / template.CLONES_FILE).read_bytes() == b"c"  # its maker's sandbox
+    _, second_timings = run(capsa, config, tmp_path, "two")
+    second = current_generation(template_cache)
+    for timings in (first_timings, second_timings):
+        assert "template_restored" in timings, timings
+    assert second != first
+    assert not first.exists()
+    assert [p.name for p in second.parent.iterdir() if p.is_dir() and not p.is_symlink()] == [second.name]

@@ -60,6 +60,8 @@ def test_environment_variable_names_the_file(monkeypatch: pytest.MonkeyPatch, tm
         ("[hypervisor]\ndefault_vcpus = 4\nmax_vcpus = 2\n", r"hypervisor\.max_vcpus: 2 is less than default_vcpus"),
         ("[hypervisor]\nmax_memory_mib = 512\n", r"hypervisor\.max_memory_mib: 512 is less than default_memory_mib"),
         ('[hypervisor]\nmax_memory_mib = "4G"\n', r"hypervisor\.max_memory_mib: expected an integer"),
+        ("[hypervisor]\ntemplate_max_clones = -1\n", r"hypervisor\.template_max_clones: expected an integer from 0"),
+        ("[hypervisor]\ntemplate_max_age = -5\n", r"hypervisor\.template_max_age: expected a number of seconds"),
     ],
 )
 def test_bad_values_name_the_file_and_key(tmp_path: Path, text: str, message: str) -> None:
@@ -82,12 +84,20 @@ def test_image_instead_of_initrd() -> None:
 
 def test_guest_dir_override(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CAPSA_GUEST_DIR", "/opt/guest")
-    assert Config().hypervisor.kernel == Path("/opt/guest/vmlinux")
+    assert Config().hypervisor.kernel == Path("/opt/guest/bzImage")
 
 
 def test_boot_mode() -> None:
     assert Config().hypervisor.boot == "template"
     assert parse_config({"hypervisor": {"boot": "cold"}}).hypervisor.boot == "cold"
+
+
+def test_templates_are_bounded_by_default_and_the_bounds_can_be_lifted() -> None:
+    hv = Config().hypervisor
+    assert (hv.template_max_clones, hv.template_max_age) == (100, 86400.0)
+    lifted = parse_config({"hypervisor": {"template_max_clones": 0, "template_max_age": 0}}).hypervisor
+    assert (lifted.template_max_clones, lifted.template_max_age) == (0, 0.0)
+    assert parse_config({"hypervisor": {"template_max_age": 1.5}}).hypervisor.template_max_age == 1.5
 
 
 def test_hotplug_maxima_default_to_the_host() -> None:

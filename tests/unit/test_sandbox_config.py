@@ -31,6 +31,12 @@ def test_kernel_cmdline_tells_the_agent_its_channel() -> None:
     assert "capsa.debug=1" in vsock and "quiet" not in vsock
 
 
+def test_kernel_cmdline_leaves_kaslr_on() -> None:
+    for debug in (False, True):
+        for channel in ("serial", "vsock"):
+            assert "nokaslr" not in kernel_cmdline(parse_config({}), channel, debug)
+
+
 def test_kernel_cmdline_for_a_rootfs_image() -> None:
     config = parse_config({"hypervisor": {"initrd": "", "image": "/var/lib/capsa/guest/rootfs.img"}})
     params = kernel_cmdline(config, "serial", debug=False)

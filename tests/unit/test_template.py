@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -178,23 +179,6 @@ def test_memory_copy_keeps_holes(tmp_path: Path) -> None:
         template.copy_memory(source_dir, copy)  # never overwrites
 
 
-def test_store_finds_only_complete_templates(tmp_path: Path) -> None:
-    store = template.TemplateStore(tmp_path)
-    assert store.find("k") is None
-    directory = tmp_path / "k"
-    directory.mkdir()
-    (directory / template.STATE_FILE).write_bytes(b"s" * 10)
-    (directory / template.MEMORY_FILE).write_bytes(b"m" * 20)
-    assert store.find("k") is None  # no template.json: creation did not finish
-    meta = {"key": "k", "state_bytes": 10, "memory_bytes": 20}
-    (directory / template.META_FILE).write_text(json.dumps(meta))
-    assert store.find("k") == directory
-    (directory / template.STATE_FILE).write_bytes(b"s" * 9)
-    assert store.find("k") is None  # truncated
-    store.discard("k")
-    assert not directory.exists()
-
-
 def test_store_lock_is_exclusive(tmp_path: Path) -> None:
     store = template.TemplateStore(tmp_path)
 
@@ -226,42 +210,204 @@ def test_virtiofs_device_wait(tmp_path: Path) -> None:
     asyncio.run(clone.wait_virtiofs_devices(0, str(tmp_path)))
 
 
-def make_template(store: template.TemplateStore, key: str, used: float) -> None:
-    directory = store.root / key
-    directory.mkdir(parents=True)
-    (directory / template.STATE_FILE).write_bytes(b"s")
-    (directory / template.MEMORY_FILE).write_bytes(b"m")
-    meta = {"key": key, "state_bytes": 1, "memory_bytes": 1}
-    (directory / template.META_FILE).write_text(json.dumps(meta))
-    os.utime(directory / template.META_FILE, (used, used))
+def publish(store: template.TemplateStore, key: str, created: float | None = None) -> Path:
+    """What :meth:`TemplateStore.create` leaves, without a VM: a saved template published as ``key``'s current."""
+    work = store.root / f"{key}.new"
+    work.mkdir(parents=True)
+    (work / template.STATE_FILE).write_bytes(b"s" * 10)
+    (work / template.MEMORY_FILE).write_bytes(b"m" * 20)
+    return store.publish(key, work, {}, time.time() if created is None else created)
+
+
+class Maker:
+    """A ``make`` for :meth:`TemplateStore.checkout` that publishes without a VM, and counts."""
+
+    def __init__(self, store: template.TemplateStore, key: str, age: float = 0.0) -> None:
+        self.store, self.key, self.age = store, key, age
+        self.made: list[Path] = []
+
+    async def __call__(self) -> Path:
+        self.made.append(publish(self.store, self.key, time.time() - self.age))
+        return self.made[-1]
+
+
+def generations(store: template.TemplateStore, key: str) -> list[str]:
+    return sorted(p.name for p in (store.root / key).iterdir() if p.is_dir() and not p.is_symlink())
+
+
+def checkout_once(store: template.TemplateStore, key: str, make: Maker) -> Path:
+    async def scenario() -> Path:
+        async with store.checkout(key, make, lock_timeout=1) as found:
+            assert (found / template.STATE_FILE).exists()
+            return found
+
+    return asyncio.run(scenario())
+
+
+def test_a_template_retires_after_its_clone_bound_counting_its_makers_clone() -> None:
+    limits = template.TemplateLimits(max_clones=3)
+    assert template.retire_reason(limits, 3, 0.0) is None
+    assert template.retire_reason(limits, 4, 0.0) == "it has served 3 sandboxes, the bound is 3"
+    assert template.retire_reason(template.TemplateLimits(), 10**9, 10.0**9) is None  # 0: no bound
+
+
+def test_a_template_retires_at_its_age_bound_or_when_the_clock_went_back() -> None:
+    limits = template.TemplateLimits(max_age=3600)
+    assert template.retire_reason(limits, 1, 3599.0) is None
+    assert template.retire_reason(limits, 1, 3600.0) == "it is 3600 s old, the bound is 3600 s"
+    assert template.retire_reason(limits, 1, -10.0) is None  # NTP's small step
+    reason = template.retire_reason(limits, 1, -7200.0)
+    assert reason is not None and "clock went back" in reason
+
+
+def test_each_generation_serves_its_bound_then_the_next_sandbox_makes_a_new_one(tmp_path: Path) -> None:
+    store = template.TemplateStore(tmp_path, template.TemplateLimits(max_clones=3))
+    make = Maker(store, "k")
+    served = [checkout_once(store, "k", make) for _ in range(7)]
+    # The maker's sandbox and two more from each generation, then a new one.
+    assert len(make.made) == 3
+    assert served == [make.made[0]] * 3 + [make.made[1]] * 3 + [make.made[2]]
+    assert generations(store, "k") == [make.made[2].name]  # retired ones are gone
+    assert (make.made[2] / template.CLONES_FILE).read_bytes() == b"c"
+    assert len({p.name for p in make.made}) == 3  # never the same name twice
+    meta = json.loads((make.made[2] / template.META_FILE).read_text())
+    assert meta["key"] == "k" and abs(meta["created"] - time.time()) < 60
+
+
+def test_an_old_template_retires_whatever_it_served(tmp_path: Path) -> None:
+    store = template.TemplateStore(tmp_path, template.TemplateLimits(max_age=3600))
+    old = publish(store, "k", created=time.time() - 3601)
+    make = Maker(store, "k")
+    fresh = checkout_once(store, "k", make)
+    assert fresh != old and make.made == [fresh]
+    assert not old.exists()
+    assert checkout_once(store, "k", make) == fresh
+    # Unbounded: a template serves for as long as it is kept.
+    store = template.TemplateStore(tmp_path / "unbounded")
+    ancient = publish(store, "k", created=time.time() - 10 * 365 * 86400)
+    assert [checkout_once(store, "k", make) for _ in range(3)] == [ancient] * 3
+
+
+def test_a_retired_template_stays_while_a_sandbox_restores_from_it(tmp_path: Path) -> None:
+    store = template.TemplateStore(tmp_path, template.TemplateLimits(max_clones=2))
+    make = Maker(store, "k")
+    first = checkout_once(store, "k", make)
+
+    async def scenario() -> None:
+        async with store.checkout("k", make, lock_timeout=1) as restoring:  # its 2nd and last sandbox
+            assert restoring == first
+            # Meanwhile another sandbox finds it retired and makes the next one.
+            async with store.checkout("k", make, lock_timeout=1) as second:
+                assert second != first
+                assert (first / template.STATE_FILE).read_bytes() == b"s" * 10  # still whole
+            assert first.exists()
+        assert not first.exists()  # gone with its last lease
+
+    asyncio.run(scenario())
+    assert generations(store, "k") == [make.made[1].name]
+
+
+def test_sandboxes_that_find_no_template_at_once_wait_for_one_maker(tmp_path: Path) -> None:
+    store = template.TemplateStore(tmp_path, template.TemplateLimits(max_clones=3))
+    make = Maker(store, "k")
+
+    async def slow_make() -> Path:
+        await asyncio.sleep(0.2)  # booting: the others wait on the key's lock meanwhile
+        return await make()
+
+    async def sandbox() -> Path:
+        async with store.checkout("k", slow_make, lock_timeout=5) as found:
+            await asyncio.sleep(0.05)
+            return found
+
+    async def scenario() -> list[Path]:
+        return list(await asyncio.gather(*(sandbox() for _ in range(5))))
+
+    served = asyncio.run(scenario())
+    # Three from the first generation (its bound), two from the one made after.
+    assert len(make.made) == 2
+    assert served.count(make.made[0]) == 3 and served.count(make.made[1]) == 2
+    assert generations(store, "k") == [make.made[1].name]
+
+
+def test_a_template_that_does_not_restore_is_discarded(tmp_path: Path) -> None:
+    store = template.TemplateStore(tmp_path)
+    make = Maker(store, "k")
+
+    async def failed_restore() -> Path:
+        with pytest.raises(HypervisorError):
+            async with store.checkout("k", make, lock_timeout=1) as found:
+                store.discard(found)
+                raise HypervisorError("restoring the state of VM x failed")
+        return found
+
+    broken = asyncio.run(failed_restore())
+    assert not broken.exists()
+    assert checkout_once(store, "k", make) == make.made[1]
+
+
+def test_incomplete_or_foreign_templates_are_not_served(tmp_path: Path) -> None:
+    store = template.TemplateStore(tmp_path)
+    made = publish(store, "k")
+    (made / template.STATE_FILE).write_bytes(b"s" * 9)  # truncated
+    make = Maker(store, "k")
+    assert checkout_once(store, "k", make) == make.made[0]
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / template.CURRENT_LINK).symlink_to(make.made[0])  # not a generation name
+    assert checkout_once(store, "j", Maker(store, "j")) != make.made[0]
+
+
+def test_clones_are_counted_in_order_without_a_lock(tmp_path: Path) -> None:
+    counter = tmp_path / template.CLONES_FILE
+    counter.write_bytes(b"")
+    with ThreadPoolExecutor(8) as pool:
+        places = list(pool.map(lambda _: template._count_clone(counter), range(200)))
+    assert sorted(places) == list(range(1, 201))
 
 
 def test_prune_keeps_the_templates_used_last(tmp_path: Path) -> None:
     store = template.TemplateStore(tmp_path)
     now = time.time()
-    for age, key in enumerate(["t0", "t1", "t2", "t3", "t4"]):
-        make_template(store, key, now - 100 * (age + 1))  # t0 the newest
-    assert store.find("t4") is not None  # a use makes t4 the latest
-    (tmp_path / "t9").mkdir()  # incomplete: someone is making it
+    for age, key in enumerate(["t0", "t1", "t2", "t3", "t4", "t5"]):
+        publish(store, key)
+        os.utime(tmp_path / key, (now - 100 * (age + 1),) * 2)  # t0 the newest
+    checkout_once(store, "t4", Maker(store, "t4"))  # a use makes t4 the latest
+    old_layout = tmp_path / "t6"  # a template of LAYOUT_VERSION 1
+    old_layout.mkdir()
+    (old_layout / template.META_FILE).write_text("{}")
+    os.utime(old_layout, (now - 1000,) * 2)
     old_work = tmp_path / "t8.new"
     old_work.mkdir()
     os.utime(old_work, (now - 2 * template.STALE_WORK_SECONDS,) * 2)
     (tmp_path / "t7.new").mkdir()  # a maker at work now
 
-    async def prune_while_t3_is_being_made() -> list[str]:
-        async with store.locked("t3", timeout=1):
+    async def prune_while_t3_is_made_and_t2_restored() -> list[str]:
+        async with store.locked("t3", timeout=1), store.checkout("t2", Maker(store, "t2"), lock_timeout=1):
+            os.utime(tmp_path / "t2", (now - 300,) * 2)
             return store.prune(keep=2)
 
-    assert sorted(asyncio.run(prune_while_t3_is_being_made())) == ["t1", "t2"]
+    removed = asyncio.run(prune_while_t3_is_made_and_t2_restored())
+    assert sorted(removed) == ["t1", "t5", "t6"]
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [
         "t0",
+        "t2",
         "t3",
         "t4",
         "t7.new",
-        "t9",
     ]
-    assert sorted(store.prune(keep=2)) == ["t3"]
+    assert sorted(store.prune(keep=2)) == ["t2", "t3"]
     assert store.prune(keep=2) == []
+
+
+def test_prune_removes_retired_generations_nobody_restores_from(tmp_path: Path) -> None:
+    store = template.TemplateStore(tmp_path)
+    current = publish(store, "k")
+    leftover = tmp_path / "k" / "00112233445566ff"  # its maker died before it was current
+    leftover.mkdir()
+    (tmp_path / "k" / f".{template.CURRENT_LINK}-00112233445566ff").symlink_to("00112233445566ff")
+    assert store.prune() == []
+    assert generations(store, "k") == [current.name]
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == sorted([current.name, template.CURRENT_LINK])
 
 
 def test_zero_blocks_of_a_template_ram_file_become_holes(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from capsa.cli.context import Context
 from capsa.errors import CapsaError
 from capsa.hypervisor.accel import resolve_accelerator
+from capsa.hypervisor.guest_kernel import describe_kaslr
 from capsa.runtime.confinement import measures
 from capsa.runtime.hostcgroup import describe_host
 from capsa.runtime.sandbox import VHOST_VSOCK
@@ -53,6 +54,18 @@ def findings(ctx: Context) -> list[Finding]:
             add(Finding("ok", f"{what} {path}"))
         else:
             add(Finding("FAIL", f"{what} {path} is missing: build it (see README)"))
+    if hv.kernel.exists():
+        problem = describe_kaslr(hv.kernel, hv.kernel_params)
+        if problem is None:
+            text = "its decompressor puts the kernel at a random address on every cold boot"
+            if hv.boot == "template":
+                text += (
+                    f"; a template's clones share its address (at most {hv.template_max_clones or 'unbounded'} "
+                    f"clones, {f'{hv.template_max_age:g} s' if hv.template_max_age else 'no age bound'} per template)"
+                )
+            add(Finding("ok", f"guest kernel KASLR: {text}"))
+        else:
+            add(Finding("warn", f"guest kernel KASLR off: {problem}"))
     if qemu_ok and hv.kernel.exists():
         try:
             verdict = resolve_accelerator(config)

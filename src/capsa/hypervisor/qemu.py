@@ -845,6 +845,12 @@ class QemuHypervisor(Hypervisor):
         except (QMPError, OSError, EOFError) as exc:
             raise HypervisorError(f"QMP {command} failed for VM {self.config.name}: {exc}") from exc
 
+    async def human_monitor(self, command_line: str) -> str:
+        """What a human monitor (HMP) command prints (QMP "human-monitor-command");
+        for diagnostics, e.g. ``info registers``, which QMP has no command for."""
+        output = await self._execute("human-monitor-command", {"command-line": command_line})
+        return str(output)
+
     # --- templates: save, restore, hot-plug ---------------------------------
 
     async def _pass_fd(self, fd: int, name: str) -> None:

@@ -34,7 +34,11 @@ and ``random`` state, and the kernel CRNG state.  The host sends fresh
 entropy with ``CreateSandbox`` and the agent reseeds the CRNG from it
 (:mod:`capsa.agent.clone`) and sets the wall clock; everything else stays
 shared.  ``/proc/sys/kernel/random/boot_id`` is made on first read, after
-the reseed, so it differs per clone.
+the reseed, so it differs per clone.  What cannot be made unique is
+bounded instead (:class:`TemplateLimits`, ``[hypervisor]
+template_max_clones`` and ``template_max_age``): a template serves so many
+sandboxes for so long, then the next sandbox makes a new *generation* of
+it, booted cold, so with a layout and secrets of its own.
 
 What the template loads for its clones.  The template VM's kernel command
 line carries ``capsa.template=1`` (:data:`TEMPLATE_PARAM`, so it is part of
@@ -49,16 +53,26 @@ under KVM the template's guest zeroes what it frees (``init_on_free=1``,
 :data:`ZERO_FREED_PAGES`), which leaves 89 MiB of 1 GiB to copy rather
 than 112 MiB (docs/performance.md).
 
-The layout: ``<root>/<key>/memory`` (the guest RAM, a sparse file the
-template VM ran on), ``<root>/<key>/state`` (the migration stream of its
-devices, ``x-ignore-shared`` leaving the RAM out) and
-``<root>/<key>/template.json`` (what was hashed, for people), written last,
-so a template without it is incomplete.  Creation runs under an exclusive
-``flock`` on ``<root>/<key>.lock``.
+The layout: ``<root>/<key>/<generation>/`` holds one generation:
+``memory`` (the guest RAM, a sparse file the template VM ran on),
+``state`` (the migration stream of its devices, ``x-ignore-shared``
+leaving the RAM out), ``clones`` (one byte per sandbox it served) and
+``template.json`` (what was hashed, when it booted; for people and for
+its age).  A generation is made in ``<root>/<key>.new/``, under an
+exclusive ``flock`` on ``<root>/<key>.lock``, and published by renaming
+it into place and then the symlink ``<root>/<key>/current`` to name it.
+Generation names are random and never reused, so a path to one always
+means the same files.  A sandbox restoring from a generation holds a
+shared ``flock`` on its directory (a *lease*, :meth:`TemplateStore.checkout`)
+from choosing it until its state is loaded; a generation that is no longer
+current is removed by whoever can lock it exclusively: its maker's
+successor, the last lease's holder, or :meth:`TemplateStore.prune`.  A
+running clone needs none of it (its RAM is its own copy), so retiring a
+template never touches a running sandbox.
 
 Every setting or image change makes a new template of about 120 MiB, so
 the store keeps only the :data:`KEEP_TEMPLATES` used last: each use touches
-``template.json``, and making a template prunes the rest
+``<root>/<key>/``, and making a template prunes the rest
 (:meth:`TemplateStore.prune`).
 """
 
@@ -73,6 +87,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 import tempfile
@@ -91,8 +106,9 @@ from capsa.hypervisor.qemu import QemuHypervisor, qemu_argv
 log = logging.getLogger("capsa.hypervisor.template")
 
 #: Bump when the templated hardware changes in a way :func:`qemu_argv` does
-#: not show (e.g. what the guest is asked to do before the save).
-LAYOUT_VERSION = 1
+#: not show (e.g. what the guest is asked to do before the save), or the
+#: store's layout does (2: generations).
+LAYOUT_VERSION = 2
 
 #: On the template VM's kernel command line (and so in its key): the agent
 #: preloads for the clones (capsa.agent.options).
@@ -112,6 +128,12 @@ _ZERO_BLOCK = 64 << 10
 STATE_FILE = "state"
 MEMORY_FILE = "memory"
 META_FILE = "template.json"
+#: One byte per sandbox a generation served (see :func:`_count_clone`).
+CLONES_FILE = "clones"
+#: In a template's key directory: a symlink naming the generation that serves.
+CURRENT_LINK = "current"
+#: Generations are named by this many random hex digits, never reused.
+GENERATION_HEX = 16
 
 #: How many templates the store keeps, by last use: one per configuration in
 #: use (plain, 9p, a pod's size...) with room for a few more.
@@ -345,15 +367,114 @@ def unsupported(vm: VMConfig) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class TemplateLimits:
+    """How long one template (one KASLR layout, one set of boot-time secrets) may serve.
+
+    ``max_clones``: sandboxes restored from it, its maker's included;
+    ``max_age``: seconds since its VM booted.  0: no bound.
+    """
+
+    max_clones: int = 0
+    max_age: float = 0.0
+
+
+#: A template made this far in the future was made before the clock went
+#: back; it retires (its age cannot be told).  NTP's small steps are forgiven.
+CLOCK_SLACK_SECONDS = 60.0
+
+
+def retire_reason(limits: TemplateLimits, clone: int, age: float) -> str | None:
+    """Why a template may not serve its ``clone``-th sandbox (its maker's is the
+    1st) at ``age`` seconds since it booted, or None if it may; pure."""
+    if age < -CLOCK_SLACK_SECONDS:
+        return f"it was made {-age:.0f} s in the future (the clock went back)"
+    if limits.max_age and age >= limits.max_age:
+        return f"it is {age:.0f} s old, the bound is {limits.max_age:g} s"
+    if limits.max_clones and clone > limits.max_clones:
+        return f"it has served {clone - 1} sandboxes, the bound is {limits.max_clones}"
+    return None
+
+
+def _is_generation(name: str) -> bool:
+    return len(name) == GENERATION_HEX and all(c in "0123456789abcdef" for c in name)
+
+
+@dataclass(frozen=True)
+class _Lease:
+    """A shared flock on a generation's directory: it is not removed while held."""
+
+    directory: Path
+    fd: int
+
+
 class TemplateStore:
     """Saved templates under one directory (see the module docstring for the layout)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, limits: TemplateLimits | None = None) -> None:
         self.root = root
+        self.limits = limits or TemplateLimits()
 
-    def find(self, key: str) -> Path | None:
-        """The directory of template ``key`` if it is complete, else None."""
-        directory = self.root / key
+    @contextlib.asynccontextmanager
+    async def checkout(self, key: str, make: Callable[[], Awaitable[Path]], lock_timeout: float) -> AsyncIterator[Path]:
+        """The generation of template ``key`` to restore one sandbox from.
+
+        The current generation if it may serve one more sandbox
+        (:func:`retire_reason`), else one ``make()`` makes (:meth:`create`,
+        under the key's lock; so does a concurrent sandbox that finds the
+        template retired, and then takes the one made).  It is leased until
+        the block ends, so no other process removes it while this one copies
+        its RAM and loads its state; a retired generation goes when its last
+        lease does.
+        """
+        lease = self._take(key)
+        made = False
+        if lease is None:
+            async with self.locked(key, lock_timeout):
+                lease = self._take(key)
+                if lease is None:
+                    log.info("making VM template %s in %s", key, self.root)
+                    # Its maker's sandbox was counted when it was published.
+                    lease = self._hold(await make())
+                    if lease is None:
+                        raise TemplateError(f"template {key} went away as it was made")
+                    made = True
+        try:
+            if made:
+                for old in await asyncio.to_thread(self.prune):
+                    log.info("removed VM template %s, used least lately", old)
+            yield lease.directory
+        finally:
+            self._release(lease)
+
+    def _take(self, key: str) -> _Lease | None:
+        """Lease the current generation of ``key`` for one more sandbox, counted; None if there is none fit."""
+        key_dir = self.root / key
+        try:
+            name = os.readlink(key_dir / CURRENT_LINK)
+        except OSError:
+            return None
+        if not _is_generation(name):
+            return None
+        lease = self._hold(key_dir / name)
+        if lease is None:
+            return None
+        reason = self._unfit(lease.directory, key)
+        if reason is not None:
+            log.info("VM template %s/%s retires: %s", key, name, reason)
+            self._release(lease)
+            return None
+        # The time of last use, which prune goes by (a read-only store just keeps all).
+        with contextlib.suppress(OSError):
+            os.utime(key_dir)
+        with contextlib.suppress(OSError):
+            if self.root.stat().st_mode & 0o077:
+                # Made before templates were kept root's alone, or under a lax umask.
+                os.chmod(self.root, 0o700)
+        return lease
+
+    def _unfit(self, directory: Path, key: str) -> str | None:
+        """Why ``directory`` may not serve one more sandbox; counts the sandbox if it may."""
         try:
             meta = json.loads((directory / META_FILE).read_text())
             if (
@@ -361,27 +482,130 @@ class TemplateStore:
                 or (directory / STATE_FILE).stat().st_size != meta.get("state_bytes")
                 or (directory / MEMORY_FILE).stat().st_size != meta.get("memory_bytes")
             ):
-                return None
-        except (OSError, ValueError, AttributeError):
-            return None
-        # The time of last use, which prune goes by (a read-only store just keeps all).
-        with contextlib.suppress(OSError):
-            os.utime(directory / META_FILE)
-        if self.root.stat().st_mode & 0o077:
-            # Made before templates were kept root's alone, or under a lax umask.
-            with contextlib.suppress(OSError):
-                os.chmod(self.root, 0o700)
-        return directory
+                return "it is incomplete"
+            created = float(meta["created"])
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            return "it is incomplete"
+        age = time.time() - created
+        reason = retire_reason(self.limits, 1, age)
+        if reason is not None:
+            return reason
+        try:
+            clone = _count_clone(directory / CLONES_FILE)
+        except OSError as exc:
+            return f"its clones cannot be counted ({exc.strerror})"
+        return retire_reason(self.limits, clone, age)
 
-    def discard(self, key: str) -> None:
-        shutil.rmtree(self.root / key, ignore_errors=True)
+    @staticmethod
+    def _hold(directory: Path) -> _Lease | None:
+        try:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            # Fails only while a remover holds it exclusively.
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            if not _same_directory(fd, directory):
+                raise FileNotFoundError(directory)  # removed between the open and the lock
+        except OSError:
+            os.close(fd)
+            return None
+        return _Lease(directory, fd)
+
+    def _release(self, lease: _Lease) -> None:
+        """End a lease; the last lease of a retired generation removes it."""
+        try:
+            if self._retired(lease.directory):
+                # Turns the shared lock exclusive, or fails while another
+                # sandbox still holds it (which removes it in its turn).
+                with contextlib.suppress(OSError):
+                    fcntl.flock(lease.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    if _same_directory(lease.fd, lease.directory):
+                        shutil.rmtree(lease.directory, ignore_errors=True)
+        finally:
+            os.close(lease.fd)
+
+    @staticmethod
+    def _retired(directory: Path) -> bool:
+        """No longer served: another generation is current, or it was discarded.
+
+        Never true of a generation about to become current: only published
+        generations are ever leased, and a superseded name never comes back.
+        """
+        try:
+            current = os.readlink(directory.parent / CURRENT_LINK)
+        except OSError:
+            return True
+        return current != directory.name or not (directory / META_FILE).exists()
+
+    def discard(self, generation: Path) -> None:
+        """Serve nothing more from ``generation`` (it does not restore); it goes with its last lease."""
+        with contextlib.suppress(OSError):
+            (generation / META_FILE).unlink()
+
+    def publish(self, key: str, work: Path, meta: dict[str, object], created: float) -> Path:
+        """Make the finished template in ``work`` the current generation of ``key``; its directory.
+
+        Call with the key's lock held.  Its maker's sandbox is its first
+        clone; the generations it retires go now, or with their last lease.
+        """
+        (work / CLONES_FILE).write_bytes(b"c")
+        document = {
+            **meta,
+            "key": key,
+            "created": created,
+            "state_bytes": (work / STATE_FILE).stat().st_size,
+            "memory_bytes": (work / MEMORY_FILE).stat().st_size,
+        }
+        (work / META_FILE).write_text(json.dumps(document, indent=1))
+        key_dir = self.root / key
+        ensure_dir(key_dir, 0o700)
+        generation = secrets.token_hex(GENERATION_HEX // 2)
+        os.rename(work, key_dir / generation)
+        link = key_dir / f".{CURRENT_LINK}-{generation}"
+        os.symlink(generation, link)
+        os.rename(link, key_dir / CURRENT_LINK)
+        self._remove_retired(key)
+        return key_dir / generation
+
+    def _remove_retired(self, key: str) -> None:
+        """Remove ``key``'s generations that are not current and not leased (with the key's lock held)."""
+        key_dir = self.root / key
+        try:
+            entries = list(os.scandir(key_dir))
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name.startswith(f".{CURRENT_LINK}-"):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)  # a link its maker did not get to rename
+            elif _is_generation(entry.name) and self._retired(Path(entry.path)):
+                self._remove_unleased(Path(entry.path))
+
+    @staticmethod
+    def _remove_unleased(directory: Path) -> bool:
+        try:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not _same_directory(fd, directory):
+                return False
+            shutil.rmtree(directory, ignore_errors=True)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
     def prune(self, keep: int = KEEP_TEMPLATES) -> list[str]:
-        """Remove all but the ``keep`` templates used last, and dead makers' work; the keys removed.
+        """Remove all but the ``keep`` templates used last, retired generations no
+        sandbox leases, and dead makers' work; the keys removed.
 
         A template being made or restored right now is not at risk: making
-        holds its lock, which prune must get first, and restoring follows a
-        :meth:`find` that made it the latest used.
+        holds its key's lock and restoring a lease on its generation, and
+        prune removes nothing it cannot lock first.
         """
         used: list[tuple[float, str]] = []
         try:
@@ -394,17 +618,19 @@ class TemplateStore:
                     if time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_WORK_SECONDS:
                         shutil.rmtree(entry.path, ignore_errors=True)
             elif entry.is_dir(follow_symlinks=False):
-                try:
-                    used.append((os.stat(Path(entry.path, META_FILE)).st_mtime, entry.name))
-                except OSError:
-                    continue  # incomplete: its maker is at work or discards it
+                with contextlib.suppress(OSError):
+                    used.append((entry.stat(follow_symlinks=False).st_mtime, entry.name))
         removed = []
-        for _, key in sorted(used, reverse=True)[keep:]:
-            if self._remove_unless_locked(key):
+        ranked = sorted(used, reverse=True)
+        for _, key in ranked[keep:]:
+            if self._with_key_lock(key, self._remove_key):
                 removed.append(key)
+        for _, key in ranked[:keep]:
+            self._with_key_lock(key, self._remove_retired)
         return removed
 
-    def _remove_unless_locked(self, key: str) -> bool:
+    def _with_key_lock(self, key: str, action: Callable[[str], object]) -> bool:
+        """Run ``action(key)`` if the key's lock is free (nobody is making it); whether it returned true."""
         try:
             fd = os.open(self.root / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError:
@@ -415,10 +641,28 @@ class TemplateStore:
             os.close(fd)
             return False
         try:
-            self.discard(key)
+            return bool(action(key))
         finally:
             os.close(fd)
-        return True
+
+    def _remove_key(self, key: str) -> bool:
+        """Remove every generation of ``key`` unless one is leased (with the key's lock held)."""
+        key_dir = self.root / key
+        held: list[int] = []
+        try:
+            for entry in os.scandir(key_dir):
+                if entry.is_dir(follow_symlinks=False):
+                    fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    held.append(fd)
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # a sandbox is being restored from it
+        else:
+            shutil.rmtree(key_dir, ignore_errors=True)
+            return True
+        finally:
+            for fd in held:
+                os.close(fd)
 
     @contextlib.asynccontextmanager
     async def locked(self, key: str, timeout: float) -> AsyncIterator[None]:
@@ -455,13 +699,11 @@ class TemplateStore:
         timeout: float,
         confinement: Confinement | None = None,
     ) -> Path:
-        """Boot the template of ``vm``, save it as ``key`` and return its directory.
+        """Boot a new generation of template ``key`` from ``vm``, save and publish it; its directory.
 
         Call with the lock held.  ``check_agent(socket_path)`` connects to the
         agent channel and waits for ``Check``.
         """
-        directory = self.root / key
-        self.discard(key)
         work = self.root / f"{key}.new"
         shutil.rmtree(work, ignore_errors=True)
         # The VM's sockets and logs go to a short directory of their own:
@@ -472,6 +714,8 @@ class TemplateStore:
             (run_dir / "share").mkdir()
             template = template_vm(vm, run_dir, run_dir / "share", work / MEMORY_FILE)
             hypervisor = QemuHypervisor(template, die_with_parent=True, confinement=confinement)
+            # Its age counts from the boot: that is when its layout and secrets were drawn.
+            booted = time.time()
             try:
                 await asyncio.wait_for(self._boot_and_save(hypervisor, check_agent, work / STATE_FILE), timeout)
             except TimeoutError as exc:
@@ -480,20 +724,12 @@ class TemplateStore:
                 await hypervisor.stop()
             punched = await asyncio.to_thread(punch_zero_pages, work / MEMORY_FILE)
             log.info("template %s: %d MiB of zeroed guest RAM left out of the RAM file", key, punched >> 20)
-            meta = {
-                "key": key,
-                "state_bytes": (work / STATE_FILE).stat().st_size,
-                "memory_bytes": (work / MEMORY_FILE).stat().st_size,
-                "argv": qemu_argv(template, qmp_fd=3),
-            }
-            (work / META_FILE).write_text(json.dumps(meta, indent=1))
-            os.rename(work, directory)
+            return self.publish(key, work, {"argv": qemu_argv(template, qmp_fd=3)}, booted)
         except OSError as exc:
             raise TemplateError(f"cannot save template {key} in {self.root}: {exc.strerror or exc}") from exc
         finally:
             shutil.rmtree(work, ignore_errors=True)
             shutil.rmtree(run_dir, ignore_errors=True)
-        return directory
 
     @staticmethod
     async def _boot_and_save(hypervisor: QemuHypervisor, check_agent: CheckAgent, state: Path) -> None:
@@ -539,7 +775,32 @@ class TemplateStore:
                 idle.close()
 
 
-def default_store() -> TemplateStore:
+def _same_directory(fd: int, directory: Path) -> bool:
+    """Whether ``directory`` still names the directory open as ``fd``."""
+    try:
+        named, opened = os.stat(directory, follow_symlinks=False), os.fstat(fd)
+    except OSError:
+        return False
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _count_clone(path: Path) -> int:
+    """Count one more clone in ``path``; which one it is (1 for the first).
+
+    One byte appended per clone: O_APPEND writes land one after another
+    (write(2)), and the file offset after ours is our place in the order,
+    however many processes count at once, with no lock.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+    try:
+        if os.write(fd, b"c") != 1:
+            raise OSError(errno.EIO, "short write", str(path))
+        return os.lseek(fd, 0, os.SEEK_CUR)
+    finally:
+        os.close(fd)
+
+
+def default_store(limits: TemplateLimits | None = None) -> TemplateStore:
     from capsa.config import cache_dir
 
-    return TemplateStore(cache_dir() / "templates")
+    return TemplateStore(cache_dir() / "templates", limits)

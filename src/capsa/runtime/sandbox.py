@@ -21,6 +21,7 @@ import os
 import random
 import secrets
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -337,44 +338,41 @@ class Sandbox:
         reason = template.unsupported(vm)
         if reason is not None:
             raise template.TemplateError(f"no template boot: {reason}")
-        store = template.default_store()
+        hv = config.hypervisor
+        store = template.default_store(template.TemplateLimits(hv.template_max_clones, hv.template_max_age))
         key = template.template_key(vm, template.vm_files(vm))
-        found = store.find(key)
-        if found is None:
-            async with store.locked(key, TEMPLATE_LOCK_TIMEOUT):
-                found = store.find(key)
-                if found is None:
-                    log.info("making VM template %s in %s", key, store.root)
-                    found = await store.create(
-                        key, vm, self._check_template_agent, config.agent.connect_timeout, self._confinement()
-                    )
-                    for old in await asyncio.to_thread(store.prune):
-                        log.info("removed VM template %s, used least lately", old)
-        self._mark("template_ready")
-        await self._share_rootfs()
-        self._mark("rootfs_shared")
-        # Named for the sandbox's hash, not its ID: an ID can be as long as a file name may be.
-        self._memory_file = CLONE_MEMORY_DIR / f"{clone_memory_prefix(self.spec.sockets)}{secrets.token_hex(4)}.mem"
-        await asyncio.to_thread(template.copy_memory, found, self._memory_file)
-        self._mark("template_memory_copied")
-        self.hypervisor = QemuHypervisor(
-            template.clone_vm(vm, self._memory_file), die_with_parent=True, confinement=self._confinement()
-        )
-        await self.hypervisor.start()
-        self._mark("hypervisor_started")
-        assert isinstance(channel, SerialChannel)
-        # Connected before the state loads: the restored port then finds a
-        # host already there, as the template left it, and the agent's
-        # blocked read simply continues with this connection.
-        agent = await AgentClient.connect_serial(channel.socket_path, config.agent.request_timeout)
-        self.agent = agent
-        try:
-            await self.hypervisor.restore_state(found / template.STATE_FILE)
-        except CapsaError:
-            # A state QEMU cannot load is stale or corrupt: make it anew next time.
-            log.warning("discarding VM template %s: it does not restore", key)
-            store.discard(key)
-            raise
+
+        def make() -> Awaitable[Path]:
+            return store.create(key, vm, self._check_template_agent, config.agent.connect_timeout, self._confinement())
+
+        # The template is leased until its state is loaded: it may retire
+        # meanwhile (its clone bound reached), but is not removed under us.
+        async with store.checkout(key, make, TEMPLATE_LOCK_TIMEOUT) as found:
+            self._mark("template_ready")
+            await self._share_rootfs()
+            self._mark("rootfs_shared")
+            # Named for the sandbox's hash, not its ID: an ID can be as long as a file name may be.
+            self._memory_file = CLONE_MEMORY_DIR / f"{clone_memory_prefix(self.spec.sockets)}{secrets.token_hex(4)}.mem"
+            await asyncio.to_thread(template.copy_memory, found, self._memory_file)
+            self._mark("template_memory_copied")
+            self.hypervisor = QemuHypervisor(
+                template.clone_vm(vm, self._memory_file), die_with_parent=True, confinement=self._confinement()
+            )
+            await self.hypervisor.start()
+            self._mark("hypervisor_started")
+            assert isinstance(channel, SerialChannel)
+            # Connected before the state loads: the restored port then finds a
+            # host already there, as the template left it, and the agent's
+            # blocked read simply continues with this connection.
+            agent = await AgentClient.connect_serial(channel.socket_path, config.agent.request_timeout)
+            self.agent = agent
+            try:
+                await self.hypervisor.restore_state(found / template.STATE_FILE)
+            except CapsaError:
+                # A state QEMU cannot load is stale or corrupt: make it anew next time.
+                log.warning("discarding VM template %s: it does not restore", found)
+                store.discard(found)
+                raise
         self._mark("template_restored")
         # QEMU and virtiofsd hold it mapped; the name has done its job.
         self._release_memory_file()
