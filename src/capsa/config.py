@@ -31,6 +31,8 @@ MACHINE_TYPES = ("q35", "microvm")
 SHARED_FS_KINDS = ("virtio-fs", "virtio-9p")
 AGENT_CHANNELS = ("auto", "vsock", "serial")
 BOOT_MODES = ("cold", "template")
+#: When a template clone's agent replaces itself with a fresh process (RenewAgent).
+RENEW_AGENT_MODES = ("auto", "always", "never")
 NETWORK_MODELS = ("tcfilter", "macvtap", "none")
 #: QEMU's q35 limit without an IOMMU with x2APIC interrupt remapping.
 MAX_VCPUS = 240
@@ -106,6 +108,12 @@ class HypervisorConfig:
     # this many seconds, then the next sandbox makes a fresh one; 0: no bound.
     template_max_clones: int = 100
     template_max_age: float = 86400.0
+    # A clone's agent is its template's process, hash seed, stack canary and
+    # PRNG states included, unless it renews itself (RenewAgent: a fresh
+    # /init) right after the restore.  auto: under KVM, where that costs tens
+    # of milliseconds; not under TCG, where renewing takes about 1.1 s per
+    # sandbox (docs/performance.md); always; never.
+    template_renew_agent: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -359,6 +367,7 @@ def _parse_hypervisor(table: Mapping[str, Any], where: str) -> HypervisorConfig:
         boot=t.choice("boot", d.boot, BOOT_MODES),
         template_max_clones=t.integer("template_max_clones", d.template_max_clones, 0, 1 << 31),
         template_max_age=t.non_negative_seconds("template_max_age", d.template_max_age),
+        template_renew_agent=t.choice("template_renew_agent", d.template_renew_agent, RENEW_AGENT_MODES),
     )
     if hv.max_vcpus and hv.max_vcpus < hv.default_vcpus:
         raise ConfigError(f"{where}.max_vcpus: {hv.max_vcpus} is less than default_vcpus ({hv.default_vcpus})")

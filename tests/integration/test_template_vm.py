@@ -8,6 +8,7 @@ but time: the sandbox boots cold instead.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -20,6 +21,9 @@ from harness import Capsa
 
 from capsa.config import cache_dir
 from capsa.hypervisor import template
+from capsa.protocols import agent_pb2 as pb
+from capsa.proxy.launch import ProxyClient
+from capsa.runtime.state import StateStore
 
 pytestmark = pytest.mark.vm
 
@@ -149,3 +153,45 @@ def test_a_template_that_served_its_bound_is_replaced_by_a_fresh_one(
     assert second != first
     assert not first.exists()
     assert [p.name for p in second.parent.iterdir() if p.is_dir() and not p.is_symlink()] == [second.name]
+
+
+def guest_details(capsa: Capsa, cid: str) -> pb.GuestDetailsResponse:
+    async def ask() -> pb.GuestDetailsResponse:
+        client = await ProxyClient.connect(StateStore(capsa.root).socket_dir(cid), 30)
+        try:
+            return await client.agent.guest_details()
+        finally:
+            await client.aclose()
+
+    return asyncio.run(ask())
+
+
+@pytest.mark.parametrize("renew", ["always", "never"])
+def test_a_renewed_clone_agent_has_a_hash_seed_of_its_own(
+    capsa: Capsa, tmp_path: Path, template_cache: Path, renew: str
+) -> None:
+    """RenewAgent (template_renew_agent): each clone's agent is a fresh process with its own hash
+    seed; without it, every clone's agent is its template's process and shares the seed."""
+    config = tmp_path / "configuration.toml"
+    config.write_text(f'[hypervisor]\nboot = "template"\ntemplate_renew_agent = "{renew}"\n')
+    capsa.spec(["sleep", "600"])
+    probes, renewals = [], []
+    try:
+        # r1 makes the template and is restored from it, as r2 and r3 are.
+        for cid in ("r1", "r2", "r3"):
+            created = capsa("--config", str(config), "create", "--bundle", str(capsa.bundle), cid)
+            assert created.code == 0, created.stderr
+            details = guest_details(capsa, cid)
+            probes.append(details.agent_hash_probe)
+            renewals.append(details.agent_renewals)
+            # A renewed agent still serves a working container.
+            assert capsa("exec", cid, "echo", "alive").stdout == "alive\n"
+    finally:
+        for cid in ("r1", "r2", "r3"):
+            capsa("delete", "--force", cid)
+    if renew == "always":
+        assert renewals == [1, 1, 1]
+        assert len(set(probes)) == 3, f"clones' agents share a hash seed: {probes}"
+    else:
+        assert renewals == [0, 0, 0]
+        assert len(set(probes)) == 1, "unrenewed clones should share their template's agent"

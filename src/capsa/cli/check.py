@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from capsa.cli.context import Context
+from capsa.config import HypervisorConfig
 from capsa.errors import CapsaError
 from capsa.hypervisor.accel import resolve_accelerator
 from capsa.hypervisor.guest_kernel import describe_kaslr
 from capsa.runtime.confinement import measures
 from capsa.runtime.hostcgroup import describe_host
-from capsa.runtime.sandbox import VHOST_VSOCK
+from capsa.runtime.sandbox import VHOST_VSOCK, renews_agent
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,22 @@ class Finding:
 def add_parser(verbs: Any, name: str) -> None:
     p = verbs.add_parser(name, help="check whether this host can run capsa")
     p.set_defaults(execute=execute)
+
+
+def template_exposure(hv: HypervisorConfig, accelerator: str) -> Finding:
+    """What template clones share with their template, its bound, and the settings that remove it; pure."""
+    bound = (
+        f"at most {hv.template_max_clones or 'unbounded'} clones, "
+        f"{f'{hv.template_max_age:g} s' if hv.template_max_age else 'no age bound'} per template"
+    )
+    shared = "the guest kernel's address (KASLR) and its stack canaries"
+    renewed = renews_agent(hv.template_renew_agent, accelerator)
+    if not renewed:
+        shared += ", and the agent's process (hash seed, stack canary, PRNG states)"
+    text = f'template boot: clones share {shared} with their template ({bound}); boot = "cold" removes this'
+    if not renewed:
+        text += '; template_renew_agent = "always" renews the agent (about 1 s per sandbox under TCG)'
+    return Finding("ok" if renewed else "warn", text)
 
 
 def findings(ctx: Context) -> list[Finding]:
@@ -75,6 +92,8 @@ def findings(ctx: Context) -> list[Finding]:
                     f"accelerator {verdict.accelerator}: {verdict.reason}",
                 )
             )
+            if hv.boot == "template":
+                add(template_exposure(hv, verdict.accelerator))
         except CapsaError as exc:
             add(Finding("FAIL", f"accelerator: {exc}"))
     if VHOST_VSOCK.exists():

@@ -93,6 +93,9 @@ class AgentClient:
     async def create_sandbox(self, request: pb.CreateSandboxRequest) -> None:
         await self._call("CreateSandbox", request, pb.Empty)
 
+    async def renew_agent(self, entropy: bytes) -> None:
+        await self._call("RenewAgent", pb.RenewAgentRequest(entropy=entropy), pb.Empty)
+
     async def set_policy(self, policy: bytes) -> None:
         await self._call("SetPolicy", pb.SetPolicyRequest(policy=policy), pb.Empty)
 

@@ -25,11 +25,14 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qemu.qmp import EventListener
+
 from capsa.config import Config, host_cpus, host_memory_mib, max_memory_mib_for, max_vcpus_for
 from capsa.errors import CapsaError, GuestImageError, HypervisorError
 from capsa.hypervisor import template
 from capsa.hypervisor.accel import resolve_accelerator
 from capsa.hypervisor.base import (
+    AGENT_PORT_ID,
     AgentChannel,
     NinePShare,
     SerialChannel,
@@ -116,6 +119,20 @@ def choose_channel(config: Config, vhost_vsock_present: bool) -> str:
     if wanted == "vsock" and not vhost_vsock_present:
         raise HypervisorError(f"agent.channel is vsock but {VHOST_VSOCK} does not exist")
     return wanted
+
+
+def renews_agent(mode: str, accelerator: str) -> bool:
+    """Whether a clone's agent renews itself (``[hypervisor] template_renew_agent``); pure."""
+    return mode == "always" or (mode == "auto" and accelerator == "kvm")
+
+
+async def _port_closed(events: EventListener) -> None:
+    """Until QEMU says the guest closed the agent's port (QMP VSERPORT_CHANGE, ``open: false``)."""
+    while True:
+        event = await events.get()
+        data: object = event["data"] if "data" in event else None  # noqa: SIM401 (Message has no .get)
+        if isinstance(data, dict) and data.get("id") == AGENT_PORT_ID and not data.get("open"):
+            return
 
 
 def kernel_cmdline(config: Config, channel: str, debug: bool) -> tuple[str, ...]:
@@ -381,10 +398,31 @@ class Sandbox:
             await self.hypervisor.plug_virtiofs(share, slot)
         await agent.check(timeout=config.agent.connect_timeout)
         self._mark("agent_ready")
+        if renews_agent(config.hypervisor.template_renew_agent, accelerator):
+            await self._renew_agent(agent)
+            self._mark("agent_renewed")
         await agent.create_sandbox(self._create_sandbox_request(virtiofs_devices=len(plugged)))
         await self._set_configured_policy(agent)
         self._mark("sandbox_created")
         return agent
+
+    async def _renew_agent(self, agent: AgentClient) -> None:
+        """Have a clone's agent replace itself with a fresh process (RenewAgent, agent.proto).
+
+        The old process replies, closes its port and re-executes; QEMU
+        tells of the close (VSERPORT_CHANGE).  Only then does Check go out,
+        on the same connection: QEMU holds it until the new process opens
+        the port, so nothing the host sends can reach the old one.
+        """
+        assert self.hypervisor is not None
+        timeout = self.config.agent.connect_timeout
+        async with self.hypervisor.agent_port_events() as events:
+            await agent.renew_agent(secrets.token_bytes(SANDBOX_ENTROPY_BYTES))
+            try:
+                await asyncio.wait_for(_port_closed(events), timeout)
+            except TimeoutError:
+                raise CapsaError(f"the agent did not renew itself within {timeout:g} s") from None
+        await agent.check(timeout=timeout)
 
     async def _check_template_agent(self, socket_path: Path) -> AgentClient:
         agent = await AgentClient.connect_serial(socket_path, self.config.agent.request_timeout)
