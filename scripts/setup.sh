@@ -62,7 +62,48 @@ packages=(
     busybox-static erofs-utils e2fsprogs zstd lz4 iproute2 procps psmisc
     podman conmon docker.io containerd runc  # the engines tests/e2e drives (Podman 4.3, Docker 20.10, containerd 1.6)
     containernetworking-plugins iptables  # CNI: the CRI pods of tests/e2e/test_cri.py, and Podman 4.3's network backend (no netavark: bridge, portmap, firewall, tuning) in test_network_engines.py
+    prometheus  # Prometheus 2.42, which tests/integration/test_prometheus_vm.py starts on loopback to scrape capsa-monitor
 )
+
+# Packages whose service Debian starts, and enables at boot, when it installs
+# them, and which a capsa host does not want running: Debian's Prometheus
+# listens on every address (:9090); the test starts its own.
+quiet_services=(prometheus)
+
+# A policy-rc.d (invoke-rc.d and deb-systemd-invoke ask it before starting
+# a service) that refuses the services named ($@) and allows the rest.
+quiet_policy() {
+    local s
+    printf '#!/bin/sh\n# capsa setup.sh, for one apt-get install: these services stay stopped.\n'
+    printf 'for arg; do\n    case "$arg" in\n'
+    for s in "$@"; do printf '        %s|%s.service) exit 101 ;;\n' "$s" "$s"; done
+    printf '    esac\ndone\nexit 0\n'
+}
+
+# apt-get install the packages named ($@); those of quiet_services come
+# stopped and disabled at boot. A host with its own policy-rc.d keeps it
+# (whatever it let start is stopped afterwards); a package already
+# installed is not touched, so an admin's own Prometheus stays as it was.
+apt_install() {
+    local p s quiet=() status=0 policy=/usr/sbin/policy-rc.d ours=0
+    for p in "$@"; do
+        for s in "${quiet_services[@]}"; do
+            if [ "$p" = "$s" ]; then quiet+=("$s"); fi
+        done
+    done
+    if [ ${#quiet[@]} -gt 0 ] && [ ! -e "$policy" ]; then
+        quiet_policy "${quiet[@]}" > "$policy"
+        chmod 0755 "$policy"
+        ours=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" || status=$?
+    if [ "$ours" = 1 ]; then rm -f "$policy"; fi
+    if [ "$status" != 0 ]; then return "$status"; fi
+    for s in "${quiet[@]}"; do
+        update-rc.d "$s" disable > /dev/null  # its SysV links and its systemd unit
+        if [ "$ours" = 0 ]; then service "$s" stop > /dev/null 2>&1 || true; fi
+    done
+}
 
 install_packages() {
     local p missing=()
@@ -76,7 +117,7 @@ install_packages() {
     fi
     if [ ${#missing[@]} -gt 0 ]; then
         note "installing ${missing[*]}"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+        apt_install "${missing[@]}"
     fi
 }
 

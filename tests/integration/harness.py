@@ -16,10 +16,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from capsa.cli.spec import default_spec
 from capsa.config import load_config
@@ -285,3 +289,58 @@ def read_until(fd: int, marker: bytes, timeout: float = 60) -> bytes:
                 raise EOFError(f"EOF before {marker!r}; got {data[-500:]!r}")
             data += chunk
     return data
+
+
+#: A scrape of capsa-monitor: (sample name, its labels) → value.
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def start_monitor(
+    root: Path, log: Path, *, cache_seconds: float, agent_timeout: float, scrape_timeout: float
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``capsa-monitor`` on an ephemeral port of 127.0.0.1, searching ``root`` too; its URL.
+
+    Its stderr goes to ``log`` (a pipe nobody reads would fill and stop it);
+    the first line there names the port it took.
+    """
+    with log.open("ab") as err:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "capsa.monitor",
+                "--listen-address",
+                "127.0.0.1:0",
+                "--root",
+                str(root),
+                "--cache-seconds",
+                str(cache_seconds),
+                "--agent-timeout",
+                str(agent_timeout),
+                "--scrape-timeout",
+                str(scrape_timeout),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    deadline = time.monotonic() + 30
+    while True:
+        first = log.read_text(errors="replace").partition("\n")
+        if first[1] and "serving http://127.0.0.1:" in first[0]:
+            return proc, first[0].split("serving ", 1)[1].strip()
+        if first[1] or proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"capsa-monitor did not start: {log.read_text(errors='replace')[-2000:]!r}")
+        time.sleep(0.05)
+
+
+def scrape(url: str) -> Samples:
+    with urllib.request.urlopen(url, timeout=60) as response:
+        text = response.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }

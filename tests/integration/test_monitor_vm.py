@@ -4,71 +4,21 @@ and the guest's own figures from the agent, scraped over HTTP on 127.0.0.1."""
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
-from harness import Capsa, subreaper, vm_processes
-from prometheus_client.parser import text_string_to_metric_families
+from harness import Capsa, Samples, scrape, start_monitor, subreaper, vm_processes
 
 pytestmark = pytest.mark.vm
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 @pytest.fixture(autouse=True)
 def adopt_orphans() -> Iterator[None]:
     with subreaper():
         yield
-
-
-def start_monitor(root: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """``capsa-monitor`` on an ephemeral port of 127.0.0.1, reading every time (no cache); its URL."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "capsa.monitor",
-            "--listen-address",
-            "127.0.0.1:0",
-            "--root",
-            str(root),
-            "--cache-seconds",
-            "0",
-            # TCG guests answer slowly while they are busy booting an exec.
-            "--agent-timeout",
-            "10",
-            "--scrape-timeout",
-            "20",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    ready, _, _ = select.select([proc.stderr], [], [], 30)
-    line = proc.stderr.readline().decode() if ready else ""
-    if "serving http://127.0.0.1:" not in line:
-        proc.kill()
-        proc.wait()
-        pytest.fail(f"capsa-monitor did not start: {line!r}")
-    return proc, line.split("serving ", 1)[1].strip()
-
-
-def scrape(url: str) -> Samples:
-    with urllib.request.urlopen(url, timeout=60) as response:
-        text = response.read().decode()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def find(samples: Samples, name: str, **labels: str) -> float | None:
@@ -98,7 +48,9 @@ def test_monitor_scrapes_a_running_container(capsa: Capsa) -> None:
     try:
         assert capsa("start", cid).code == 0
         pids = vm_processes(capsa, cid)
-        monitor, url = start_monitor(capsa.root)
+        log = capsa.root.parent / "monitor.log"
+        # Reading on every scrape; TCG guests answer slowly while they are busy booting an exec.
+        monitor, url = start_monitor(capsa.root, log, cache_seconds=0, agent_timeout=10, scrape_timeout=20)
         base = {"sandbox": cid}
 
         samples = scrape_until(url, lambda s: find(s, "capsa_sandbox_agent_up", reason="ok", **base) == 1, "agent up")
