@@ -189,9 +189,9 @@ def _labelled(args: tuple[str, ...], label: str) -> tuple[str, ...]:
 class Containerd:
     """containerd 1.6 at its default root, state and socket, with the CRI plugin
     on and its ``runc`` and ``capsa`` handlers (and the same shims named by
-    ``runtime_path``) — the one configuration every user of containerd in the
-    tests gets: Docker (namespace ``moby``), ``ctr`` (``default``) and CRI
-    (``k8s.io``).  One runs at a time; each fixture that needs it starts it
+    ``runtime_path``, and with ``privileged_without_host_devices``) — the one
+    configuration every user of containerd in the tests gets: Docker (namespace
+    ``moby``), ``ctr`` (``default``) and CRI (``k8s.io``).  One runs at a time; each fixture that needs it starts it
     and stops it (so Docker's can run in a network namespace of the test's).
 
     The configuration sets no path containerd keeps state in.  CRI's CNI
@@ -290,6 +290,15 @@ class Containerd:
             f"[{cri_plugin}.containerd.runtimes.capsa-path]\n"
             f'  runtime_type = "{CAPSA_RUNTIME}"\n'
             f'  runtime_path = "{self.shim or "/nonexistent/" + SHIM_NAME}"\n'
+            # Privileged pods get none of the host's devices (docs/kubernetes.md, "Privileged pods").
+            f"[{cri_plugin}.containerd.runtimes.runc-without-host-devices]\n"
+            f'  runtime_type = "{RUNC_RUNTIME}"\n'
+            "  privileged_without_host_devices = true\n"
+            f"[{cri_plugin}.containerd.runtimes.runc-without-host-devices.options]\n"
+            "  SystemdCgroup = false\n"
+            f"[{cri_plugin}.containerd.runtimes.capsa-without-host-devices]\n"
+            f'  runtime_type = "{CAPSA_RUNTIME}"\n'
+            "  privileged_without_host_devices = true\n"
             f"[{cri_plugin}.cni]\n"
             f'  bin_dir = "{CNI_BIN}"\n'
             f'  conf_dir = "{self.cni_dir}"\n'

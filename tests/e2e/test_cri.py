@@ -9,9 +9,13 @@ harness: the same steps, the host's kernel instead of a VM.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +25,7 @@ from cri.harness import (
     SUBNET,
     ShimContainerd,
     host_boot_id,
+    kernel_release,
     state_paths,
     wait_for,
 )
@@ -277,5 +282,145 @@ def test_a_pod_annotated_agent_policy_refuses_exec(k: ShimContainerd, handler: s
         assert k.container_state(cid) == cri.CONTAINER_RUNNING
     finally:
         k.remove_pod(pod_id)
+    left = k.wait_nothing_left()
+    assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)
+
+
+# -- privileged pods (docs/kubernetes.md, "Privileged pods") ----------------------------------------
+
+
+def host_disk() -> str:
+    """The host's disk: the block device of the host's root filesystem (``vda`` here), by its /dev name."""
+    device = os.stat("/").st_dev
+    uevent = Path(f"/sys/dev/block/{os.major(device)}:{os.minor(device)}/uevent").read_text()
+    return dict(line.split("=", 1) for line in uevent.splitlines() if "=" in line)["DEVNAME"]
+
+
+def containerd_caps(k: ShimContainerd) -> str:
+    """containerd's effective capabilities: what it gives a privileged container (``WithAllCurrentCapabilities``)."""
+    assert k.proc is not None
+    status = Path(f"/proc/{k.proc.pid}/status").read_text()
+    return next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff:"))
+
+
+# What a privileged container is, seen from inside: ``name value`` lines.
+PRIVILEGED_LOOK = (
+    "grep -E '^(CapEff|Seccomp):' /proc/self/status; "
+    "echo sys $(grep ' /sys sysfs ' /proc/mounts | cut -d' ' -f4 | cut -d, -f1); "
+    "mkdir -p /tmp/own && mount -t tmpfs privileged-tmpfs /tmp/own"
+    " && echo mounted $(grep -c privileged-tmpfs /proc/mounts) && umount /tmp/own; "
+    "echo kernel $(uname -r)"
+)
+
+
+def test_a_privileged_pod_without_host_devices(k: ShimContainerd, handler: str) -> None:
+    """A handler with ``privileged_without_host_devices = true``: a privileged container is
+    privileged in its kernel (containerd's capabilities, no seccomp filter, a writable /sys, a
+    mount of its own) and gets no device of the host. Under capsa that kernel is the guest's:
+    the host's disk is neither in the container's /dev nor among the kernel's block devices
+    (/proc/partitions, /sys/block); under runc it is the host's, whose partitions list the disk."""
+    disk = host_disk()
+    with k.pod(f"priv-{handler}", f"{handler}-without-host-devices", privileged=True) as (pod_id, pod):
+        cid = k.create_container(pod_id, pod, "privileged", SLEEP, privileged=True)
+        k.call("StartContainer", cri.StartContainerRequest(container_id=cid))
+        look = dict(line.split(None, 1) for line in k.sh(cid, PRIVILEGED_LOOK).splitlines())
+        assert look["CapEff:"] == containerd_caps(k) and look["Seccomp:"] == "0", look
+        assert look["mounted"] == "1", look
+        assert look["kernel"] == kernel_release(handler), look
+        if handler == "capsa":
+            # containerd asks for a writable /sys; runc on this nested host mounts it read-only anyway.
+            assert look["sys"] == "rw", look
+        assert disk not in k.sh(cid, "ls /dev").split()
+        partitions = k.sh(cid, "cat /proc/partitions; ls /sys/block")
+        assert (disk in partitions.split()) == (handler == "runc"), partitions
+    left = k.wait_nothing_left()
+    assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)
+
+
+def refusal(k: ShimContainerd, cid: str) -> str:
+    """The error of a container's StartContainer, where CRI creates its task (the shim's Create), which
+    must fail; the container must be left exited with the same message, as CRI leaves a StartError."""
+    with pytest.raises(AssertionError) as refused:
+        k.call("StartContainer", cri.StartContainerRequest(container_id=cid))
+    message = str(refused.value).split("\ncontainerd log:", 1)[0]
+    status = k.call("ContainerStatus", cri.ContainerStatusRequest(container_id=cid)).status
+    assert status.state == cri.CONTAINER_EXITED and status.message in message, status
+    assert "\n" not in message, message
+    return message
+
+
+def test_a_privileged_pod_given_the_hosts_devices(k: ShimContainerd, handler: str) -> None:
+    """A handler without the option: containerd lists every device of the host in a privileged
+    container's spec. runc gives them (the host's disk is in the container's /dev); capsa leaves the
+    host's block devices out, as the option would, and the container runs privileged in the VM with
+    the VM's devices: no disk of the host in its /dev or among the guest kernel's block devices."""
+    disk = host_disk()
+    with k.pod(f"hostdev-{handler}", handler, privileged=True) as (pod_id, pod):
+        cid = k.create_container(pod_id, pod, "privileged", SLEEP, privileged=True)
+        k.call("StartContainer", cri.StartContainerRequest(container_id=cid))
+        look = dict(line.split(None, 1) for line in k.sh(cid, PRIVILEGED_LOOK).splitlines())
+        assert look["Seccomp:"] == "0" and look["mounted"] == "1", look
+        assert look["kernel"] == kernel_release(handler), look
+        if handler == "runc":
+            assert disk in k.sh(cid, "ls /dev").split()
+        else:
+            assert disk not in k.sh(cid, "ls /dev").split()
+            assert k.sh(cid, "ls /sys/block").split() == [], "a disk of the host is in the VM"
+            assert len(k.qemus()) == 1
+    left = k.wait_nothing_left()
+    assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)
+
+
+@contextlib.contextmanager
+def loop_devices(directory: Path, count: int) -> Iterator[list[str]]:
+    """``count`` loop devices, each on a sparse 1 MiB file of its own; detached on the way out."""
+    devices: list[str] = []
+    try:
+        for index in range(count):
+            backing = directory / f"disk{index}.img"
+            with backing.open("wb") as disk:
+                disk.truncate(1 << 20)
+            found = subprocess.run(
+                ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True, timeout=30, check=True
+            )
+            devices.append(found.stdout.strip())
+        yield devices
+    finally:
+        for device in devices:
+            subprocess.run(["losetup", "--detach", device], capture_output=True, timeout=30, check=False)
+
+
+def test_more_disks_than_the_vm_has_hot_plug_ports_for(k: ShimContainerd, handler: str, tmp_path: Path) -> None:
+    """A container given more host block devices (CRI ``devices``, as a device plugin hands
+    them) than a VM has PCIe hot-plug ports: runc gives them all; capsa refuses the container
+    with one line naming the first device that finds no port, before it attaches any, and the
+    pod goes on: a container given one of the devices runs with that one disk in the VM."""
+    from capsa.hypervisor.base import HOTPLUG_SLOTS
+
+    with loop_devices(tmp_path, HOTPLUG_SLOTS + 1) as loops, k.pod(f"ports-{handler}", handler) as (pod_id, pod):
+        devices = [
+            cri.Device(container_path=f"/dev/xvd{chr(ord('a') + i)}", host_path=loop, permissions="rwm")
+            for i, loop in enumerate(loops)
+        ]
+        cid = k.create_container(pod_id, pod, "many", SLEEP, devices=devices)
+        if handler == "runc":
+            k.call("StartContainer", cri.StartContainerRequest(container_id=cid))
+            assert k.sh(cid, "ls /dev | grep xvd").split() == [d.container_path[5:] for d in devices]
+        else:
+            message = refusal(k, cid)
+            found = re.search(
+                r"cannot attach host device (/dev/loop\d+) to the VM: no free PCIe hot-plug port "
+                r"\((\d+) in use, (\d+) free for the container's (\d+) disks\); give the container at most \3 ",
+                message,
+            )
+            assert found, message
+            in_use, free, disks = (int(n) for n in found.group(2, 3, 4))
+            assert (disks, in_use + free) == (HOTPLUG_SLOTS + 1, HOTPLUG_SLOTS), message
+            assert found.group(1) == loops[free], message
+            k.call("RemoveContainer", cri.RemoveContainerRequest(container_id=cid))
+            one = k.create_container(pod_id, pod, "one", SLEEP, devices=devices[:1])
+            k.call("StartContainer", cri.StartContainerRequest(container_id=one))
+            assert k.sh(one, "ls /dev | grep xvd").split() == ["xvda"]
+            assert len(k.sh(one, "ls /sys/block").split()) == 1, "a disk of the refused container is in the VM"
     left = k.wait_nothing_left()
     assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)

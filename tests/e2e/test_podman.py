@@ -206,3 +206,22 @@ def test_an_annotated_agent_policy_refuses_exec(podman: Podman, runtime: Runtime
         assert "Traceback" not in refused.stderr
     finally:
         podman("rm", "--force", "--time", "0", name)
+
+
+def test_privileged_is_privileged_in_the_vm(podman: Podman, runtime: Runtime) -> None:
+    """``podman run --privileged`` lists every host device in the spec. Under capsa the container
+    is privileged in the guest (it can mount) and gets the guest's devices: the host's root disk
+    is neither in its /dev nor among the guest kernel's block devices."""
+    device = os.stat("/").st_dev
+    uevent = Path(f"/sys/dev/block/{os.major(device)}:{os.minor(device)}/uevent").read_text()
+    disk = dict(line.split("=", 1) for line in uevent.splitlines() if "=" in line)["DEVNAME"]
+    script = "mkdir -p /tmp/m && mount -t tmpfs t /tmp/m && echo mounted; uname -r; ls /dev; echo blocks; ls /sys/block"
+    result = podman("run", "--rm", "--privileged", *NET, podman.image, "sh", "-c", script).check()
+    lines = result.stdout.split()
+    assert lines[0] == "mounted"
+    assert lines[1] == expected_kernel_release(runtime)
+    devices, blocks = lines[2 : lines.index("blocks")], lines[lines.index("blocks") + 1 :]
+    if runtime.capsa:
+        assert disk not in devices and disk not in blocks, result.stdout
+    else:
+        assert disk in devices

@@ -24,11 +24,14 @@ from capsa.runtime.mounts import (
     BlockDevice,
     BlockVolume,
     HostBind,
+    allows_every_device,
     container_request,
     host_propagation,
     is_host_bind,
     plan_mounts,
+    port_shortage,
     volume_serial,
+    without_host_block_devices,
 )
 
 PODMAN_USERDATA = "/var/lib/containers/storage/overlay-containers/4f1c/userdata"
@@ -392,6 +395,98 @@ def test_without_a_device_lookup_linux_devices_is_left_alone() -> None:
     """The check `capsa create` makes before the VM boots does not look at the host's devices."""
     plan = plan_mounts(docker_device_spec(), "c", ROOTFS, fake_stat({}))
     assert plan.devices == () and plan.spec["annotations"] == {"org.example": "kept"}
+
+
+# --- privileged containers: the host's devices stay on the host ----------------------------
+
+def privileged_spec(*devices: dict[str, Any]) -> dict[str, Any]:
+    """What containerd's CRI writes for a privileged container without privileged_without_host_devices:
+    every device node of the host, and a device cgroup that allows every device (WithAllDevicesAllowed)."""
+    spec = spec_with()
+    spec["linux"] = {"devices": list(devices), "resources": {"devices": [{"allow": True, "access": "rwm"}]}}
+    return spec
+
+
+HOST_DEVICES = (
+    {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229},
+    {"path": "/dev/loop0", "type": "b", "major": 7, "minor": 0, "fileMode": 24960},
+    {"path": "/dev/vda", "type": "b", "major": 254, "minor": 0, "fileMode": 24960},
+)
+
+
+def test_a_privileged_spec_leaves_the_hosts_block_devices_out(caplog: pytest.LogCaptureFixture) -> None:
+    """Docker's and Podman's --privileged, CRI without privileged_without_host_devices: every host
+    device is listed; the block devices are neither attached nor made in the guest, with a warning."""
+    spec = privileged_spec(*HOST_DEVICES)
+    plan = plan_mounts(spec, "c", ROOTFS, fake_stat({}), block_device=host_block_devices({(7, 0): "/dev/loop0"}))
+    assert plan.devices == ()
+    assert plan.spec["linux"]["devices"] == [HOST_DEVICES[0]]  # the character device stays (the guest's)
+    assert "the host's 2 block devices are left out" in caplog.text
+    assert spec["linux"]["devices"] == list(HOST_DEVICES)  # the input is not modified
+
+
+def test_a_privileged_spec_without_host_block_devices_runs() -> None:
+    """privileged_without_host_devices = true (containerd 1.7 may still allow every device), or a
+    host with character devices only: nothing to attach, the container's devices are the guest's."""
+    for spec in (privileged_spec(), privileged_spec(HOST_DEVICES[0])):
+        assert without_host_block_devices(spec) is spec
+        assert plan_mounts(spec, "c", ROOTFS, fake_stat({}), block_device=host_block_devices({})).devices == ()
+
+
+def test_block_devices_the_user_named_are_attached_even_with_every_capability() -> None:
+    """`docker run --device`, a device plugin: the cgroup allows those devices only, so they were asked for."""
+    spec = docker_device_spec()
+    spec["process"]["capabilities"] = {"bounding": ["CAP_SYS_ADMIN", "CAP_MKNOD"]}
+    assert without_host_block_devices(spec) is spec
+    plan = plan_mounts(spec, "c", ROOTFS, fake_stat({}), block_device=host_block_devices({(8, 16): "/dev/sdb"}))
+    assert [device.source for device in plan.devices] == [Path("/dev/sdb")]
+
+
+@pytest.mark.parametrize(
+    ("rules", "every"),
+    [
+        ([{"allow": True, "access": "rwm"}], True),
+        ([{"allow": False, "access": "rwm"}, {"allow": True, "type": "a", "major": -1, "minor": -1}], True),
+        ([{"allow": True}], True),
+        ([{"allow": True, "access": "rw"}], False),
+        ([{"allow": True, "access": "rwm"}, {"allow": False, "type": "c", "major": 10, "minor": 200}], False),
+        ([{"allow": True, "type": "b", "access": "rwm"}], False),
+        ([{"allow": True, "type": "b", "major": 8, "minor": 16, "access": "rwm"}], False),
+        ([{"allow": False, "access": "rwm"}], False),
+        ([], False),
+    ],
+)
+def test_every_device_allowed(rules: list[dict[str, Any]], every: bool) -> None:
+    assert allows_every_device({"linux": {"resources": {"devices": rules}}}) is every
+
+
+def test_a_spec_without_linux_allows_no_device_and_is_left_alone() -> None:
+    assert not allows_every_device({})
+    nonsense = {"linux": "nonsense"}
+    assert without_host_block_devices(nonsense) is nonsense
+
+
+# --- more disks than the VM has hot-plug ports ---------------------------------------------
+
+
+def disks(count: int) -> tuple[BlockVolume | BlockDevice, ...]:
+    image = BlockVolume(Path("/srv/a.img"), "s0", False, False, "ext4", (), "/run/capsa/volumes/c/0")
+    devices = [BlockDevice(Path(f"/dev/loop{n}"), f"s{n}", False, f"/dev/xvd{n}") for n in range(1, count)]
+    return (image, *devices)[:count]
+
+
+def test_disks_that_fit_in_the_free_ports_are_not_refused() -> None:
+    assert port_shortage(disks(3), free=3, in_use=2) is None
+    assert port_shortage((), free=0, in_use=5) is None
+
+
+def test_the_first_disk_without_a_port_is_named() -> None:
+    assert port_shortage(disks(6), free=2, in_use=3) == (
+        "cannot attach host device /dev/loop2 to the VM: no free PCIe hot-plug port "
+        "(3 in use, 2 free for the container's 6 disks); give the container at most 2 block devices and block volumes"
+    )
+    refusal = port_shortage(disks(2), free=0, in_use=5)
+    assert refusal is not None and refusal.startswith("cannot attach disk image /srv/a.img to the VM: ")
 
 
 def shm_sizes(sizes: dict[str, int]) -> Any:

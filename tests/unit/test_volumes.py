@@ -12,10 +12,18 @@ import pytest
 from capsa.agent import storage
 from capsa.agent.options import AgentOptions
 from capsa.agent.sandbox import Sandbox
+from capsa.config import parse_config
 from capsa.errors import HypervisorError, InvalidArgument, StorageError
-from capsa.hypervisor.qemu import BlockDisk, blockdev_arguments, free_root_port, virtio_blk_arguments
+from capsa.hypervisor.qemu import (
+    BlockDisk,
+    blockdev_arguments,
+    free_root_port,
+    hotplug_root_ports,
+    virtio_blk_arguments,
+)
 from capsa.protocols import agent_pb2 as pb
-from capsa.runtime.mounts import BLOCK_DEVICE_ANNOTATION
+from capsa.proxy.proxy import Proxy
+from capsa.runtime.mounts import BLOCK_DEVICE_ANNOTATION, BlockDevice, MountPlan
 from capsa.storage.host import block_device, check_not_mounted, mount_types, mounted_devices, tmpfs_size
 
 
@@ -231,6 +239,69 @@ def test_the_first_empty_hotplug_root_port_is_free() -> None:
     ]
     assert free_root_port(buses) == "hotplug1"
     assert free_root_port([{"bus": 0, "devices": [root_port("hotplug0", "nic0")]}]) is None
+    assert hotplug_root_ports(buses) == {"hotplug0": True, "hotplug1": False, "hotplug2": False}
+
+
+class PortsOnly:
+    """A VM's hot-plug ports as QMP "query-pci" tells them, and the disks plugged into them."""
+
+    def __init__(self, ports: dict[str, bool]) -> None:
+        self.ports = ports
+        self.plugged: list[Path] = []
+        self.unplugged: list[Path] = []
+
+    async def hotplug_root_ports(self) -> dict[str, bool]:
+        return dict(self.ports)
+
+    async def plug_block(self, disk: BlockDisk) -> None:
+        port = next((name for name, used in self.ports.items() if not used), None)
+        if port is None:
+            raise HypervisorError("VM c has no free PCIe root port to plug a device into")
+        self.ports[port] = True
+        self.plugged.append(disk.path)
+
+    async def unplug_block(self, disk: BlockDisk) -> None:
+        self.unplugged.append(disk.path)
+
+
+def plan_of(count: int) -> MountPlan:
+    devices = tuple(BlockDevice(Path(f"/dev/loop{n}"), f"s{n}", True, f"/dev/xvd{n}") for n in range(count))
+    return MountPlan(binds=(), spec={}, rootfs="c/rootfs", devices=devices)
+
+
+def test_a_container_with_more_disks_than_free_ports_is_refused_with_none_attached(tmp_path: Path) -> None:
+    proxy = Proxy(parse_config({}), "c", tmp_path)
+    vm = PortsOnly({"hotplug0": True, "hotplug1": True, "hotplug2": False, "hotplug3": False, "hotplug4": True})
+    proxy.sandbox.hypervisor = vm  # type: ignore[assignment]
+    plugged: list[BlockDisk] = []
+    with pytest.raises(HypervisorError) as refused:
+        asyncio.run(proxy._plug_volumes(plan_of(3), plugged))
+    assert str(refused.value).startswith(
+        "cannot attach host device /dev/loop2 to the VM: no free PCIe hot-plug port (3 in use, 2 free for the"
+        " container's 3 disks)"
+    )
+    assert vm.plugged == [] and plugged == []
+    asyncio.run(proxy._plug_volumes(plan_of(2), plugged))
+    assert vm.plugged == [Path("/dev/loop0"), Path("/dev/loop1")] == [disk.path for disk in plugged]
+
+
+def test_a_port_taken_meanwhile_fails_the_attach_naming_the_disk(tmp_path: Path) -> None:
+    """Counted free, then taken by a NIC before the disk's turn: what was attached is the caller's to undo."""
+    proxy = Proxy(parse_config({}), "c", tmp_path)
+    vm = PortsOnly({"hotplug0": False, "hotplug1": False})
+    counted = vm.hotplug_root_ports
+
+    async def then_a_nic_comes() -> dict[str, bool]:
+        ports = await counted()
+        vm.ports["hotplug1"] = True
+        return ports
+
+    vm.hotplug_root_ports = then_a_nic_comes  # type: ignore[method-assign]
+    proxy.sandbox.hypervisor = vm  # type: ignore[assignment]
+    plugged: list[BlockDisk] = []
+    with pytest.raises(HypervisorError, match=r"^cannot attach host device /dev/loop1 to the VM: VM c has no free"):
+        asyncio.run(proxy._plug_volumes(plan_of(2), plugged))
+    assert [disk.path for disk in plugged] == [Path("/dev/loop0")]
 
 
 # --- the host's tmpfs ---------------------------------------------------------------------

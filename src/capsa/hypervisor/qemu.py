@@ -436,15 +436,21 @@ def virtio_blk_arguments(disk: BlockDisk, port: str) -> dict[str, object]:
     }
 
 
-def free_root_port(buses: list[dict[str, Any]]) -> str | None:
-    """The first ``hotplug<N>`` root port in a QMP "query-pci" answer with no device behind it."""
+def hotplug_root_ports(buses: list[dict[str, Any]]) -> dict[str, bool]:
+    """Every ``hotplug<N>`` root port in a QMP "query-pci" answer, and whether a device is plugged in it."""
+    ports: dict[str, bool] = {}
     for bus in buses:
         for device in bus.get("devices", []):
             port = device.get("qdev_id", "")
             bridge = device.get("pci_bridge")
-            if port.startswith("hotplug") and isinstance(bridge, dict) and not bridge.get("devices"):
-                return str(port)
-    return None
+            if port.startswith("hotplug") and isinstance(bridge, dict):
+                ports[str(port)] = bool(bridge.get("devices"))
+    return ports
+
+
+def free_root_port(buses: list[dict[str, Any]]) -> str | None:
+    """The first ``hotplug<N>`` root port in a QMP "query-pci" answer with no device behind it."""
+    return next((port for port, used in hotplug_root_ports(buses).items() if not used), None)
 
 
 def qemu_argv(
@@ -974,6 +980,11 @@ class QemuHypervisor(Hypervisor):
         if port is None:
             raise HypervisorError(f"VM {self.config.name} has no free PCIe root port to plug a device into")
         return port
+
+    async def hotplug_root_ports(self) -> dict[str, bool]:
+        """Each ``hotplug<N>`` root port and whether a device is plugged in it, as QEMU sees them (QMP "query-pci")."""
+        buses = await self._execute("query-pci")
+        return hotplug_root_ports(buses if isinstance(buses, list) else [])
 
     async def plug_block(self, disk: BlockDisk) -> None:
         """Attach a host block device or raw image file as a virtio-blk disk (QMP "blockdev-add", "device_add").

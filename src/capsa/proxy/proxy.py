@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from capsa.config import Config
-from capsa.errors import CapsaError, InvalidArgument
+from capsa.errors import CapsaError, HypervisorError, InvalidArgument
 from capsa.hypervisor.qemu import BlockDisk
 from capsa.network.attach import NetworkAttachment
 from capsa.protocols import proxy_pb2
@@ -45,7 +45,9 @@ from capsa.runtime.mounts import (
     HostBind,
     MountPlan,
     container_request,
+    disk_name,
     plan_mounts,
+    port_shortage,
 )
 from capsa.runtime.sandbox import Sandbox, SandboxSpec
 from capsa.storage.host import block_device, check_not_mounted, tmpfs_size
@@ -213,16 +215,32 @@ class Proxy:
             raise failure
 
     async def _plug_volumes(self, plan: MountPlan, plugged: list[BlockDisk]) -> None:
-        """Attach the plan's block volumes and devices as virtio-blk disks; ``plugged`` collects what is attached."""
+        """Attach the plan's block volumes and devices as virtio-blk disks; ``plugged`` collects what is attached.
+
+        The VM's free hot-plug ports are counted first: a container with more
+        disks than that is refused naming the first disk that would find
+        none, with nothing attached (each attach and detach is a round trip
+        to the guest).  A port taken meanwhile (a NIC of the pod's network)
+        fails that disk's attach, named too; the caller detaches the rest.
+        """
+        if not plan.disks:
+            return
         hypervisor = self.sandbox.hypervisor
-        if plan.disks and hypervisor is None:
+        if hypervisor is None:
             raise CapsaError("the sandbox is not running")
+        ports = await hypervisor.hotplug_root_ports()
+        free = sum(not used for used in ports.values())
+        shortage = port_shortage(plan.disks, free, len(ports) - free)
+        if shortage is not None:
+            raise HypervisorError(shortage)
         for volume in plan.disks:
-            assert hypervisor is not None
             if isinstance(volume, BlockVolume) and volume.host_device and not volume.readonly:
                 check_not_mounted(volume.source)
             disk = BlockDisk(volume.source, volume.serial, volume.readonly, volume.host_device)
-            await hypervisor.plug_block(disk)
+            try:
+                await hypervisor.plug_block(disk)
+            except HypervisorError as exc:
+                raise HypervisorError(f"cannot attach {disk_name(volume)} to the VM: {exc}") from exc
             plugged.append(disk)
 
     async def _unplug_volumes(self, disks: list[BlockDisk]) -> None:

@@ -54,6 +54,20 @@ Two kinds of mount do not go through the share:
   (:data:`BLOCK_DEVICE_ANNOTATION`), and the agent gives the device entry
   and its cgroup rule the guest disk's own major:minor before crun makes
   the node.
+- **A privileged container's host block devices** are left out, all of
+  them, with a warning (:func:`without_host_block_devices`).  A privileged
+  spec (every device allowed in ``linux.resources.devices``: containerd's
+  CRI without ``privileged_without_host_devices``, Docker's and Podman's
+  ``--privileged``) lists every device node of the host in linux.devices,
+  the host's own disks among them.  A container in a VM is privileged in
+  the guest's kernel and gets the guest's devices, as containerd's
+  ``privileged_without_host_devices`` would have it: attaching the host's
+  would hand the guest the host's root disk read-write (two kernels
+  writing one filesystem, and the host's files open to the VM), and a VM
+  has only a few hot-plug ports.  Character devices stay the guest's, as
+  for every container.  The price: a block device named explicitly next to
+  ``--privileged`` (``--device /dev/sdb --privileged``) is left out too,
+  since nothing in the spec tells it from the host's full list.
 - **The engine's /dev/shm**: Podman (``userdata/shm``), Docker
   (``mounts/shm``) and CRI (the sandbox's ``shm``) bind a host tmpfs of the
   configured ``--shm-size`` there.  Through virtio-fs that would be slow,
@@ -90,6 +104,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import stat as stat_mode
@@ -103,6 +118,8 @@ from capsa.protocols import agent_pb2 as pb
 from capsa.runtime.ids import validate_id
 
 #: Where the agent mounts the container share in the guest.
+log = logging.getLogger("capsa.mounts")
+
 GUEST_SHARE_DIR = "/run/capsa/shared"
 #: The virtio-fs tag (9p mount_tag) of the container share; runtime/sandbox.py
 #: gives its share this tag (``ROOTFS_TAG``).
@@ -291,6 +308,7 @@ def plan_mounts(
     socket, a FIFO) is InvalidArgument.  The input spec is not modified.
     """
     validate_id(container_id)
+    spec = without_host_block_devices(spec)
     for directory in (guest_share_dir, volume_share_dir or "/"):
         if not posixpath.isabs(directory):
             raise InvalidArgument(f"the guest share directory must be absolute, got {directory!r}")
@@ -469,6 +487,74 @@ def volume_serial(container_id: str, index: int) -> str:
     """
     digest = hashlib.sha256(f"{container_id}/{index}".encode()).hexdigest()
     return f"capsa{digest[:15]}"
+
+
+def allows_every_device(spec: dict[str, Any]) -> bool:
+    """Whether the spec's device cgroup lets the container use every device (config-linux.md "Allowed Device list").
+
+    That is an ``allow`` rule with ``rwm`` access and no type (or ``a``),
+    major or minor (or ``-1``: runc's wildcard), with no ``deny`` rule after
+    it: the rule a privileged container gets (containerd's
+    ``WithAllDevicesAllowed``, Docker's and Podman's ``--privileged``).
+    """
+    linux = spec.get("linux")
+    every = False
+    for rule in _device_rules(linux) if isinstance(linux, dict) else []:
+        if rule.get("allow") is not True:
+            every = False
+        elif (
+            rule.get("type") in (None, "", "a")
+            and rule.get("major") in (None, -1)
+            and rule.get("minor") in (None, -1)
+            and set("rwm") <= set(str(rule.get("access") or "rwm"))
+        ):
+            every = True
+    return every
+
+
+def without_host_block_devices(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` without the host's block devices when it is privileged; see the module docstring.
+
+    A spec that names block devices without allowing every device
+    (``docker run --device``, a Kubernetes device plugin) is the user's
+    choice: it is returned as it is, and those devices are attached.  The
+    input is not modified.
+    """
+    linux = spec.get("linux")
+    entries = linux.get("devices") if isinstance(linux, dict) else None
+    if not isinstance(linux, dict) or not isinstance(entries, list) or not allows_every_device(spec):
+        return spec
+    kept = [entry for entry in entries if not (isinstance(entry, dict) and entry.get("type") == "b")]
+    if len(kept) == len(entries):
+        return spec
+    log.warning(
+        "privileged container: the host's %d block devices are left out (a container in a VM is privileged "
+        "in the VM and gets its devices)",
+        len(entries) - len(kept),
+    )
+    return {**spec, "linux": {**linux, "devices": kept}}
+
+
+def disk_name(disk: BlockVolume | BlockDevice) -> str:
+    """How a message names what a disk of the VM stands for: ``host device /dev/sdb``, ``disk image /srv/a.img``."""
+    return f"{'host device' if disk.host_device else 'disk image'} {disk.source}"
+
+
+def port_shortage(disks: tuple[BlockVolume | BlockDevice, ...], free: int, in_use: int) -> str | None:
+    """The refusal of a container whose disks need more PCIe hot-plug ports than the VM has free; None if they fit.
+
+    Each disk takes a root port of its own (virtio-blk-pci); the VM's ports
+    also hold its shares and NICs (``in_use``: taken before this container).
+    The disk named is the first that would find none, but none is attached:
+    the proxy asks before it plugs the first.
+    """
+    if len(disks) <= free:
+        return None
+    return (
+        f"cannot attach {disk_name(disks[free])} to the VM: no free PCIe hot-plug port "
+        f"({in_use} in use, {free} free for the container's {len(disks)} disks); "
+        f"give the container at most {free} block devices and block volumes"
+    )
 
 
 def _plan_devices(

@@ -1,7 +1,8 @@
 """containerd 1.6 with its CRI plugin on, as installed (``e2e_engines.Containerd``:
 default root, state and socket), for the shim v2 tests: runtime handlers
 ``runc`` (``io.containerd.runc.v2``, proves the harness) and ``capsa``
-(``io.containerd.capsa.v2``), a CNI network of the test's own, a local pause
+(``io.containerd.capsa.v2``), and each again by ``runtime_path`` (``-path``) and
+with ``privileged_without_host_devices`` (``-without-host-devices``), a CNI network of the test's own, a local pause
 image, and a CRI client speaking gRPC (``cri/api.proto``).  Pods are made in
 CRI's own namespace ``k8s.io``; ``ctr`` runs in ``default``.
 
@@ -235,9 +236,10 @@ class ShimContainerd(Containerd):
                 f"CRI {method} failed: {code}: {details}\ncontainerd log:\n{_tail(self.log)}"
             ) from None
 
-    def pod_config(self, name: str, pid: int = cri.CONTAINER) -> Any:
+    def pod_config(self, name: str, pid: int = cri.CONTAINER, privileged: bool = False) -> Any:
         """A pod's config; ``pid`` is its PID namespace mode (``cri.POD``: the kubelet's
-        ``shareProcessNamespace: true``, the pod's containers then pass it too)."""
+        ``shareProcessNamespace: true``, the pod's containers then pass it too);
+        ``privileged`` lets its containers be privileged (the kubelet sets it when one is)."""
         uid = secrets.token_hex(8)
         log_dir = self.pod_logs / f"{name}_{uid}"
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -249,7 +251,8 @@ class ShimContainerd(Containerd):
             linux=cri.LinuxPodSandboxConfig(
                 cgroup_parent=self.cgroup_parent,
                 security_context=cri.LinuxSandboxSecurityContext(
-                    namespace_options=cri.NamespaceOption(network=cri.POD, pid=pid, ipc=cri.POD)
+                    namespace_options=cri.NamespaceOption(network=cri.POD, pid=pid, ipc=cri.POD),
+                    privileged=privileged,
                 ),
             ),
         )
@@ -259,10 +262,20 @@ class ShimContainerd(Containerd):
         return str(response.pod_sandbox_id)
 
     def create_container(
-        self, pod_id: str, pod: Any, name: str, command: list[str], resources: Any = None, mounts: Any = ()
+        self,
+        pod_id: str,
+        pod: Any,
+        name: str,
+        command: list[str],
+        resources: Any = None,
+        mounts: Any = (),
+        privileged: bool = False,
+        devices: Any = (),
     ) -> str:
         """A busybox container in the pod, in the pod's PID namespace mode; ``resources``
-        (a ``cri.LinuxContainerResources``) sets its limits, ``mounts`` (``cri.Mount``) its volumes."""
+        (a ``cri.LinuxContainerResources``) sets its limits, ``mounts`` (``cri.Mount``) its volumes,
+        ``privileged`` makes it privileged (Kubernetes' ``securityContext.privileged``: the pod must be),
+        ``devices`` (``cri.Device``) gives it host devices, as a device plugin does."""
         pid = pod.linux.security_context.namespace_options.pid
         config = cri.ContainerConfig(
             metadata=cri.ContainerMetadata(name=name, attempt=0),
@@ -270,10 +283,12 @@ class ShimContainerd(Containerd):
             command=command,
             log_path=f"{name}.log",
             mounts=list(mounts),
+            devices=list(devices),
             linux=cri.LinuxContainerConfig(
                 resources=resources,
                 security_context=cri.LinuxContainerSecurityContext(
-                    namespace_options=cri.NamespaceOption(network=cri.POD, pid=pid, ipc=cri.POD)
+                    namespace_options=cri.NamespaceOption(network=cri.POD, pid=pid, ipc=cri.POD),
+                    privileged=privileged,
                 ),
             ),
         )
@@ -302,9 +317,11 @@ class ShimContainerd(Containerd):
         self.call("RemovePodSandbox", cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
 
     @contextlib.contextmanager
-    def pod(self, name: str, handler: str, pid: int = cri.CONTAINER) -> Iterator[tuple[str, Any]]:
+    def pod(
+        self, name: str, handler: str, pid: int = cri.CONTAINER, privileged: bool = False
+    ) -> Iterator[tuple[str, Any]]:
         """A running pod sandbox (ID, config), stopped and removed on the way out."""
-        config = self.pod_config(name, pid)
+        config = self.pod_config(name, pid, privileged)
         pod_id = self.run_pod(config, handler)
         try:
             yield pod_id, config
