@@ -6,6 +6,7 @@ Its output file lives in the container's state directory, which a failed
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,46 @@ def test_last_line_skips_trailing_blank_lines_and_shortens(tmp_path: Path) -> No
     out.write_text("first\n" + "x" * 500 + "\n\n")
     assert daemon.last_line(out) == "x" * 300
     assert daemon.last_line(tmp_path / "missing") == ""
+
+
+HELPER = """
+import argparse, os, sys
+from capsa.runtime.daemon import ReadyPipe, wait_go
+parser = argparse.ArgumentParser()
+parser.add_argument("--marker")
+parser.add_argument("--ready-fd", type=int, default=-1)
+parser.add_argument("--go-fd", type=int, default=-1)
+args = parser.parse_args()
+if not wait_go(args.go_fd):
+    sys.exit(0)
+open(args.marker, "w").close()
+ReadyPipe(args.ready_fd).ok()
+"""
+
+
+@pytest.fixture
+def helper_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    (tmp_path / "held_helper.py").write_text(HELPER)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{Path(daemon.__file__).parents[2]}")
+    return "held_helper"
+
+
+def test_a_held_helper_does_nothing_until_released(tmp_path: Path, helper_module: str) -> None:
+    marker = tmp_path / "acted"
+    pending = daemon.spawn(helper_module, ["--marker", str(marker)], output=tmp_path / "out")
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            pending.started.process.wait(timeout=0.5)  # it waits for us, alive
+        assert not marker.exists()
+    finally:
+        started = pending.wait_ready(30)
+    assert started.process.wait(timeout=30) == 0
+    assert marker.exists()
+
+
+def test_an_abandoned_helper_exits_without_acting(tmp_path: Path, helper_module: str) -> None:
+    marker = tmp_path / "acted"
+    pending = daemon.spawn(helper_module, ["--marker", str(marker)], output=tmp_path / "out")
+    pending.abandon()
+    assert pending.started.process.returncode == 0
+    assert not marker.exists()

@@ -68,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _serve(proxy: Proxy, ready: ReadyPipe, netns: str = "") -> int:
     try:
         await proxy.start()
+        await _record_guest_boot(proxy)
         if netns:
             await proxy.attach_network(netns)
         listener = await build_server(proxy).serve_unix(str(proxy.socket_dir / SOCKET_NAME))
@@ -93,6 +94,21 @@ async def _serve(proxy: Proxy, ready: ReadyPipe, netns: str = "") -> int:
         await proxy.stop()
         _write_timings(proxy.sandbox.timings)
     return 0
+
+
+async def _record_guest_boot(proxy: Proxy) -> None:
+    """For CAPSA_TIMINGS after a cold boot: where the guest's boot went, in its own words (GetGuestDetails).
+
+    Asked only when timings are recorded (bench/boot.py): one more round
+    trip.  A clone's figures are its template's boot, so they are not asked.
+    """
+    timings = proxy.sandbox.timings
+    if not os.environ.get("CAPSA_TIMINGS") or "template_restored" in timings:
+        return
+    with contextlib.suppress(CapsaError):
+        details = await proxy.agent.guest_details()
+        timings["guest_kernel_boot_s"] = details.kernel_boot_seconds
+        timings["guest_agent_start_s"] = details.agent_start_seconds
 
 
 def _write_timings(timings: dict[str, float]) -> None:

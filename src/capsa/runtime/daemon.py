@@ -49,52 +49,133 @@ def start(
     and stdout/stderr go to ``output``, so that no pipe of the engine's stays
     open in a process that outlives the container.
     """
+    pending = spawn(module, args, output=output, inherit_stdio=inherit_stdio, held=False)
+    return pending.wait_ready(timeout)
+
+
+class Pending:
+    """A helper started and, if ``held``, waiting for :meth:`release` before it does anything that shows.
+
+    Python's start and capsa's imports take a tenth of a second or more;
+    a caller with other work to wait for (the container's create in the
+    guest) starts the helper first and releases it when that work is done
+    (``--go-fd N``: the helper reads one byte, and exits quietly at EOF).
+    """
+
+    def __init__(self, name: str, output: Path, proc: subprocess.Popen[bytes], ready_fd: int, go_fd: int) -> None:
+        self._name = name
+        self._output = output
+        self._proc = proc
+        self._ready_fd = ready_fd
+        self._go_fd = go_fd
+        self.started = Started(proc.pid, pids.start_time(proc.pid) or 0, proc)
+
+    def release(self) -> None:
+        """Let a held helper go on (a no-op for one that was not held)."""
+        if self._go_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._go_fd, b"g")
+            os.close(self._go_fd)
+            self._go_fd = -1
+
+    def abandon(self, timeout: float = 5.0) -> None:
+        """The work it waited for failed: the helper exits without a trace (EOF on its go pipe), or is killed."""
+        if self._go_fd >= 0:
+            os.close(self._go_fd)
+            self._go_fd = -1
+        with contextlib.suppress(OSError):
+            os.close(self._ready_fd)
+        self._ready_fd = -1
+        try:
+            self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+            self._proc.wait()
+
+    def wait_ready(self, timeout: float) -> Started:
+        """Release it, then return once it said ``ok``; its one-line reason (a CapsaError) if not."""
+        self.release()
+        proc = self._proc
+        try:
+            line = read_line(self._ready_fd, timeout)
+        finally:
+            os.close(self._ready_fd)
+            self._ready_fd = -1
+        if line == "ok":
+            return self.started
+        try:
+            # No line at all: it died before it could say why (a usage error, an
+            # import error), or it hangs.  Its output file goes with the state
+            # directory, so its last line goes into our message.
+            exited: int | None = proc.wait(timeout=0 if line else 2)
+        except subprocess.TimeoutExpired:
+            exited = None
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
+        if line:
+            raise CapsaError(line)
+        tail = last_line(self._output)
+        why = f": {tail}" if tail else ""
+        if exited is not None:
+            raise CapsaError(f"capsa-{self._name} exited with status {exited} before it was ready{why}")
+        raise CapsaError(f"capsa-{self._name} did not start within {timeout:.0f} s{why}")
+
+
+def spawn(
+    module: str,
+    args: Sequence[str],
+    *,
+    output: Path,
+    inherit_stdio: bool = False,
+    held: bool = True,
+) -> Pending:
+    """Start ``python -m module args --ready-fd N [--go-fd M]``; see :class:`Pending` and :func:`start`."""
     read_end, write_end = os.pipe()
+    go_read, go_write = os.pipe() if held else (-1, -1)
     argv = [sys.executable, "-m", module, *args, "--ready-fd", str(write_end)]
+    passed = [write_end]
+    if held:
+        argv += ["--go-fd", str(go_read)]
+        passed.append(go_read)
     name = module.rsplit(".", 1)[-1]
     log_fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:
         if inherit_stdio:
-            proc = subprocess.Popen(argv, pass_fds=(write_end,), start_new_session=True)
+            proc = subprocess.Popen(argv, pass_fds=passed, start_new_session=True)
         else:
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=log_fd,
-                pass_fds=(write_end,),
+                pass_fds=passed,
                 start_new_session=True,
             )
     except OSError as exc:
-        os.close(read_end)
+        for fd in (read_end, go_write):
+            if fd >= 0:
+                os.close(fd)
         raise CapsaError(f"cannot start capsa-{name}: {exc.strerror}") from exc
     finally:
-        os.close(write_end)
-        os.close(log_fd)
-    started = Started(proc.pid, pids.start_time(proc.pid) or 0, proc)
+        for fd in (write_end, go_read, log_fd):
+            if fd >= 0:
+                os.close(fd)
+    return Pending(name, output, proc, read_end, go_write)
+
+
+def wait_go(fd: int) -> bool:
+    """The helper's side of ``--go-fd``: block until released (True) or abandoned (False, EOF)."""
+    if fd < 0:
+        return True
     try:
-        line = read_line(read_end, timeout)
+        return os.read(fd, 1) == b"g"
+    except OSError:
+        return False
     finally:
-        os.close(read_end)
-    if line == "ok":
-        return started
-    try:
-        # No line at all: it died before it could say why (a usage error, an
-        # import error), or it hangs.  Its output file goes with the state
-        # directory, so its last line goes into our message.
-        exited: int | None = proc.wait(timeout=0 if line else 2)
-    except subprocess.TimeoutExpired:
-        exited = None
-    with contextlib.suppress(ProcessLookupError):
-        proc.kill()
-    proc.wait()
-    if line:
-        raise CapsaError(line)
-    tail = last_line(output)
-    why = f": {tail}" if tail else ""
-    if exited is not None:
-        raise CapsaError(f"capsa-{name} exited with status {exited} before it was ready{why}")
-    raise CapsaError(f"capsa-{name} did not start within {timeout:.0f} s{why}")
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def last_line(path: Path, limit: int = 300) -> str:

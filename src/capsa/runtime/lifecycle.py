@@ -180,7 +180,6 @@ def _start_processes(
         info = await client.info()
         state.hypervisor_pid, state.virtiofsd_pid = info.hypervisor_pid, info.virtiofsd_pid
 
-    with_proxy(rt.store.socket_dir(state.id), config.agent.request_timeout, create_in_vm)
     args = [*rt.helper_args(), f"--id={state.id}"]  # an ID may begin with "-"
     if wants_private_netns(bundle.spec):
         args.append("--new-netns")
@@ -188,16 +187,23 @@ def _start_processes(
         args += ["--console-socket", request.console_socket]
     elif bundle.terminal:
         args.append("--terminal")
+    # The shim starts (Python and its imports, a tenth of a second) while the
+    # guest creates the container, held until that is done (daemon.Pending).
     # With a console socket the pty is the container's stdio, and our own must
     # not outlive us: go-runc (containerd's runc shim) reads create's stdout
     # to EOF before it takes the console, as runc lets go of it.
-    shim = daemon.start(
+    pending = daemon.spawn(
         "capsa.shim",
         args,
         output=run_dir / "shim.out",
-        timeout=SHIM_START_TIMEOUT,
         inherit_stdio=not request.console_socket,
     )
+    try:
+        with_proxy(rt.store.socket_dir(state.id), config.agent.request_timeout, create_in_vm)
+    except BaseException:
+        pending.abandon()
+        raise
+    shim = pending.wait_ready(SHIM_START_TIMEOUT)
     state.pid, state.pid_start = shim.pid, shim.start_time
     state.status = Status.CREATED
     rt.store.save(state)

@@ -44,7 +44,7 @@ from capsa.cli.report import setup_logging
 from capsa.config import load_config
 from capsa.errors import AgentError, CapsaError
 from capsa.proxy.launch import ProxyClient
-from capsa.runtime.daemon import ReadyPipe, set_process_name
+from capsa.runtime.daemon import ReadyPipe, set_process_name, wait_go
 from capsa.runtime.state import StateStore
 from capsa.shim import console
 from capsa.shim.relay import VM_LOST_STATUS, ProcessIO, raw_terminal, relay
@@ -66,6 +66,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--config", default=None)
     parser.add_argument("--debug", action="store_true")
     parser.add_argument("--ready-fd", type=int, default=-1)
+    parser.add_argument("--go-fd", type=int, default=-1, help="wait for one byte here first (runtime/daemon.py)")
     return parser.parse_args(argv)
 
 
@@ -90,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if os.getsid(0) != os.getpid():
         os.setsid()  # no signals from the caller's terminal; a session to own a pty
+    if not wait_go(args.go_fd):
+        return 0  # the create that started us failed: nothing to stand for
     return asyncio.run(serve(store.socket_dir(args.id), args, config.agent.request_timeout, process, ready))
 
 
