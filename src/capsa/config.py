@@ -153,6 +153,9 @@ class RuntimeConfig:
     #: Admission: a VM starts only if the host's MemAvailable, less this
     #: reserve, holds its guest memory (runtime/admission.py).  0 turns the check off.
     host_memory_reserve_mib: int = 1024
+    #: `capsa debug-console` may open a shell in the guests created while it
+    #: is true (runtime/debug_console.py).
+    debug_console: bool = False
 
 
 @dataclass(frozen=True)
@@ -408,6 +411,7 @@ def _parse_runtime(table: Mapping[str, Any], where: str) -> RuntimeConfig:
         host_memory_reserve_mib=t.integer(
             "host_memory_reserve_mib", RuntimeConfig.host_memory_reserve_mib, 0, 1 << 24
         ),
+        debug_console=t.boolean("debug_console", RuntimeConfig.debug_console),
     )
 
 

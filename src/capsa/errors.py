@@ -51,6 +51,10 @@ class AgentError(CapsaError):
     """The agent in the guest refused a request or could not be reached."""
 
 
+class AgentGone(AgentError):
+    """The agent's channel closed under a request: the VM (or its proxy) went away."""
+
+
 class StorageError(CapsaError):
     """Sharing a filesystem with the guest (virtio-fs, 9p) failed."""
 

@@ -12,6 +12,7 @@ real crun runs in tests/integration/test_agent_vm.py, inside a real VM.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -225,7 +226,13 @@ class Agent:
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
-    base = tmp_path_factory.mktemp("agent")
+    with running_agent(tmp_path_factory.mktemp("agent")) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def running_agent(base: Path) -> Iterator[Agent]:
+    """A host-mode agent with FAKE_CRUN, serving on a unix socket in ``base``; killed at the end."""
     fake = base / "crun"
     fake.write_text(f"#!{sys.executable} -SI\n{FAKE_CRUN}")
     fake.chmod(0o755)

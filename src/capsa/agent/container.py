@@ -43,6 +43,8 @@ class Process:
         return not self.exited.done()
 
     def describe(self) -> str:
+        if not self.container_id:
+            return f"debug console process {self.exec_id}"
         if self.exec_id:
             return f"exec {self.exec_id} of container {self.container_id}"
         return f"container {self.container_id}"

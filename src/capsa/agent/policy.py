@@ -102,6 +102,7 @@ METHODS = (
     "GetOOMEvent",
     "SetPolicy",
     "RenewAgent",
+    "DebugConsole",
 )
 
 TEXT, TEXTS, FLAG, NUMBER = "text", "list of texts", "flag", "number"
@@ -149,6 +150,8 @@ FIELDS: Mapping[str, Mapping[str, str]] = {
         name: {"container_id": TEXT, "exec_id": TEXT}
         for name in ("WaitProcess", "WriteStdin", "ReadStdout", "ReadStderr", "CloseStdin", "TtyWinResize")
     },
+    # A process in the guest itself (capsa debug-console): args joined as a process's are.
+    "DebugConsole": {"exec_id": TEXT, "args": TEXT, "env": TEXTS, "terminal": FLAG},
 }
 
 #: The CRI's annotation naming a container's image (containerd and CRI-O set it).
@@ -375,6 +378,13 @@ def request_view(method: str, request: Message) -> dict[str, Any]:
     if isinstance(request, pb.ExecProcessRequest):
         view = process_view(_json(request.process_json))
         return {"container_id": request.container_id, "exec_id": request.exec_id, **view}
+    if isinstance(request, pb.DebugConsoleRequest):
+        return {
+            "exec_id": request.exec_id,
+            "args": " ".join(request.args),
+            "env": list(request.env),
+            "terminal": request.terminal,
+        }
     return {name: getattr(request, name) for name in FIELDS.get(method, {})}
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from capsa.agent import cgroup, clone, crun, hotplug, spawn, storage
 from capsa.agent.container import Container, ContainerState, Process, Registry
+from capsa.agent.guest_process import GuestProcesses
 from capsa.agent.options import AgentOptions
 from capsa.agent.reaper import Reaper, exit_status
 from capsa.agent.stdio import ConsoleSocket, Pipes, ProcessIO, terminal_io
@@ -58,6 +59,9 @@ class Sandbox:
         self.registry = Registry()
         self._reaper = reaper
         self._created = False
+        #: CreateSandbox said the configuration allows DebugConsole.
+        self._debug_console = False
+        self.guest_processes = GuestProcesses(reaper)
         self._mounts: list[str] = []
         # Shares mounted once for every container (Storage.subpath):
         # mount point -> (driver, tag) of the share mounted there.
@@ -95,8 +99,8 @@ class Sandbox:
         clone.set_realtime(realtime_ns)
         await clone.wait_virtiofs_devices(virtiofs_devices)
 
-    def create(self, hostname: str, storages: list[pb.Storage], dns: list[str]) -> None:
-        """CreateSandbox: hostname, sandbox-wide mounts, resolv.conf."""
+    def create(self, hostname: str, storages: list[pb.Storage], dns: list[str], debug_console: bool = False) -> None:
+        """CreateSandbox: hostname, sandbox-wide mounts, resolv.conf; whether DebugConsole is allowed."""
         if self._created:
             raise WrongState("the sandbox already exists")
         _refuse_subpath(storages)
@@ -118,10 +122,12 @@ class Sandbox:
             if dns:
                 with open("/etc/resolv.conf", "w", encoding="utf-8") as file:
                     file.writelines(f"nameserver {server}\n" for server in dns)
+        self._debug_console = debug_console
         self._created = True
 
     async def destroy(self) -> None:
         """DestroySandbox: every container killed and deleted, mounts gone, disks synced."""
+        self.guest_processes.kill_all()
         for container in self.registry.all():
             try:
                 await self.remove_container(container.id, timeout_seconds=0)
@@ -308,15 +314,30 @@ class Sandbox:
             raise ContainerExists(f"exec {exec_id} already exists in container {container_id}")
         container.execs[exec_id] = launched
 
+    def debug_console(self, exec_id: str, args: list[str], env: list[str], terminal: bool) -> None:
+        """DebugConsole: ``args`` in the guest itself, outside every container (:mod:`.guest_process`)."""
+        if not self._debug_console:
+            raise WrongState(
+                "the debug console is off in this sandbox: its configuration did not allow it"
+                " when the sandbox was created ([runtime] debug_console)"
+            )
+        self.guest_processes.start(exec_id, args, env, terminal)
+
     async def signal_process(self, container_id: str, exec_id: str, signum: int, all_processes: bool) -> None:
         """SignalProcess: kill(2) the process, or ``crun kill --all`` for the whole container."""
+        if not container_id:
+            self._signal(self.guest_processes.get(exec_id), signum)
+            return
         container = self.registry.get(container_id)
         if all_processes and not exec_id:
             await self._crun(
                 "kill", lambda log_file, _: crun.kill_argv(self.crun, log_file, container_id, signum, True)
             )
             return
-        process = container.process(exec_id)
+        self._signal(container.process(exec_id), signum)
+
+    @staticmethod
+    def _signal(process: Process, signum: int) -> None:
         if not process.running:
             raise WrongState(f"{process.describe()} is not running")
         try:
@@ -326,9 +347,14 @@ class Sandbox:
 
     async def wait_process(self, container_id: str, exec_id: str) -> tuple[int, int]:
         """WaitProcess: (status, signal) once the process exited."""
-        return await self.registry.get(container_id).process(exec_id).wait()
+        if not container_id:
+            return await self.guest_processes.wait(exec_id)
+        return await self.process(container_id, exec_id).wait()
 
     def process(self, container_id: str, exec_id: str) -> Process:
+        """A container's process; container_id "" names the guest's own (DebugConsole)."""
+        if not container_id:
+            return self.guest_processes.get(exec_id)
         return self.registry.get(container_id).process(exec_id)
 
     async def remove_container(self, container_id: str, timeout_seconds: int) -> None:

@@ -208,6 +208,7 @@ class AgentService:
             "GetOOMEvent": (pb.GetOOMEventRequest, self.get_oom_event),
             "SetPolicy": (pb.SetPolicyRequest, self.set_policy),
             "RenewAgent": (pb.RenewAgentRequest, self.renew_agent),
+            "DebugConsole": (pb.DebugConsoleRequest, self.debug_console),
         }
         server.register_service(
             SERVICE_NAME,
@@ -259,7 +260,7 @@ class AgentService:
 
     async def create_sandbox(self, request: pb.CreateSandboxRequest) -> pb.Empty:
         await self.sandbox.adopt(request.entropy, request.realtime_ns, request.virtiofs_devices)
-        self.sandbox.create(request.hostname, list(request.storages), list(request.dns))
+        self.sandbox.create(request.hostname, list(request.storages), list(request.dns), request.debug_console)
         return pb.Empty()
 
     async def destroy_sandbox(self, request: pb.DestroySandboxRequest) -> pb.Empty:
@@ -319,6 +320,10 @@ class AgentService:
 
     async def exec_process(self, request: pb.ExecProcessRequest) -> pb.Empty:
         await _uninterrupted(self.sandbox.exec_process(request.container_id, request.exec_id, request.process_json))
+        return pb.Empty()
+
+    async def debug_console(self, request: pb.DebugConsoleRequest) -> pb.Empty:
+        self.sandbox.debug_console(request.exec_id, list(request.args), list(request.env), request.terminal)
         return pb.Empty()
 
     async def signal_process(self, request: pb.SignalProcessRequest) -> pb.Empty:

@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from capsa.agent.reaper import Reaper, exit_status
 
@@ -66,6 +68,37 @@ def spawn(argv: list[str], stdin: int, stdout: int, stderr: int) -> int:
         ],
         setsigdef=_RESET_SIGNALS,
         setsigmask=(),
+    )
+
+
+def spawn_in_session(
+    argv: list[str],
+    env: Mapping[str, str],
+    *,
+    stdio: tuple[int, int, int] | None = None,
+    terminal: str | None = None,
+) -> int:
+    """posix_spawn ``argv`` as the leader of a session of its own, with ``env`` alone; returns the PID.
+
+    Its 0, 1 and 2 are ``stdio``, or the terminal whose path is
+    ``terminal``: opened in the child after setsid(2) (glibc's posix_spawn
+    runs POSIX_SPAWN_SETSID before the file actions), so it becomes the
+    session's controlling terminal (credentials(7), "Sessions"), as a
+    shell's job control and ^C need.  A command that cannot be executed
+    raises OSError here: glibc reports the child's exec failure.
+    """
+    if terminal is not None:
+        actions: list[tuple[Any, ...]] = [
+            (os.POSIX_SPAWN_OPEN, 0, terminal, os.O_RDWR, 0),
+            (os.POSIX_SPAWN_DUP2, 0, 1),
+            (os.POSIX_SPAWN_DUP2, 0, 2),
+        ]
+    elif stdio is not None:
+        actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio)]
+    else:
+        raise ValueError("spawn_in_session needs stdio or a terminal")
+    return os.posix_spawn(
+        argv[0], argv, dict(env), file_actions=actions, setsid=True, setsigdef=_RESET_SIGNALS, setsigmask=()
     )
 
 

@@ -69,6 +69,9 @@ class OutputStream:
         self._eof = False
         self._reading = False
         self._waiters: list[asyncio.Future[None]] = []
+        #: Set once a read returned end of file (or the stream was closed):
+        #: the reader has had everything.
+        self.drained = asyncio.Event()
         os.set_blocking(fd, False)
         self._resume()
 
@@ -127,6 +130,8 @@ class OutputStream:
         del self._buffer[:size]
         if len(self._buffer) < self._limit:
             self._resume()
+        if not data:
+            self.drained.set()
         return data
 
     def _close_fd(self) -> None:
@@ -140,6 +145,7 @@ class OutputStream:
         self._close_fd()
         self._eof = True
         self._buffer.clear()
+        self.drained.set()
         self._wake()
 
 

@@ -21,6 +21,7 @@ from capsa import __version__
 from capsa.cli import (
     check,
     create,
+    debug_console,
     delete,
     env,
     events,
@@ -60,6 +61,7 @@ VERBS: dict[str, ModuleType] = {
     "check": check,
     "version": version,
     "features": features,
+    "debug-console": debug_console,
 }
 
 

@@ -28,6 +28,10 @@ import asyncio
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from capsa.hypervisor.journal import ConsoleJournal
 
 #: The size bound of each log.
 DEFAULT_LIMIT = 1 << 20
@@ -63,8 +67,12 @@ class BoundedLog:
             self._fd = -1
 
 
-async def pump(sock: socket.socket, log: BoundedLog) -> None:
-    """Copy what the guest writes on ``sock`` into ``log`` until QEMU closes it."""
+async def pump(sock: socket.socket, log: BoundedLog, journal: ConsoleJournal | None = None) -> None:
+    """Copy what the guest writes on ``sock`` into ``log`` (and line by line to ``journal``) until QEMU closes it.
+
+    The journal never holds the pump up: its sender drops what journald
+    cannot take at once (:mod:`capsa.hypervisor.journal`).
+    """
     loop = asyncio.get_running_loop()
     sock.setblocking(False)
     try:
@@ -76,6 +84,10 @@ async def pump(sock: socket.socket, log: BoundedLog) -> None:
             if not data:
                 return
             log.write(data)
+            if journal is not None:
+                journal.feed(data)
     finally:
         log.close()
         sock.close()
+        if journal is not None:
+            journal.close()

@@ -65,6 +65,7 @@ from capsa.hypervisor.base import (
 from capsa.hypervisor.bounded_log import BoundedLog
 from capsa.hypervisor.bounded_log import pump as console_pump
 from capsa.hypervisor.jail import Confinement
+from capsa.hypervisor.journal import ConsoleJournal
 from capsa.hypervisor.process import Helper, last_line, spawn, terminate
 
 log = logging.getLogger("capsa.hypervisor.qemu")
@@ -620,7 +621,8 @@ class QemuHypervisor(Hypervisor):
         finally:
             theirs.close()
             console_theirs.close()
-        self._console = asyncio.ensure_future(console_pump(console_ours, console_log))
+        journal = ConsoleJournal.open(config.name)  # None unless journald runs
+        self._console = asyncio.ensure_future(console_pump(console_ours, console_log, journal))
         self._qmp = QMPClient(f"capsa-{config.name}")
         try:
             await asyncio.wait_for(self._qmp.connect(ours), self._start_timeout)

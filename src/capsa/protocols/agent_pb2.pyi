@@ -226,6 +226,7 @@ class CreateSandboxRequest(_message.Message):
     ENTROPY_FIELD_NUMBER: _builtins.int
     REALTIME_NS_FIELD_NUMBER: _builtins.int
     VIRTIOFS_DEVICES_FIELD_NUMBER: _builtins.int
+    DEBUG_CONSOLE_FIELD_NUMBER: _builtins.int
     hostname: _builtins.str
     sandbox_id: _builtins.str
     entropy: _builtins.bytes
@@ -238,6 +239,10 @@ class CreateSandboxRequest(_message.Message):
     virtiofs_devices: _builtins.int
     """virtio-fs devices hot-plugged after the restore: the agent waits until
     this many are bound to the virtiofs driver before it answers.
+    """
+    debug_console: _builtins.bool
+    """The configuration allows DebugConsole in this sandbox ([runtime]
+    debug_console); false: the agent refuses it for the sandbox's life.
     """
     @_builtins.property
     def storages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Storage]:
@@ -255,10 +260,11 @@ class CreateSandboxRequest(_message.Message):
         entropy: _builtins.bytes = ...,
         realtime_ns: _builtins.int = ...,
         virtiofs_devices: _builtins.int = ...,
+        debug_console: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dns", b"dns", "entropy", b"entropy", "hostname", b"hostname", "realtime_ns", b"realtime_ns", "sandbox_id", b"sandbox_id", "storages", b"storages", "virtiofs_devices", b"virtiofs_devices"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["debug_console", b"debug_console", "dns", b"dns", "entropy", b"entropy", "hostname", b"hostname", "realtime_ns", b"realtime_ns", "sandbox_id", b"sandbox_id", "storages", b"storages", "virtiofs_devices", b"virtiofs_devices"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1005,3 +1011,41 @@ class RenewAgentRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RenewAgentRequest: _TypeAlias = RenewAgentRequest  # noqa: Y015
+
+@_typing.final
+class DebugConsoleRequest(_message.Message):
+    """DebugConsole: the command and how its stdio is made."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXEC_ID_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    TERMINAL_FIELD_NUMBER: _builtins.int
+    exec_id: _builtins.str
+    """names the process in the calls that follow (container_id "")"""
+    terminal: _builtins.bool
+    """a pty (stdout and stderr both on it), else three pipes"""
+    @_builtins.property
+    def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """argv; args[0] is an absolute path in the guest"""
+
+    @_builtins.property
+    def env(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """NAME=value, over PATH and HOME the agent sets"""
+
+    def __init__(
+        self,
+        *,
+        exec_id: _builtins.str = ...,
+        args: _abc.Iterable[_builtins.str] | None = ...,
+        env: _abc.Iterable[_builtins.str] | None = ...,
+        terminal: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "env", b"env", "exec_id", b"exec_id", "terminal", b"terminal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DebugConsoleRequest: _TypeAlias = DebugConsoleRequest  # noqa: Y015

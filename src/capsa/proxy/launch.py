@@ -12,6 +12,7 @@ proxy's own control calls.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import TypeVar
 
@@ -31,6 +32,19 @@ PROXY_SERVICE = "capsa.proxy.v1.Proxy"
 
 #: How long ``delete`` waits for a proxy to tear its VM down before SIGKILL.
 SHUTDOWN_TIMEOUT = 15.0
+#: In the state directory, once a VM stopped without being asked: why, in
+#: one line (the guest console's last words: proxy.proxy.stop_report).
+#: Kept until ``delete``, for the shims to tell the engine.
+STOPPED_FILE = "vm-stopped"
+
+
+def read_stopped(run_dir: Path) -> str | None:
+    """Why the VM stopped by itself, as its proxy recorded it; None when it did not (or was asked to)."""
+    try:
+        text = (run_dir / STOPPED_FILE).read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return None
+    return text or None
 
 
 def start_proxy(
@@ -74,6 +88,14 @@ class ProxyClient:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    async def wait_gone(self, timeout: float) -> bool:
+        """Wait until the proxy has closed this connection (it exits once its VM is down); False on timeout."""
+        try:
+            await asyncio.wait_for(self._client.wait_closed(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def create_container(self, container_id: str, bundle: Path) -> None:
         request = pb.CreateContainerRequest(container_id=container_id, bundle=str(bundle))

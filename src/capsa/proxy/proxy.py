@@ -32,9 +32,12 @@ from pathlib import Path
 
 from capsa.config import Config
 from capsa.errors import CapsaError, HypervisorError, InvalidArgument
+from capsa.hypervisor import guest_console
 from capsa.hypervisor.qemu import BlockDisk
 from capsa.network.attach import NetworkAttachment
 from capsa.protocols import proxy_pb2
+from capsa.proxy.launch import STOPPED_FILE
+from capsa.runtime import debug_console
 from capsa.runtime.agent_client import AgentClient
 from capsa.runtime.bundle import load_bundle
 from capsa.runtime.mounts import (
@@ -63,6 +66,20 @@ VOLUMES_DIR_NAME = "volumes"
 #: The annotation that carries a sandbox's agent policy: base64 of its TOML
 #: text (capsa/agent/policy.py), as Kata's io.katacontainers.config.agent.policy.
 POLICY_ANNOTATION = "io.capsa.agent.policy"
+
+#: How long a virtiofsd's exit waits for QEMU's: QEMU's end closes the
+#: vhost-user socket and virtiofsd exits on that, often seen first.
+QEMU_EXIT_GRACE = 0.5
+#: Console lines the proxy's log shows when the VM stopped by itself (with --debug).
+DEBUG_CONSOLE_LINES = 40
+
+
+def stop_report(ended: str, words: tuple[str, ...]) -> str:
+    """Why a VM stopped without being asked, in one line: who ended (``QEMU``,
+    ``virtiofsd for ...``) and the guest console's last words."""
+    if guest_console.panicked(words):
+        return f"the guest kernel panicked; {guest_console.quote(words)}"
+    return f"{ended} exited; {guest_console.quote(words)}"
 
 
 def annotated_policy(annotations: Mapping[str, str]) -> bytes | None:
@@ -114,13 +131,33 @@ class Proxy:
         self._disks: dict[str, list[BlockDisk]] = {}
         self._created_any = False
         self.reason = ""
+        #: What ended the VM when it stopped without being asked ("QEMU",
+        #: "virtiofsd for ..."); None while it runs or after Shutdown.
+        self.ended_by: str | None = None
 
     async def start(self) -> None:
         """Make the shared directories and boot the VM; on failure everything started is stopped."""
         self.shared.create()
         if self.volumes is not None:
             self.volumes.create()
+        if self.config.runtime.debug_console:
+            self._share_debug_tools()
         self._agent = await self.sandbox.start()
+
+    def _share_debug_tools(self) -> None:
+        """The host's busybox, read-only in the rootfs share, for ``capsa debug-console`` (runtime/debug_console.py).
+
+        Without it the sandbox runs all the same; the debug console then
+        fails in the guest, and this log says why.
+        """
+        bind = debug_console.tools_bind()
+        if not bind.source.is_file():
+            log.warning("no %s on the host (busybox-static): the debug console will have no shell", bind.source)
+            return
+        try:
+            self.shared.apply([bind])
+        except CapsaError as exc:
+            log.warning("the debug console will have no shell: %s", exc)
 
     def agent_connection(self) -> Client:
         if self._agent is None:
@@ -299,6 +336,22 @@ class Proxy:
         self.network = attachment
         self._network_watch = asyncio.ensure_future(attachment.watch(hypervisor, self.agent))
 
+    def _report_stop(self, ended: str, console_log: Path) -> None:
+        """Log why the VM stopped by itself and leave it in :data:`STOPPED_FILE` for the shims."""
+        text = guest_console.read_tail(console_log)
+        report = stop_report(ended, guest_console.last_words(text))
+        log.error("the VM stopped: %s", report)
+        if log.isEnabledFor(logging.DEBUG):
+            lines = [line for line in text.splitlines() if line.strip()]
+            log.debug("guest console (%s), last lines:\n%s", console_log, "\n".join(lines[-DEBUG_CONSOLE_LINES:]))
+        target = self.run_dir / STOPPED_FILE
+        try:
+            partial = target.with_name(f".{STOPPED_FILE}.tmp")
+            partial.write_text(report + "\n", encoding="utf-8")
+            partial.replace(target)
+        except OSError as exc:
+            log.warning("cannot record why the VM stopped in %s: %s", target, exc.strerror)
+
     def request_shutdown(self, reason: str) -> None:
         if not self._done.is_set():
             self.reason = reason
@@ -318,6 +371,12 @@ class Proxy:
                 ended = "the VM"
                 with contextlib.suppress(CapsaError):
                     ended = vm_exit.result()
+                hypervisor = self.sandbox.hypervisor
+                if ended != "QEMU" and hypervisor is not None:
+                    with contextlib.suppress(asyncio.TimeoutError, CapsaError):
+                        await asyncio.wait_for(hypervisor.wait(), QEMU_EXIT_GRACE)
+                        ended = "QEMU"
+                self.ended_by = ended
                 if ended != "QEMU":
                     # A VM without its file server is no sandbox: end it as if QEMU had died.
                     log.error("%s exited: stopping the VM", ended)
@@ -337,7 +396,12 @@ class Proxy:
             with contextlib.suppress(asyncio.CancelledError):
                 await watch
         self._agent = None
+        hypervisor = self.sandbox.hypervisor
+        console_log = hypervisor.console_log if hypervisor is not None else None
         await self.sandbox.stop()
+        if self.ended_by is not None and console_log is not None:
+            # After the stop: the console pump has written the VM's last words.
+            self._report_stop(self.ended_by, console_log)
         # After QEMU: its taps went with it; the qdiscs and macvtaps are ours to remove.
         network, self.network = self.network, None
         if network is not None:

@@ -22,10 +22,10 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
-from capsa.errors import AgentError
+from capsa.errors import AgentError, AgentGone
 from capsa.protocols import agent_pb2 as pb
 from capsa.ttrpc.client import Client
-from capsa.ttrpc.errors import Code, StatusError, TtrpcError
+from capsa.ttrpc.errors import Code, ConnectionClosed, StatusError, TtrpcError
 
 SERVICE = "capsa.agent.v1.AgentService"
 M = TypeVar("M", bound=Message)
@@ -78,7 +78,11 @@ class AgentClient:
         try:
             return await self._client.unary(SERVICE, method, request, response_type, timeout=effective)
         except StatusError as exc:
-            raise AgentError(exc.message or f"agent {method} failed ({exc.code.name})") from exc
+            # UNAVAILABLE: the proxy's word for an agent connection that closed (proxy/service.py).
+            kind = AgentGone if exc.code is Code.UNAVAILABLE else AgentError
+            raise kind(exc.message or f"agent {method} failed ({exc.code.name})") from exc
+        except ConnectionClosed as exc:
+            raise AgentGone(f"agent {method}: {exc}") from exc
         except TtrpcError as exc:
             raise AgentError(f"agent {method}: {exc}") from exc
 
@@ -142,6 +146,11 @@ class AgentClient:
             container_id=container_id, exec_id=exec_id, process_json=json.dumps(process).encode()
         )
         await self._call("ExecProcess", request, pb.Empty)
+
+    async def debug_console(self, exec_id: str, args: list[str], env: list[str], terminal: bool) -> None:
+        """Start ``args`` in the guest itself, outside every container; relay it as container_id "" and ``exec_id``."""
+        request = pb.DebugConsoleRequest(exec_id=exec_id, args=args, env=env, terminal=terminal)
+        await self._call("DebugConsole", request, pb.Empty)
 
     async def pause_container(self, container_id: str) -> None:
         await self._call("PauseContainer", pb.PauseContainerRequest(container_id=container_id), pb.Empty)

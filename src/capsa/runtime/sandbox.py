@@ -29,7 +29,7 @@ from qemu.qmp import EventListener
 
 from capsa.config import Config, host_cpus, host_memory_mib, max_memory_mib_for, max_vcpus_for
 from capsa.errors import CapsaError, GuestImageError, HypervisorError
-from capsa.hypervisor import template
+from capsa.hypervisor import guest_console, template
 from capsa.hypervisor.accel import resolve_accelerator
 from capsa.hypervisor.base import (
     AGENT_PORT_ID,
@@ -340,6 +340,7 @@ class Sandbox:
             entropy=secrets.token_bytes(SANDBOX_ENTROPY_BYTES),
             realtime_ns=time.time_ns(),
             virtiofs_devices=virtiofs_devices,
+            debug_console=self.config.runtime.debug_console,
         )
 
     async def _start_from_template(self, accelerator: str) -> AgentClient:
@@ -555,7 +556,9 @@ class Sandbox:
             return " (the guest printed nothing; run with --debug to see its boot)"
         if self.debug:
             log.debug("guest console:\n%s", "\n".join(lines[-40:]))
-        return f": {lines[-1].strip()}"
+        # A panic's own line, not the last line of its call trace.
+        words = guest_console.last_words("\n".join(lines), count=1)
+        return f": {' | '.join(words)}"
 
     async def wait_helpers(self) -> str:
         """Wait until QEMU or one of its virtiofsd exits; say which ("QEMU", "virtiofsd ...").

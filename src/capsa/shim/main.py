@@ -42,16 +42,18 @@ from typing import Any
 from capsa.agent import libc
 from capsa.cli.report import setup_logging
 from capsa.config import load_config
-from capsa.errors import AgentError, CapsaError
-from capsa.proxy.launch import ProxyClient
+from capsa.errors import AgentError, AgentGone, CapsaError
+from capsa.proxy.launch import ProxyClient, read_stopped
 from capsa.runtime.daemon import ReadyPipe, set_process_name, wait_go
 from capsa.runtime.state import StateStore
 from capsa.shim import console
-from capsa.shim.relay import VM_LOST_STATUS, ProcessIO, raw_terminal, relay
+from capsa.shim.relay import VM_LOST_STATUS, ProcessIO, raw_terminal, relay, write_all
 
 log = logging.getLogger("capsa.shim")
 
 CLONE_NEWNET = 0x40000000
+#: How long a shim whose VM went away waits for the proxy to finish stopping it.
+PROXY_EXIT_TIMEOUT = 10.0
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -93,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.setsid()  # no signals from the caller's terminal; a session to own a pty
     if not wait_go(args.go_fd):
         return 0  # the create that started us failed: nothing to stand for
-    return asyncio.run(serve(store.socket_dir(args.id), args, config.agent.request_timeout, process, ready))
+    return asyncio.run(serve(store.socket_dir(args.id), args, config.agent.request_timeout, process, ready, run_dir))
 
 
 async def serve(
@@ -102,6 +104,7 @@ async def serve(
     request_timeout: float,
     process: dict[str, Any] | None,
     ready: ReadyPipe,
+    run_dir: Path,
 ) -> int:
     try:
         proxy = await ProxyClient.connect(socket_dir, request_timeout)
@@ -117,15 +120,35 @@ async def serve(
             ready.fail(str(exc))
             return 1
         ready.ok()
+        stopped: str | None = None
         with raw_terminal(io.winsize_fd if io.terminal and not args.console_socket else None):
             try:
                 return await relay(proxy.agent, args.id, args.exec_id, io)
             except AgentError as exc:
                 log.error("lost the process: %s", exc)
-                return VM_LOST_STATUS
+                if isinstance(exc, AgentGone):
+                    stopped = await _why_the_vm_stopped(proxy, run_dir)
+        if stopped is not None:
+            # On the process's stderr, which is what the engine shows with its
+            # exit status (its container log; `capsa run`'s own stderr).
+            log.error("the container's VM stopped: %s", stopped)
+            write_all(io.stderr, f"capsa: the container's VM stopped: {stopped}\n".encode())
+        return VM_LOST_STATUS
     finally:
         with contextlib.suppress(CapsaError, OSError):
             await proxy.aclose()
+
+
+async def _why_the_vm_stopped(proxy: ProxyClient, run_dir: Path) -> str | None:
+    """What the proxy recorded once its VM stopped by itself (a guest panic...); None when it was asked to stop.
+
+    The proxy writes it as it stops, after the console's last bytes are in
+    (proxy/proxy.py), and exits: its end of our connection closing is the
+    sign.  A proxy that does not go within the bound leaves nothing to say.
+    """
+    if not await proxy.wait_gone(PROXY_EXIT_TIMEOUT):
+        return None
+    return read_stopped(run_dir)
 
 
 def _process_io(args: argparse.Namespace) -> ProcessIO:

@@ -100,6 +100,10 @@ class Client:
         """True once the connection ended, by either side."""
         return self._closed is not None
 
+    async def wait_closed(self) -> None:
+        """Return once the connection has ended: the peer's end of file (it exited, say) or :meth:`aclose`."""
+        await asyncio.wait({self._read_task})
+
     async def call(
         self,
         service: str,
