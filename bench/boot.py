@@ -96,14 +96,21 @@ def time_floor(accel: str) -> float:
 
 def config_with_boot(root: Path, boot: str) -> Path:
     """The configuration in effect, with ``[hypervisor] boot`` set to ``boot``."""
+    return config_with_hypervisor(root, boot, {"boot": boot})
+
+
+def config_with_hypervisor(root: Path, name: str, settings: dict[str, str]) -> Path:
+    """The configuration in effect with the given ``[hypervisor]`` keys set (string values), as ``root/name.toml``."""
     path, _ = resolve_config_path(None)
     text = path.read_text() if path.exists() else ""
-    text = re.sub(r"(?m)^boot\s*=.*$", "", text)
+    keys = "|".join(re.escape(key) for key in settings)
+    text = re.sub(rf"(?m)^({keys})\s*=.*$", "", text)
+    lines = "\n".join(f'{key} = "{value}"' for key, value in settings.items())
     if re.search(r"(?m)^\[hypervisor\]", text):
-        text = re.sub(r"(?m)^\[hypervisor\]\s*$", f'[hypervisor]\nboot = "{boot}"', text, count=1)
+        text = re.sub(r"(?m)^\[hypervisor\]\s*$", f"[hypervisor]\n{lines}", text, count=1)
     else:
-        text += f'\n[hypervisor]\nboot = "{boot}"\n'
-    out = root / f"{boot}.toml"
+        text += f"\n[hypervisor]\n{lines}\n"
+    out = root / f"{name}.toml"
     out.write_text(text)
     return out
 

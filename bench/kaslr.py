@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -35,9 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from boot import floor_argv, make_bundle, time_capsa
+from boot import config_with_hypervisor, floor_argv, make_bundle, time_capsa
 
-from capsa.config import cache_dir, guest_dir, load_config, resolve_config_path
+from capsa.config import cache_dir, guest_dir, load_config
 from capsa.hypervisor.accel import resolve_accelerator
 
 KERNELS = ("vmlinux", "bzImage")
@@ -45,17 +44,7 @@ KERNELS = ("vmlinux", "bzImage")
 
 def config_with(root: Path, boot: str, kernel: Path) -> Path:
     """The configuration in effect with ``[hypervisor] boot`` and ``kernel`` set."""
-    path, _ = resolve_config_path(None)
-    text = path.read_text() if path.exists() else ""
-    text = re.sub(r"(?m)^(boot|kernel)\s*=.*$", "", text)
-    settings = f'boot = "{boot}"\nkernel = "{kernel}"'
-    if re.search(r"(?m)^\[hypervisor\]", text):
-        text = re.sub(r"(?m)^\[hypervisor\]\s*$", f"[hypervisor]\n{settings}", text, count=1)
-    else:
-        text += f"\n[hypervisor]\n{settings}\n"
-    out = root / f"{boot}-{kernel.name}.toml"
-    out.write_text(text)
-    return out
+    return config_with_hypervisor(root, f"{boot}-{kernel.name}", {"boot": boot, "kernel": str(kernel)})
 
 
 def time_floor(accel: str, kernel: Path) -> float:
