@@ -236,6 +236,7 @@ class AgentService:
             policy_denials=self.policy.denied,
             agent_hash_probe=hash(HASH_PROBE) & 0xFFFF_FFFF_FFFF_FFFF,
             agent_renewals=self.renewals,
+            load_average=list(os.getloadavg()),
         )
 
     async def renew_agent(self, request: pb.RenewAgentRequest) -> pb.Empty:

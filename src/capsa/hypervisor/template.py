@@ -414,6 +414,8 @@ class TemplateStore:
     def __init__(self, root: Path, limits: TemplateLimits | None = None) -> None:
         self.root = root
         self.limits = limits or TemplateLimits()
+        #: Whether the last :meth:`checkout` made the template it gave (for the runtime counters).
+        self.made = False
 
     @contextlib.asynccontextmanager
     async def checkout(self, key: str, make: Callable[[], Awaitable[Path]], lock_timeout: float) -> AsyncIterator[Path]:
@@ -439,6 +441,7 @@ class TemplateStore:
                     if lease is None:
                         raise TemplateError(f"template {key} went away as it was made")
                     made = True
+        self.made = made
         try:
             if made:
                 for old in await asyncio.to_thread(self.prune):

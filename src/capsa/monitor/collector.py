@@ -26,6 +26,7 @@ from capsa.monitor.guest import ASKS, Ask, GuestReport, LatencyBook, ask_order, 
 from capsa.monitor.metrics import SandboxSample, Snapshot, families
 from capsa.monitor.procfs import MemoryUse, ProcessTable
 from capsa.monitor.roles import Role, assign_roles, boot_kind, host_usage
+from capsa.runtime import counters
 from capsa.runtime.state import SOCKET_ROOT
 
 log = logging.getLogger("capsa.monitor")
@@ -120,6 +121,7 @@ def take_snapshot(
         refreshes=(previous.refreshes if previous else 0) + 1,
         samples=tuple(samples),
         latencies=book.export(),
+        runtime=counters.read(),
     )
 
 

@@ -72,6 +72,8 @@ class GuestDetails:
     #: The agent policy in force (SHA-256 of its text, "" for allow-everything) and its refusals.
     policy_digest: str = ""
     policy_denials: int = 0
+    #: Over 1, 5 and 15 minutes; empty from an agent that does not say.
+    load_average: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,8 @@ class ContainerFigures:
     memory_usage_bytes: int
     memory_limit_bytes: int  # 0: no limit
     pids: int
+    #: memory.events oom_kill: processes the guest's OOM killer took in the container's cgroup.
+    oom_kills: int = 0
 
 
 @dataclass(frozen=True)
@@ -225,6 +229,7 @@ async def ask_proxy(sandbox: SandboxInfo, timeout: float, record: Record) -> Gue
             agent_start_seconds=reply.agent_start_seconds,
             policy_digest=reply.policy_digest,
             policy_denials=reply.policy_denials,
+            load_average=tuple(reply.load_average),
         )
         figures: dict[str, ContainerFigures] = {}
         for container in sandbox.containers:
@@ -240,6 +245,7 @@ async def ask_proxy(sandbox: SandboxInfo, timeout: float, record: Record) -> Gue
                 memory_usage_bytes=stats.memory_usage_bytes,
                 memory_limit_bytes=stats.memory_limit_bytes,
                 pids=stats.pids_current,
+                oom_kills=stats.oom_kills,
             )
     except AgentError as exc:
         return GuestReport(False, _reason_of(exc), error=str(exc))
@@ -298,6 +304,7 @@ async def ask_shim_v2(sandbox: SandboxInfo, timeout: float, record: Record) -> G
                 memory_usage_bytes=metrics.memory.usage,
                 memory_limit_bytes=metrics.memory.usage_limit,
                 pids=metrics.pids.current,
+                oom_kills=metrics.memory_events.oom_kill,
             )
     except TtrpcError as exc:
         return GuestReport(False, Reason.ERROR, statuses=statuses, error=str(exc))

@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from capsa.monitor.discovery import SandboxInfo
 from capsa.monitor.guest import LATENCY_BUCKETS, GuestReport, LatencyCounts, Reason
 from capsa.monitor.roles import RoleUsage
+from capsa.runtime.counters import START_BUCKETS, Counters
 from capsa.runtime.state import Status
 
 SANDBOX_LABELS = ("sandbox", "pod_name", "pod_namespace")
@@ -44,6 +45,8 @@ class Snapshot:
     refreshes: int  # snapshots taken since the monitor started, this one included
     samples: tuple[SandboxSample, ...] = ()
     latencies: tuple[LatencyCounts, ...] = ()
+    #: The host's runtime counters (runtime/counters.py) as read for this snapshot.
+    runtime: Counters = field(default_factory=Counters)
 
 
 def sandbox_status(sample: SandboxSample) -> str:
@@ -164,6 +167,11 @@ def families(snapshot: Snapshot) -> list[Metric]:
         "From the guest's /init starting until its agent served its first request.",
         labels=list(SANDBOX_LABELS),
     )
+    guest_load = GaugeMetricFamily(
+        "capsa_guest_load_average",
+        "The guest kernel's load average (/proc/loadavg) over the minutes given.",
+        labels=[*SANDBOX_LABELS, "minutes"],
+    )
     policy_denials = CounterMetricFamily(
         "capsa_guest_policy_denials",
         "Requests the guest's agent policy refused; policy is the SHA-256 of the policy in force"
@@ -190,6 +198,11 @@ def families(snapshot: Snapshot) -> list[Metric]:
     )
     c_pids = GaugeMetricFamily(
         "capsa_container_pids", "pids.current of the container's cgroup in the guest.", labels=list(CONTAINER_LABELS)
+    )
+    c_oom = CounterMetricFamily(
+        "capsa_container_oom_kills",
+        "Processes the guest's OOM killer took in the container's cgroup (memory.events oom_kill).",
+        labels=list(CONTAINER_LABELS),
     )
 
     by_source: dict[str, list[str]] = {}
@@ -221,6 +234,8 @@ def families(snapshot: Snapshot) -> list[Metric]:
             kernel_boot.add_metric(list(base), details.kernel_boot_seconds)
             agent_start.add_metric(list(base), details.agent_start_seconds)
             policy_denials.add_metric([*base, details.policy_digest], details.policy_denials)
+            for minutes, load in zip(("1", "5", "15"), details.load_average, strict=False):
+                guest_load.add_metric([*base, minutes], load)
         for container in sb.containers:
             c_base = [*base, container.id, container.name]
             c_current = container_status(sample, container.id, container.status)
@@ -234,6 +249,7 @@ def families(snapshot: Snapshot) -> list[Metric]:
             if figures.memory_limit_bytes:
                 c_limit.add_metric(c_base, figures.memory_limit_bytes)
             c_pids.add_metric(c_base, figures.pids)
+            c_oom.add_metric(c_base, figures.oom_kills)
 
     rpc_labels = [*SANDBOX_LABELS, "via", "rpc"]
     latency = HistogramMetricFamily(
@@ -255,6 +271,7 @@ def families(snapshot: Snapshot) -> list[Metric]:
         errors.add_metric(rpc_values, counts.errors)
 
     return [
+        *runtime_families(snapshot.runtime),
         refresh,
         refreshed_at,
         refreshes,
@@ -274,12 +291,48 @@ def families(snapshot: Snapshot) -> list[Metric]:
         guest_memory,
         kernel_boot,
         agent_start,
+        guest_load,
         policy_denials,
         c_status,
         c_cpu,
         c_memory,
         c_limit,
         c_pids,
+        c_oom,
         latency,
         errors,
     ]
+
+
+def runtime_families(counters: Counters) -> list[Metric]:
+    """The host's runtime counters (runtime/counters.py): starts, failures by reason, template use, start times."""
+    starts = CounterMetricFamily(
+        "capsa_runtime_sandbox_starts",
+        "Sandboxes started on this host, by how they booted and how they used a template"
+        " (hit, made: this start made it, failed: it booted cold after; empty for a cold boot).",
+        labels=["boot", "template"],
+    )
+    for key, count in sorted(counters.starts.items()):
+        boot, _, template = key.partition("/")
+        starts.add_metric([boot, template], count)
+    failures = CounterMetricFamily(
+        "capsa_runtime_sandbox_start_failures",
+        "Sandboxes that did not start, by reason (invalid, host-memory, guest-files, storage, vm, agent, host,"
+        " interrupted).",
+        labels=["reason"],
+    )
+    for reason, count in sorted(counters.failures.items()):
+        failures.add_metric([reason], count)
+    seconds = HistogramMetricFamily(
+        "capsa_runtime_sandbox_start_seconds",
+        "How long starting a sandbox took (its VM booted or restored, its agent answering), by boot.",
+        labels=["boot"],
+    )
+    bounds = [f"{bound:g}" for bound in START_BUCKETS] + ["+Inf"]
+    for boot, histogram in sorted(counters.start_seconds.items()):
+        cumulative, running = [], 0
+        for count in histogram["buckets"]:
+            running += count
+            cumulative.append(running)
+        seconds.add_metric([boot], list(zip(bounds, cumulative, strict=True)), histogram["sum"])
+    return [starts, failures, seconds]

@@ -120,6 +120,7 @@ class GuestDetailsResponse(_message.Message):
     POLICY_DENIALS_FIELD_NUMBER: _builtins.int
     AGENT_HASH_PROBE_FIELD_NUMBER: _builtins.int
     AGENT_RENEWALS_FIELD_NUMBER: _builtins.int
+    LOAD_AVERAGE_FIELD_NUMBER: _builtins.int
     kernel_release: _builtins.str
     """uname -r in the guest"""
     agent_version: _builtins.str
@@ -144,6 +145,10 @@ class GuestDetailsResponse(_message.Message):
     """
     agent_renewals: _builtins.int
     """Times this agent's process was renewed (RenewAgent) since the VM booted."""
+    @_builtins.property
+    def load_average(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The guest's load averages over 1, 5 and 15 minutes (/proc/loadavg)."""
+
     def __init__(
         self,
         *,
@@ -158,10 +163,11 @@ class GuestDetailsResponse(_message.Message):
         policy_denials: _builtins.int = ...,
         agent_hash_probe: _builtins.int = ...,
         agent_renewals: _builtins.int = ...,
+        load_average: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_hash_probe", b"agent_hash_probe", "agent_renewals", b"agent_renewals", "agent_start_seconds", b"agent_start_seconds", "agent_version", b"agent_version", "crun_version", b"crun_version", "kernel_boot_seconds", b"kernel_boot_seconds", "kernel_release", b"kernel_release", "mem_total_bytes", b"mem_total_bytes", "online_cpus", b"online_cpus", "policy_denials", b"policy_denials", "policy_digest", b"policy_digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_hash_probe", b"agent_hash_probe", "agent_renewals", b"agent_renewals", "agent_start_seconds", b"agent_start_seconds", "agent_version", b"agent_version", "crun_version", b"crun_version", "kernel_boot_seconds", b"kernel_boot_seconds", "kernel_release", b"kernel_release", "load_average", b"load_average", "mem_total_bytes", b"mem_total_bytes", "online_cpus", b"online_cpus", "policy_denials", b"policy_denials", "policy_digest", b"policy_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

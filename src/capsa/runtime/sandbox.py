@@ -44,6 +44,7 @@ from capsa.hypervisor.base import (
 from capsa.hypervisor.jail import Confinement
 from capsa.hypervisor.qemu import QemuHypervisor
 from capsa.protocols import agent_pb2 as pb
+from capsa.runtime import counters
 from capsa.runtime.admission import admit
 from capsa.runtime.agent_client import AgentClient
 from capsa.runtime.identity import IdentityAllocator, SandboxIdentity
@@ -235,6 +236,8 @@ class Sandbox:
     #: The uid and gid its QEMU runs as (runtime/identity.py); None: as root.
     identity: SandboxIdentity | None = None
     _memory_file: Path | None = None
+    #: Whether this sandbox's start made the template it was restored from.
+    _template_made: bool = False
 
     def _confinement(self) -> Confinement | None:
         if self.identity is None:
@@ -262,12 +265,21 @@ class Sandbox:
         self.timings[phase] = time.monotonic()
 
     async def start(self) -> AgentClient:
-        """Boot the VM and return a connected agent; on failure, undo everything."""
+        """Boot the VM and return a connected agent; on failure, undo everything.
+
+        Either way the host's runtime counters count it (runtime/counters.py).
+        """
+        began = time.monotonic()
         try:
-            return await self._start()
-        except BaseException:
+            agent = await self._start()
+        except BaseException as exc:
             await self.stop()
+            counters.record_failure(exc)
             raise
+        timings = self.timings
+        boot = "template" if "template_restored" in timings else "cold"
+        counters.record_start(boot, counters.template_result(timings, self._template_made), time.monotonic() - began)
+        return agent
 
     async def _start(self) -> AgentClient:
         config = self.config
@@ -366,6 +378,7 @@ class Sandbox:
         # The template is leased until its state is loaded: it may retire
         # meanwhile (its clone bound reached), but is not removed under us.
         async with store.checkout(key, make, TEMPLATE_LOCK_TIMEOUT) as found:
+            self._template_made = store.made
             self._mark("template_ready")
             await self._share_rootfs()
             self._mark("rootfs_shared")

@@ -204,6 +204,7 @@ class TaskService:
             pids=metrics_pb2.PidsStat(current=stats.pids_current),
             cpu=metrics_pb2.CPUStat(usage_usec=stats.cpu_usage_usec),
             memory=metrics_pb2.MemoryStat(usage=stats.memory_usage_bytes, usage_limit=stats.memory_limit_bytes),
+            memory_events=metrics_pb2.MemoryEvents(oom_kill=stats.oom_kills),
         )
         return pb.StatsResponse(stats=pack_any(metrics))
 
