@@ -155,6 +155,72 @@ def test_a_template_that_served_its_bound_is_replaced_by_a_fresh_one(
     assert [p.name for p in second.parent.iterdir() if p.is_dir() and not p.is_symlink()] == [second.name]
 
 
+KERNEL_CODE = "grep 'Kernel code' /proc/iomem"
+
+
+def test_a_successor_is_made_in_the_background_with_a_layout_of_its_own(
+    capsa: Capsa, tmp_path: Path, template_cache: Path
+) -> None:
+    """template_max_clones = 2: the first sandbox's checkout is at 90 % of the bound, so a
+    refresher makes the next generation in the background (hypervisor/refresh.py); the next
+    sandbox is restored from that one without making any, and its kernel sits elsewhere in
+    physical memory (KASLR of another boot: /proc/iomem, read with CAP_SYS_ADMIN in the guest)."""
+    config = tmp_path / "configuration.toml"
+    config.write_text('[hypervisor]\nboot = "template"\ntemplate_max_clones = 2\n')
+    capsa.spec(["sleep", "600"])
+    spec = json.loads((capsa.bundle / "config.json").read_text())
+    caps = spec["process"]["capabilities"]
+    for kind in ("bounding", "effective", "permitted"):
+        caps[kind] = [*caps.get(kind, []), "CAP_SYS_ADMIN"]
+    (capsa.bundle / "config.json").write_text(json.dumps(spec))
+    link = capsa.bundle / "rootfs" / "bin" / "grep"
+    if not link.exists():
+        os.symlink("busybox", link)
+    made = []
+    try:
+        assert capsa("--config", str(config), "create", "--bundle", str(capsa.bundle), "g1").code == 0
+        made.append("g1")
+        first = current_generation(template_cache)
+        deadline = time.monotonic() + 120
+        while current_generation(template_cache) == first and time.monotonic() < deadline:
+            time.sleep(0.5)
+        second = current_generation(template_cache)
+        assert second != first, "no successor was made in the background"
+        assert (second / template.CLONES_FILE).read_bytes() == b""  # it has served nobody yet
+        assert capsa("--config", str(config), "create", "--bundle", str(capsa.bundle), "g2").code == 0
+        made.append("g2")
+        assert (second / template.CLONES_FILE).read_bytes() == b"c"  # g2 came from it
+        codes = [capsa("exec", cid, "sh", "-c", KERNEL_CODE).stdout.strip() for cid in ("g1", "g2")]
+        assert all("Kernel code" in code for code in codes), codes
+        assert codes[0] != codes[1], f"two template generations share a kernel address: {codes}"
+    finally:
+        for cid in made:
+            capsa("delete", "--force", cid)
+    # g2's start was at 90 % of its generation's bound too: its refresher makes a third one.
+    # Each refresher ends once done, leaving no template VM running.
+    deadline = time.monotonic() + 120
+    while _refreshers(template_cache) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _refreshers(template_cache) == []
+
+
+def _refreshers(cache: Path) -> list[Path]:
+    """The background refreshers working on ``cache``'s templates (their job files are there)."""
+    mark = str(cache).encode()
+    return [
+        p
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and b"capsa.hypervisor.refresh" in _cmdline(p) and mark in _cmdline(p)
+    ]
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def guest_details(capsa: Capsa, cid: str) -> pb.GuestDetailsResponse:
     async def ask() -> pb.GuestDetailsResponse:
         client = await ProxyClient.connect(StateStore(capsa.root).socket_dir(cid), 30)

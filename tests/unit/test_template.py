@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pickle
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -16,8 +17,9 @@ from typing import Any
 import pytest
 
 from capsa.agent import clone
+from capsa.config import SecurityConfig
 from capsa.errors import HypervisorError
-from capsa.hypervisor import template
+from capsa.hypervisor import refresh, template
 from capsa.hypervisor.base import NinePShare, SerialChannel, VirtioFsShare, VMConfig, VsockChannel
 from capsa.hypervisor.qemu import qemu_argv
 
@@ -210,13 +212,15 @@ def test_virtiofs_device_wait(tmp_path: Path) -> None:
     asyncio.run(clone.wait_virtiofs_devices(0, str(tmp_path)))
 
 
-def publish(store: template.TemplateStore, key: str, created: float | None = None) -> Path:
+def publish(
+    store: template.TemplateStore, key: str, created: float | None = None, for_sandbox: bool = True
+) -> Path:
     """What :meth:`TemplateStore.create` leaves, without a VM: a saved template published as ``key``'s current."""
     work = store.root / f"{key}.new"
     work.mkdir(parents=True)
     (work / template.STATE_FILE).write_bytes(b"s" * 10)
     (work / template.MEMORY_FILE).write_bytes(b"m" * 20)
-    return store.publish(key, work, {}, time.time() if created is None else created)
+    return store.publish(key, work, {}, time.time() if created is None else created, for_sandbox)
 
 
 class Maker:
@@ -433,3 +437,58 @@ def test_the_template_guest_zeroes_what_it_frees_only_where_that_is_cheap() -> N
         made = template_vm(vm(accelerator=accelerator), Path("/run/t"), Path("/run/t/s"), Path("/run/t/m"))
         assert TEMPLATE_PARAM in made.kernel_params
         assert (ZERO_FREED_PAGES in made.kernel_params) == zeroed
+
+
+def test_a_template_near_its_bounds_is_due_for_a_successor() -> None:
+    limits = template.TemplateLimits(max_clones=100, max_age=86400)
+    assert not template.refresh_due(limits, 89, 0.0)
+    assert template.refresh_due(limits, 90, 0.0)  # 90 % of its clones
+    assert template.refresh_due(limits, 1, 0.9 * 86400)  # 90 % of its age
+    assert template.refresh_due(template.TemplateLimits(max_clones=1), 1, 0.0)
+    assert not template.refresh_due(template.TemplateLimits(), 10**9, 10.0**9)  # unbounded: never
+
+
+def test_a_successor_made_in_the_background_serves_before_the_bound_is_reached(tmp_path: Path) -> None:
+    """The sandbox whose checkout passes 90 % of the bound has the next generation made
+    (refresh): the sandbox after it finds that one and nobody makes one in the foreground."""
+    store = template.TemplateStore(tmp_path, template.TemplateLimits(max_clones=10))
+    make = Maker(store, "k")
+    first = checkout_once(store, "k", make)  # made, clone 1
+    for _ in range(7):
+        checkout_once(store, "k", make)
+        assert not store.refresh_due
+    assert checkout_once(store, "k", make) == first and store.refresh_due  # its 9th: due
+
+    async def in_the_background() -> Path:
+        return publish(store, "k", for_sandbox=False)  # what a refresh's create does: no sandbox counted
+
+    made = asyncio.run(store.refresh("k", first.name, in_the_background))
+    assert made is not None and made != first and (made / template.CLONES_FILE).read_bytes() == b""
+    assert checkout_once(store, "k", make) == made and not first.exists()
+    assert len(make.made) == 1  # nobody made one in the foreground
+    # A refresh of a generation that is no longer current does nothing.
+    assert asyncio.run(store.refresh("k", first.name, make)) is None and len(make.made) == 1
+
+
+def test_a_refresh_leaves_it_to_whoever_is_making_one_already(tmp_path: Path) -> None:
+    store = template.TemplateStore(tmp_path, template.TemplateLimits(max_clones=1))
+    make = Maker(store, "k")
+    first = checkout_once(store, "k", make)
+
+    async def scenario() -> None:
+        async with store.locked("k", 1):  # another process is making one
+            with pytest.raises(template.TemplateError, match="locked by another process"):
+                await store.refresh("k", first.name, make)
+
+    asyncio.run(scenario())
+    assert len(make.made) == 1
+
+
+def test_a_refresh_job_survives_the_trip_and_a_bad_one_is_refused(tmp_path: Path) -> None:
+    job = refresh.Job(tmp_path, template.TemplateLimits(3, 60.0), "k", "ab" * 8, vm(), SecurityConfig(), 60.0, 60.0)
+    path = tmp_path / "k.refresh-1.job"
+    path.write_bytes(pickle.dumps(job))
+    assert pickle.loads(path.read_bytes()) == job
+    path.write_bytes(b"not a job")
+    assert refresh.main([str(path)]) == 1
+    assert refresh.main([]) == 2

@@ -396,6 +396,20 @@ def retire_reason(limits: TemplateLimits, clone: int, age: float) -> str | None:
     return None
 
 
+#: How far into its bounds a template is when its successor starts being
+#: made in the background (:func:`refresh_due`), so that the sandbox that
+#: reaches a bound finds the next generation ready instead of making it.
+REFRESH_AT = 0.9
+
+
+def refresh_due(limits: TemplateLimits, clone: int, age: float) -> bool:
+    """Whether a template serving its ``clone``-th sandbox at ``age`` seconds should be
+    replaced in the background now (:data:`REFRESH_AT` of a bound); pure."""
+    if limits.max_clones and clone >= max(1, int(limits.max_clones * REFRESH_AT)):
+        return True
+    return bool(limits.max_age and age >= limits.max_age * REFRESH_AT)
+
+
 def _is_generation(name: str) -> bool:
     return len(name) == GENERATION_HEX and all(c in "0123456789abcdef" for c in name)
 
@@ -416,6 +430,9 @@ class TemplateStore:
         self.limits = limits or TemplateLimits()
         #: Whether the last :meth:`checkout` made the template it gave (for the runtime counters).
         self.made = False
+        #: Set by :meth:`checkout`: the generation it gave is near a bound,
+        #: and :meth:`refresh` should make its successor in the background.
+        self.refresh_due = False
 
     @contextlib.asynccontextmanager
     async def checkout(self, key: str, make: Callable[[], Awaitable[Path]], lock_timeout: float) -> AsyncIterator[Path]:
@@ -441,6 +458,8 @@ class TemplateStore:
                     if lease is None:
                         raise TemplateError(f"template {key} went away as it was made")
                     made = True
+                    # Its maker's sandbox is its first clone, of a template just booted.
+                    self.refresh_due = refresh_due(self.limits, 1, 0.0)
         self.made = made
         try:
             if made:
@@ -497,7 +516,9 @@ class TemplateStore:
             clone = _count_clone(directory / CLONES_FILE)
         except OSError as exc:
             return f"its clones cannot be counted ({exc.strerror})"
-        return retire_reason(self.limits, clone, age)
+        reason = retire_reason(self.limits, clone, age)
+        self.refresh_due = reason is None and refresh_due(self.limits, clone, age)
+        return reason
 
     @staticmethod
     def _hold(directory: Path) -> _Lease | None:
@@ -541,18 +562,42 @@ class TemplateStore:
             return True
         return current != directory.name or not (directory / META_FILE).exists()
 
+    async def refresh(self, key: str, generation: str, make: Callable[[], Awaitable[Path]]) -> Path | None:
+        """Make the successor of ``generation``, if still current, of template ``key``; its directory.
+
+        In the background (hypervisor/refresh.py), after a checkout found its
+        generation near a bound (:attr:`refresh_due`): None, doing nothing,
+        when another process holds the key's lock (it is making one) or a
+        newer generation is current already.  Publishing switches
+        ``current``; the old generation goes with its last lease.
+        """
+        async with self.locked(key, 0):
+            try:
+                if os.readlink(self.root / key / CURRENT_LINK) != generation:
+                    return None
+            except OSError:
+                return None
+            log.info("VM template %s/%s is near its bounds: making its successor", key, generation)
+            made = await make()
+        for old in await asyncio.to_thread(self.prune):
+            log.info("removed VM template %s, used least lately", old)
+        return made
+
     def discard(self, generation: Path) -> None:
         """Serve nothing more from ``generation`` (it does not restore); it goes with its last lease."""
         with contextlib.suppress(OSError):
             (generation / META_FILE).unlink()
 
-    def publish(self, key: str, work: Path, meta: dict[str, object], created: float) -> Path:
+    def publish(
+        self, key: str, work: Path, meta: dict[str, object], created: float, for_sandbox: bool = True
+    ) -> Path:
         """Make the finished template in ``work`` the current generation of ``key``; its directory.
 
-        Call with the key's lock held.  Its maker's sandbox is its first
-        clone; the generations it retires go now, or with their last lease.
+        Call with the key's lock held.  Its maker's sandbox (``for_sandbox``;
+        not a background refresh's) is its first clone; the generations it
+        retires go now, or with their last lease.
         """
-        (work / CLONES_FILE).write_bytes(b"c")
+        (work / CLONES_FILE).write_bytes(b"c" if for_sandbox else b"")
         document = {
             **meta,
             "key": key,
@@ -701,11 +746,13 @@ class TemplateStore:
         check_agent: CheckAgent,
         timeout: float,
         confinement: Confinement | None = None,
+        for_sandbox: bool = True,
     ) -> Path:
         """Boot a new generation of template ``key`` from ``vm``, save and publish it; its directory.
 
         Call with the lock held.  ``check_agent(socket_path)`` connects to the
-        agent channel and waits for ``Check``.
+        agent channel and waits for ``Check``.  ``for_sandbox``: a sandbox
+        waits to be restored from it, its first clone (not so for a refresh).
         """
         work = self.root / f"{key}.new"
         shutil.rmtree(work, ignore_errors=True)
@@ -727,7 +774,7 @@ class TemplateStore:
                 await hypervisor.stop()
             punched = await asyncio.to_thread(punch_zero_pages, work / MEMORY_FILE)
             log.info("template %s: %d MiB of zeroed guest RAM left out of the RAM file", key, punched >> 20)
-            return self.publish(key, work, {"argv": qemu_argv(template, qmp_fd=3)}, booted)
+            return self.publish(key, work, {"argv": qemu_argv(template, qmp_fd=3)}, booted, for_sandbox)
         except OSError as exc:
             raise TemplateError(f"cannot save template {key} in {self.root}: {exc.strerror or exc}") from exc
         finally:

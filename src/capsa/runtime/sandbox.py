@@ -22,14 +22,14 @@ import random
 import secrets
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from qemu.qmp import EventListener
 
 from capsa.config import Config, host_cpus, host_memory_mib, max_memory_mib_for, max_vcpus_for
 from capsa.errors import CapsaError, GuestImageError, HypervisorError
-from capsa.hypervisor import guest_console, template
+from capsa.hypervisor import guest_console, refresh, template
 from capsa.hypervisor.accel import resolve_accelerator
 from capsa.hypervisor.base import (
     AGENT_PORT_ID,
@@ -418,6 +418,19 @@ class Sandbox:
         await agent.create_sandbox(self._create_sandbox_request(virtiofs_devices=len(plugged)))
         await self._set_configured_policy(agent)
         self._mark("sandbox_created")
+        if store.refresh_due:
+            # Its successor, made in the background by a process of its own (hypervisor/refresh.py).
+            job = refresh.Job(
+                store.root,
+                store.limits,
+                key,
+                found.name,
+                vm,
+                config.security if self.identity is not None else replace(config.security, unprivileged_vmm=False),
+                config.agent.connect_timeout,
+                config.agent.request_timeout,
+            )
+            await asyncio.to_thread(refresh.start, job)
         return agent
 
     async def _renew_agent(self, agent: AgentClient) -> None:
