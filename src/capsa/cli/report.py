@@ -58,6 +58,13 @@ def setup_logging(log_file: str | None, log_format: str, debug: bool) -> None:
         stderr = logging.StreamHandler(sys.stderr)
         stderr.setFormatter(logging.Formatter("capsa[%(relativeCreated)6.0fms] %(message)s"))
         root.addHandler(stderr)
+    elif not log_file:
+        # Without --log, warnings go to stderr, as runc's do (an engine always passes --log).
+        # Errors are not: report_error prints the one line a failure gets.
+        warnings = logging.StreamHandler(sys.stderr)
+        warnings.addFilter(lambda record: record.levelno == logging.WARNING)
+        warnings.setFormatter(logging.Formatter("capsa: warning: %(message)s"))
+        root.addHandler(warnings)
 
 
 def report_error(message: str, log_format: str) -> None:
