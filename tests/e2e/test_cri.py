@@ -424,3 +424,28 @@ def test_more_disks_than_the_vm_has_hot_plug_ports_for(k: ShimContainerd, handle
             assert len(k.sh(one, "ls /sys/block").split()) == 1, "a disk of the refused container is in the VM"
     left = k.wait_nothing_left()
     assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)
+
+
+PANIC_LINE = "Kernel panic - not syncing: Out of memory: compulsory panic_on_oom is enabled"
+
+
+def test_a_guest_panic_reaches_the_containers_log(k: ShimContainerd, handler: str) -> None:
+    """A privileged container makes its guest kernel panic (``vm.panic_on_oom = 2``, then it fills
+    its 64 MiB limit): the shim v2 writes the panic's line to the container's stderr, which is the
+    container log CRI keeps (what ``crictl logs`` and ``kubectl logs`` show), and the container exits."""
+    if handler != "capsa":
+        pytest.skip("a guest kernel is capsa's")
+    with k.pod(f"panic-{handler}", handler, privileged=True) as (pod_id, pod):
+        command = ["sh", "-c", "echo 2 > /proc/sys/vm/panic_on_oom && echo armed && exec tail /dev/zero"]
+        limits = cri.LinuxContainerResources(memory_limit_in_bytes=64 << 20)
+        cid = k.create_container(pod_id, pod, "panicking", command, resources=limits, privileged=True)
+        k.call("StartContainer", cri.StartContainerRequest(container_id=cid))
+        wait_for(lambda: k.container_state(cid) == cri.CONTAINER_EXITED, 180, "the container to exit")
+        log = Path(pod.log_directory) / "panicking.log"
+        wait_for(lambda: PANIC_LINE in log.read_text(), 30, "the panic's line in the container log")
+        text = log.read_text()
+        assert "armed" in text
+        shown = f"capsa: the container's VM stopped: the guest kernel panicked; guest console: {PANIC_LINE}"
+        assert f"stderr F {shown}" in text
+    left = k.wait_nothing_left()
+    assert left == [], "left behind:\n" + "\n".join(str(p) for p in left)

@@ -670,6 +670,13 @@ class QemuHypervisor(Hypervisor):
         reason = "did not answer QMP in time" if isinstance(exc, TimeoutError) else f"failed on QMP: {exc}"
         return f"QEMU {reason}; it was killed" + (f" (last said: {said})" if said else "")
 
+    async def console_drained(self, timeout: float = 2.0) -> None:
+        """Wait (at most ``timeout`` s) until the console log holds all QEMU wrote: the pump ends at its EOF."""
+        console = self._console
+        if console is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(console), timeout)
+
     async def stop(self, timeout: float = 5.0) -> None:
         proc = self._proc
         if proc is not None and proc.returncode is None:

@@ -336,6 +336,15 @@ class Proxy:
         self.network = attachment
         self._network_watch = asyncio.ensure_future(attachment.watch(hypervisor, self.agent))
 
+    async def stop_words(self) -> str | None:
+        """Why the VM stopped by itself (:func:`stop_report`), once its console's last bytes are in;
+        None while it runs or when it was asked to stop.  For a shim that runs the proxy in process."""
+        hypervisor = self.sandbox.hypervisor
+        if self.ended_by is None or hypervisor is None or hypervisor.console_log is None:
+            return None
+        await hypervisor.console_drained()
+        return stop_report(self.ended_by, guest_console.last_words(guest_console.read_tail(hypervisor.console_log)))
+
     def _report_stop(self, ended: str, console_log: Path) -> None:
         """Log why the VM stopped by itself and leave it in :data:`STOPPED_FILE` for the shims."""
         text = guest_console.read_tail(console_log)

@@ -36,18 +36,20 @@ from capsa.agent import libc
 from capsa.agent.storage import split_options
 from capsa.config import Config, host_cpus, host_memory_mib, max_memory_mib_for, max_vcpus_for
 from capsa.dirs import ensure_dir
-from capsa.errors import CapsaError, ContainerExists, ContainerNotFound, StorageError, WrongState
+from capsa.errors import AgentGone, CapsaError, ContainerExists, ContainerNotFound, StorageError, WrongState
 from capsa.proxy.proxy import Proxy
 from capsa.runtime import hostcgroup
 from capsa.runtime.bundle import check_namespaces
 from capsa.runtime.hostcgroup import HostCgroup
 from capsa.runtime.resources import vm_size
-from capsa.shim.relay import VM_LOST_STATUS, ProcessIO, relay
+from capsa.shim.relay import VM_LOST_STATUS, ProcessIO, relay, write_all
 
 log = logging.getLogger("capsa.shimv2")
 
 #: The pod's host cgroup as made (``HostCgroup.save``), in the shim's state dir, for ``delete`` after a crash.
 HOST_CGROUP_FILE = "host-cgroup.json"
+#: How long a process whose VM went away waits for the VM's last words (Pod._why_the_vm_stopped).
+VM_WORDS_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,8 @@ class Pod:
         self.proxy: Proxy | None = None
         self.containers: dict[str, Container] = {}
         self._vm_watch: asyncio.Task[None] | None = None
+        #: Why the pod's VM stopped by itself (its console's last words), once it did (_watch_vm).
+        self.stop_words: str | None = None
         self.host_cgroup = HostCgroup()
         self._cgroup_origin: dict[str, str] = {}
         self._warned_need = 0  # the VM size last warned about as over the host's memory limit
@@ -225,7 +229,18 @@ class Pod:
     async def _watch_vm(self, proxy: Proxy) -> None:
         await proxy.run_until_done(handle_signals=False)
         log.warning("the pod's VM is gone: %s", proxy.reason)
-        # Every process's relay fails now and reports VM_LOST_STATUS.
+        # Every process's relay fails now and reports VM_LOST_STATUS, with these words on its stderr.
+        self.stop_words = await proxy.stop_words()
+        if self.stop_words is not None:
+            log.error("the pod's VM stopped: %s", self.stop_words)
+
+    async def _why_the_vm_stopped(self) -> str | None:
+        """What the pod's VM said as it stopped by itself (a guest panic's line); None if it was asked to."""
+        watch = self._vm_watch
+        if watch is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, CapsaError):
+                await asyncio.wait_for(asyncio.shield(watch), VM_WORDS_TIMEOUT)
+        return self.stop_words
 
     @property
     def agent_proxy(self) -> Proxy:
@@ -367,6 +382,11 @@ class Pod:
             status = await relay(self.agent_proxy.agent, process.container_id, process.exec_id, io)
         except CapsaError as exc:
             log.warning("lost process %s: %s", process.id, exc)
+            words = await self._why_the_vm_stopped() if isinstance(exc, AgentGone) else None
+            if words is not None and opened:
+                # On the process's stderr: the container's log, which is what CRI and ctr show of it.
+                with contextlib.suppress(OSError):
+                    write_all(opened[-1], f"capsa: the container's VM stopped: {words}\n".encode())
         except asyncio.CancelledError:
             raise
         finally:
