@@ -53,10 +53,8 @@ Pure, apart from the guest log line a refusal writes (:class:`Enforcer`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -232,6 +230,10 @@ DENY_ALL = Policy(default_allow=False, digest="deny-all")
 
 def parse(text: bytes | str) -> Policy:
     """Load a policy document; :class:`PolicyError` names the place of any fault."""
+    # Only now: the agent starts with no policy to parse on most images (guest start-up is slow under TCG).
+    import hashlib
+    import tomllib
+
     raw = text.encode() if isinstance(text, str) else text
     try:
         data = tomllib.loads(raw.decode("utf-8"))

@@ -63,8 +63,13 @@ class Helper:
 
     async def output_closed(self, timeout: float = 2.0) -> None:
         """Wait until everything the helper wrote is in its log (it closed its end), at most ``timeout`` s."""
-        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(self.output), timeout)
+        await settled(self.output, timeout)
+
+
+async def settled(work: asyncio.Future[None], timeout: float) -> None:
+    """Wait at most ``timeout`` s for ``work`` (a log's pump) to end, leaving it running if it does not."""
+    with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+        await asyncio.wait_for(asyncio.shield(work), timeout)
 
 
 async def spawn(

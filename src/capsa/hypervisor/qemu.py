@@ -66,7 +66,7 @@ from capsa.hypervisor.bounded_log import BoundedLog
 from capsa.hypervisor.bounded_log import pump as console_pump
 from capsa.hypervisor.jail import Confinement
 from capsa.hypervisor.journal import ConsoleJournal
-from capsa.hypervisor.process import Helper, last_line, spawn, terminate
+from capsa.hypervisor.process import Helper, last_line, settled, spawn, terminate
 
 log = logging.getLogger("capsa.hypervisor.qemu")
 
@@ -672,10 +672,8 @@ class QemuHypervisor(Hypervisor):
 
     async def console_drained(self, timeout: float = 2.0) -> None:
         """Wait (at most ``timeout`` s) until the console log holds all QEMU wrote: the pump ends at its EOF."""
-        console = self._console
-        if console is not None:
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(console), timeout)
+        if self._console is not None:
+            await settled(self._console, timeout)
 
     async def stop(self, timeout: float = 5.0) -> None:
         proc = self._proc
@@ -1064,6 +1062,15 @@ class QemuHypervisor(Hypervisor):
         listener = EventListener(("VSERPORT_CHANGE",))
         with qmp.listen(listener):
             yield listener
+
+    @staticmethod
+    async def agent_port_change(events: EventListener) -> bool:
+        """The agent port's next change among :meth:`agent_port_events`: True when the guest opened it."""
+        while True:
+            event = await events.get()
+            data: object = event["data"] if "data" in event else None  # noqa: SIM401 (Message has no .get)
+            if isinstance(data, dict) and data.get("id") == AGENT_PORT_ID:
+                return bool(data.get("open"))
 
     # --- NICs: the engine's network, plugged after boot ----------------------------
 

@@ -105,13 +105,7 @@ async def _refresh(job: Job) -> None:
     from capsa.runtime.identity import IdentityAllocator
 
     async def check_agent(socket_path: Path) -> AgentClient:
-        agent = await AgentClient.connect_serial(socket_path, job.request_timeout)
-        try:
-            await agent.check(timeout=job.connect_timeout)
-        except BaseException:
-            await agent.aclose()
-            raise
-        return agent
+        return await AgentClient.serving_serial(socket_path, job.request_timeout, job.connect_timeout)
 
     store = TemplateStore(job.store_root, job.limits)
     identity = None

@@ -99,7 +99,7 @@ from typing import Protocol
 
 from capsa.dirs import ensure_dir
 from capsa.errors import HypervisorError
-from capsa.hypervisor.base import AGENT_PORT_ID, NinePShare, SerialChannel, VirtioFsShare, VMConfig
+from capsa.hypervisor.base import NinePShare, SerialChannel, VirtioFsShare, VMConfig
 from capsa.hypervisor.jail import Confinement
 from capsa.hypervisor.qemu import QemuHypervisor, qemu_argv
 
@@ -522,19 +522,9 @@ class TemplateStore:
 
     @staticmethod
     def _hold(directory: Path) -> _Lease | None:
-        try:
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            # Fails only while a remover holds it exclusively.
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            if not _same_directory(fd, directory):
-                raise FileNotFoundError(directory)  # removed between the open and the lock
-        except OSError:
-            os.close(fd)
-            return None
-        return _Lease(directory, fd)
+        # A shared lock fails only while a remover holds it exclusively.
+        fd = _locked_directory(directory, fcntl.LOCK_SH)
+        return _Lease(directory, fd) if fd is not None else None
 
     def _release(self, lease: _Lease) -> None:
         """End a lease; the last lease of a retired generation removes it."""
@@ -632,18 +622,12 @@ class TemplateStore:
 
     @staticmethod
     def _remove_unleased(directory: Path) -> bool:
-        try:
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
+        fd = _locked_directory(directory, fcntl.LOCK_EX)
+        if fd is None:
             return False
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if not _same_directory(fd, directory):
-                return False
             shutil.rmtree(directory, ignore_errors=True)
             return True
-        except OSError:
-            return False
         finally:
             os.close(fd)
 
@@ -794,12 +778,8 @@ class TemplateStore:
             # disconnect below, none about the boot.
             async with hypervisor.agent_port_events() as events:
 
-                async def port_event() -> bool:
-                    while True:
-                        event = await events.get()
-                        data: object = event["data"] if "data" in event else None  # noqa: SIM401 (Message has no .get)
-                        if isinstance(data, dict) and data.get("id") == AGENT_PORT_ID:
-                            return bool(data.get("open"))
+                def port_event() -> Awaitable[bool]:
+                    return hypervisor.agent_port_change(events)
 
                 await session.aclose()
                 # The agent saw its host leave once it closed the port.  The
@@ -823,6 +803,22 @@ class TemplateStore:
             await session.aclose()
             if idle is not None:
                 idle.close()
+
+
+def _locked_directory(directory: Path, mode: int) -> int | None:
+    """``directory`` open and flock'ed with ``mode`` (without waiting), still named so; None if not."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        if _same_directory(fd, directory):
+            return fd  # not removed between the open and the lock
+    except OSError:
+        pass
+    os.close(fd)
+    return None
 
 
 def _same_directory(fd: int, directory: Path) -> bool:

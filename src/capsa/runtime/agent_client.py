@@ -38,6 +38,17 @@ class AgentClient:
         self._timeout = request_timeout
 
     @classmethod
+    async def serving_serial(cls, socket_path: Path, request_timeout: float, check_timeout: float) -> AgentClient:
+        """Connected on the virtio-serial socket, once the agent answered ``Check`` (a template VM's)."""
+        agent = await cls.connect_serial(socket_path, request_timeout)
+        try:
+            await agent.check(timeout=check_timeout)
+        except BaseException:
+            await agent.aclose()
+            raise
+        return agent
+
+    @classmethod
     async def connect_serial(cls, socket_path: Path, request_timeout: float) -> AgentClient:
         """Connect to the host end of the virtio-serial agent port (QEMU listens)."""
         try:

@@ -25,14 +25,11 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from qemu.qmp import EventListener
-
 from capsa.config import Config, host_cpus, host_memory_mib, max_memory_mib_for, max_vcpus_for
 from capsa.errors import CapsaError, GuestImageError, HypervisorError
 from capsa.hypervisor import guest_console, refresh, template
 from capsa.hypervisor.accel import resolve_accelerator
 from capsa.hypervisor.base import (
-    AGENT_PORT_ID,
     AgentChannel,
     NinePShare,
     SerialChannel,
@@ -125,15 +122,6 @@ def choose_channel(config: Config, vhost_vsock_present: bool) -> str:
 def renews_agent(mode: str, accelerator: str) -> bool:
     """Whether a clone's agent renews itself (``[hypervisor] template_renew_agent``); pure."""
     return mode == "always" or (mode == "auto" and accelerator == "kvm")
-
-
-async def _port_closed(events: EventListener) -> None:
-    """Until QEMU says the guest closed the agent's port (QMP VSERPORT_CHANGE, ``open: false``)."""
-    while True:
-        event = await events.get()
-        data: object = event["data"] if "data" in event else None  # noqa: SIM401 (Message has no .get)
-        if isinstance(data, dict) and data.get("id") == AGENT_PORT_ID and not data.get("open"):
-            return
 
 
 def kernel_cmdline(config: Config, channel: str, debug: bool) -> tuple[str, ...]:
@@ -446,19 +434,16 @@ class Sandbox:
         async with self.hypervisor.agent_port_events() as events:
             await agent.renew_agent(secrets.token_bytes(SANDBOX_ENTROPY_BYTES))
             try:
-                await asyncio.wait_for(_port_closed(events), timeout)
+                # The old process closes its port as it goes.
+                while await asyncio.wait_for(self.hypervisor.agent_port_change(events), timeout):
+                    pass
             except TimeoutError:
                 raise CapsaError(f"the agent did not renew itself within {timeout:g} s") from None
         await agent.check(timeout=timeout)
 
     async def _check_template_agent(self, socket_path: Path) -> AgentClient:
-        agent = await AgentClient.connect_serial(socket_path, self.config.agent.request_timeout)
-        try:
-            await agent.check(timeout=self.config.agent.connect_timeout)
-        except BaseException:
-            await agent.aclose()
-            raise
-        return agent
+        agent = self.config.agent
+        return await AgentClient.serving_serial(socket_path, agent.request_timeout, agent.connect_timeout)
 
     def _virtiofs_shares(self) -> tuple[VirtioFsShare, ...]:
         """The rootfs share, and the bind-volume share when the spec has its directory."""
