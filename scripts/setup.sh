@@ -61,7 +61,7 @@ packages=(
     linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio kmod xz-utils
     busybox-static erofs-utils e2fsprogs zstd lz4 iproute2 procps psmisc
     podman conmon docker.io containerd runc  # the engines tests/e2e drives (Podman 4.3, Docker 20.10, containerd 1.6)
-    containernetworking-plugins iptables  # CNI: the CRI pods of tests/e2e/test_cri.py, and Podman 4.3's network backend (no netavark: bridge, portmap, firewall, tuning) in test_network_engines.py
+    containernetworking-plugins iptables  # CNI: the CRI pods of tests/e2e/test_cri.py, and Podman 4.3's network backend (no netavark: bridge, portmap, firewall, tuning) in test_network_engines.py; iptables also for capsa's loopback relay (CRI PortForward, docs/kubernetes.md)
     prometheus  # Prometheus 2.42, which tests/integration/test_prometheus_vm.py starts on loopback to scrape capsa-monitor
 )
 

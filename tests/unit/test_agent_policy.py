@@ -180,6 +180,32 @@ def test_every_agent_method_can_be_named() -> None:
     assert set(METHODS) == {method.name for method in service.methods}
 
 
+def test_port_forwarding_can_be_limited_to_some_ports() -> None:
+    """The example of docs/agent-policy.md: OpenTcpStream (the loopback relay's dial) by port."""
+    enforcer = Enforcer(
+        parse(
+            """
+            version = 1
+            [[rule]]
+            name = "forward-http-only"
+            rpc = ["OpenTcpStream"]
+            action = "allow"
+            when = { port = [80, 8080] }
+            [[rule]]
+            name = "no-port-forward"
+            rpc = ["OpenTcpStream"]
+            action = "deny"
+            """
+        )
+    )
+    assert enforcer.check("OpenTcpStream", pb.OpenTcpStreamRequest(port=8080)) is None
+    refusal = enforcer.check("OpenTcpStream", pb.OpenTcpStreamRequest(port=22))
+    assert refusal == 'OpenTcpStream refused by the agent policy (rule "no-port-forward")'
+    assert enforcer.check("ReadTcpStream", pb.ReadTcpStreamRequest(stream_id=1, len=10)) is None
+    with pytest.raises(PolicyError, match="ReadTcpStream has no field 'port'"):
+        parse('version = 1\n[[rule]]\nname = "r"\nrpc = ["ReadTcpStream"]\naction = "deny"\nwhen = { port = 22 }\n')
+
+
 def test_the_annotation_carries_base64() -> None:
     assert annotated_policy({}) is None
     assert annotated_policy({POLICY_ANNOTATION: "dmVyc2lvbiA9IDE="}) == b"version = 1"

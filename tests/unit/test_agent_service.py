@@ -16,8 +16,10 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -667,6 +669,63 @@ def test_network_calls_check_their_input_and_a_host_agent_leaves_its_hosts_netwo
         await expect_error(Code.FAILED_PRECONDITION, call(client, "UpdateRoutes", routes, pb.Routes))
 
     run(agent, scenario)
+
+
+def test_tcp_streams_reach_a_loopback_server_and_a_closed_port_fails_at_once(agent: Agent) -> None:
+    """OpenTcpStream and friends (the loopback relay's calls) against a server on the agent's loopback."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    closed = socket.create_server(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+
+    def serve() -> None:
+        # Answers what it read, upper-cased, once its client shut its sending side down.
+        conn, _ = server.accept()
+        with conn:
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+            conn.sendall(data.upper())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    async def scenario(client: Client) -> None:
+        opened = await call(client, "OpenTcpStream", pb.OpenTcpStreamRequest(port=port), pb.OpenTcpStreamResponse)
+        stream = opened.stream_id
+        written = await call(
+            client, "WriteTcpStream", pb.WriteTcpStreamRequest(stream_id=stream, data=b"hello"), pb.WriteStreamResponse
+        )
+        assert written.len == 5
+        await empty(client, "CloseTcpStream", pb.CloseTcpStreamRequest(stream_id=stream, write_only=True))
+        answer = b""
+        while True:
+            request = pb.ReadTcpStreamRequest(stream_id=stream, len=65536)
+            chunk = (await call(client, "ReadTcpStream", request, pb.ReadStreamResponse)).data
+            if not chunk:
+                break
+            answer += chunk
+        assert answer == b"HELLO"
+        await empty(client, "CloseTcpStream", pb.CloseTcpStreamRequest(stream_id=stream))
+        gone = pb.ReadTcpStreamRequest(stream_id=stream, len=1)
+        gone_read = call(client, "ReadTcpStream", gone, pb.ReadStreamResponse)
+        assert "no TCP stream" in await expect_error(Code.NOT_FOUND, gone_read)
+        # Nothing listens: refused on both loopback addresses, at once.
+        started = time.monotonic()
+        refused = pb.OpenTcpStreamRequest(port=closed_port)
+        message = await expect_error(Code.NOT_FOUND, call(client, "OpenTcpStream", refused, pb.OpenTcpStreamResponse))
+        assert f"nothing accepts connections on port {closed_port} in the guest" in message
+        assert "127.0.0.1" in message and "::1" in message
+        assert time.monotonic() - started < 5
+        bad = pb.OpenTcpStreamRequest(port=70000)
+        await expect_error(Code.INVALID_ARGUMENT, call(client, "OpenTcpStream", bad, pb.OpenTcpStreamResponse))
+
+    try:
+        run(agent, scenario)
+    finally:
+        server.close()
+    thread.join(5)
 
 
 def test_zz_destroy_sandbox_kills_everything_and_ends_the_agent(agent: Agent) -> None:

@@ -101,6 +101,10 @@ METHODS = (
     "SetPolicy",
     "RenewAgent",
     "DebugConsole",
+    "OpenTcpStream",
+    "WriteTcpStream",
+    "ReadTcpStream",
+    "CloseTcpStream",
 )
 
 TEXT, TEXTS, FLAG, NUMBER = "text", "list of texts", "flag", "number"
@@ -150,6 +154,8 @@ FIELDS: Mapping[str, Mapping[str, str]] = {
     },
     # A process in the guest itself (capsa debug-console): args joined as a process's are.
     "DebugConsole": {"exec_id": TEXT, "args": TEXT, "env": TEXTS, "terminal": FLAG},
+    # A connection to the guest's loopback (CRI PortForward): the port it dials.
+    "OpenTcpStream": {"port": NUMBER},
 }
 
 #: The CRI's annotation naming a container's image (containerd and CRI-O set it).

@@ -8,7 +8,10 @@ from every method: unknown container or exec -> NOT_FOUND, wrong lifecycle
 state -> FAILED_PRECONDITION, bad input -> INVALID_ARGUMENT, crun's refusal
 -> UNKNOWN with crun's own message.  The network calls follow suit: a NIC
 that never appeared -> NOT_FOUND, the kernel's refusal of a netlink
-request -> UNKNOWN with the request and the errno's words.
+request -> UNKNOWN with the request and the errno's words.  The TCP
+streams (port forwarding): nothing listening on the port, or an unknown
+stream -> NOT_FOUND, a connection reset under a read or write -> ABORTED,
+too many open -> RESOURCE_EXHAUSTED.
 
 Every request is first checked against the agent policy in force
 (:mod:`capsa.agent.policy`); a refusal leaves as PERMISSION_DENIED naming
@@ -33,6 +36,7 @@ from capsa.agent.container import ProcessNotFound
 from capsa.agent.policy import Enforcer, PolicyError
 from capsa.agent.policy import parse as parse_policy
 from capsa.agent.sandbox import CrunFailed, Sandbox
+from capsa.agent.tcpstream import PortUnreachable, StreamBroken, StreamNotFound, TcpStreams, TooManyStreams
 from capsa.errors import BundleError, CapsaError, ContainerExists, ContainerNotFound, InvalidArgument, WrongState
 from capsa.protocols import agent_pb2 as pb
 from capsa.ttrpc.errors import Code, StatusError
@@ -85,8 +89,12 @@ class Timing:
 
 def status_code(exc: CapsaError) -> Code:
     """The ttrpc status code for an agent error (see the module docstring)."""
-    if isinstance(exc, ContainerNotFound | ProcessNotFound):
+    if isinstance(exc, ContainerNotFound | ProcessNotFound | StreamNotFound | PortUnreachable):
         return Code.NOT_FOUND
+    if isinstance(exc, StreamBroken):
+        return Code.ABORTED
+    if isinstance(exc, TooManyStreams):
+        return Code.RESOURCE_EXHAUSTED
     if isinstance(exc, ContainerExists):
         return Code.ALREADY_EXISTS
     if isinstance(exc, WrongState):
@@ -180,6 +188,7 @@ class AgentService:
         self.renewals = renewals
         self._on_destroyed = on_destroyed
         self._network: GuestNetwork | None = None
+        self.tcp_streams = TcpStreams()
 
     def register(self, server: Server) -> None:
         table: dict[str, tuple[type[Message], Callable[[Any], Awaitable[Message]]]] = {
@@ -209,6 +218,10 @@ class AgentService:
             "SetPolicy": (pb.SetPolicyRequest, self.set_policy),
             "RenewAgent": (pb.RenewAgentRequest, self.renew_agent),
             "DebugConsole": (pb.DebugConsoleRequest, self.debug_console),
+            "OpenTcpStream": (pb.OpenTcpStreamRequest, self.open_tcp_stream),
+            "WriteTcpStream": (pb.WriteTcpStreamRequest, self.write_tcp_stream),
+            "ReadTcpStream": (pb.ReadTcpStreamRequest, self.read_tcp_stream),
+            "CloseTcpStream": (pb.CloseTcpStreamRequest, self.close_tcp_stream),
         }
         server.register_service(
             SERVICE_NAME,
@@ -265,6 +278,7 @@ class AgentService:
         return pb.Empty()
 
     async def destroy_sandbox(self, request: pb.DestroySandboxRequest) -> pb.Empty:
+        self.tcp_streams.close_all()
         await _uninterrupted(self.sandbox.destroy())
         # The VM powers off only after this reply went out.
         self._on_destroyed()
@@ -390,3 +404,18 @@ class AgentService:
             return pb.OOMEvent(container_id=await self.sandbox.next_oom_event())
         kills, stopped = await self.sandbox.wait_oom_kill(request.container_id, request.oom_kills_seen)
         return pb.OOMEvent(container_id=request.container_id, oom_kills=kills, stopped=stopped)
+
+    # --- TCP streams to the guest's loopback (port forwarding) ------------------------
+
+    async def open_tcp_stream(self, request: pb.OpenTcpStreamRequest) -> pb.OpenTcpStreamResponse:
+        return pb.OpenTcpStreamResponse(stream_id=await self.tcp_streams.open(request.port))
+
+    async def write_tcp_stream(self, request: pb.WriteTcpStreamRequest) -> pb.WriteStreamResponse:
+        return pb.WriteStreamResponse(len=await self.tcp_streams.write(request.stream_id, request.data))
+
+    async def read_tcp_stream(self, request: pb.ReadTcpStreamRequest) -> pb.ReadStreamResponse:
+        return pb.ReadStreamResponse(data=await self.tcp_streams.read(request.stream_id, request.len))
+
+    async def close_tcp_stream(self, request: pb.CloseTcpStreamRequest) -> pb.Empty:
+        self.tcp_streams.close(request.stream_id, request.write_only)
+        return pb.Empty()

@@ -15,14 +15,18 @@ then QEMU gets the device's file descriptor and hot-plugs a virtio-net
 NIC on it with the veth's MAC (:meth:`capsa.hypervisor.base.Hypervisor.plug_nic`),
 and the agent configures that NIC (``UpdateInterface``: found by MAC,
 named like the veth, its addresses and MTU) and the routes
-(``UpdateRoutes``).
+(``UpdateRoutes``).  Then the namespace's loopback is relayed to the
+guest's (:mod:`capsa.network.relay`: a listener and a NAT rule, so that
+``localhost:PORT`` there reaches the guest, as CRI ``PortForward`` expects);
+a namespace where that cannot be made keeps its VM, with a warning.
 
 Nothing is left behind (DESIGN.md decision 9): a tap exists only while a
 file descriptor holds it, and QEMU holds the only one, so it goes with
 QEMU however QEMU ends; :meth:`detach` removes the ingress qdiscs (with
-their filters) and any macvtap, and runs even after a failed attach.  A
-proxy killed by SIGKILL leaves the veth's ingress qdisc (now redirecting
-to nowhere) and any macvtap behind: :func:`sweep` removes them when the
+their filters), any macvtap and the relay's rules, and runs even after a
+failed attach.  A proxy killed by SIGKILL leaves the veth's ingress qdisc
+(now redirecting to nowhere), any macvtap and the relay's rules (now
+redirecting to a closed port) behind: :func:`sweep` removes them when the
 container is deleted.
 """
 
@@ -40,7 +44,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from capsa.errors import AgentError, CapsaError, NetworkError
-from capsa.network import netns, tc
+from capsa.network import netns, relay, tc
+from capsa.network.loopback import FAMILIES, Family
 from capsa.network.model import (
     Endpoint,
     Route,
@@ -75,6 +80,10 @@ class NetworkAgent(Protocol):
     async def update_routes(self, routes: pb.Routes) -> pb.Routes: ...
 
 
+class GuestAgent(NetworkAgent, relay.StreamAgent, Protocol):
+    """What an attachment asks of the agent: the NIC's configuration, and the loopback relay's streams."""
+
+
 def device_name(model: str, slot: int) -> str:
     """The tap (or macvtap) of endpoint ``slot``: ours by its name (at most 15 bytes, IFNAMSIZ)."""
     return f"tap{slot}_capsa" if model == "tcfilter" else f"mvtap{slot}_capsa"
@@ -103,10 +112,11 @@ class NetworkAttachment:
         self._netns_fd = -1
         self._events: socket.socket | None = None
         self._made: list[_Made] = []
+        self._relay: relay.LoopbackRelay | None = None
         # NIC slots only grow: QEMU ids of an unplugged NIC are never reused.
         self._next_slot = 0
 
-    async def attach(self, hypervisor: NicHypervisor, agent: NetworkAgent) -> None:
+    async def attach(self, hypervisor: NicHypervisor, agent: GuestAgent) -> None:
         """Give the VM a NIC per endpoint and configure the guest; on failure, undo it all and raise."""
         if self.model == "none":
             return
@@ -116,7 +126,7 @@ class NetworkAttachment:
             await self.detach()
             raise
 
-    async def _attach(self, hypervisor: NicHypervisor, agent: NetworkAgent) -> None:
+    async def _attach(self, hypervisor: NicHypervisor, agent: GuestAgent) -> None:
         started = time.monotonic()
         self._netns_fd = netns.open_netns(self.netns_path)
         if netns.is_host_netns(self._netns_fd):
@@ -125,6 +135,7 @@ class NetworkAttachment:
         # Listening before the first read: no change between the two goes unseen.
         self._events = await self._in_netns(netns.event_socket, "listen to it")
         await self.refresh(hypervisor, agent)
+        await self._relay_loopback(agent)
         if not self.endpoints:
             log.info("network namespace %s has no configured interface yet: the VM has no NIC", self.netns_path)
             return
@@ -135,6 +146,30 @@ class NetworkAttachment:
             time.monotonic() - started,
             describe(self.endpoints),
         )
+
+    async def _relay_loopback(self, agent: relay.StreamAgent) -> None:
+        """Relay the namespace's loopback to the guest's; what fails is logged, the VM stays on the network.
+
+        Only port forwarding (a connection to ``localhost`` in the namespace)
+        needs it; a pod runs without it, so a host without iptables warns
+        rather than refuses.
+        """
+        loopback = relay.LoopbackRelay(agent)
+        try:
+            listeners = await self._in_netns(relay.listen_and_redirect, "relay its loopback to the guest")
+        except (NetworkError, OSError) as exc:
+            log.warning(
+                "network namespace %s: connections to its localhost will not reach the guest (port forwarding): %s",
+                self.netns_path,
+                exc,
+            )
+            return
+        if not listeners:
+            log.info("network namespace %s has no loopback address (lo down?): nothing to relay", self.netns_path)
+            return
+        loopback.serve(listeners)
+        self._relay = loopback
+        log.info("localhost of %s relayed to the guest's (%s)", self.netns_path, loopback.describe())
 
     async def refresh(self, hypervisor: NicHypervisor, agent: NetworkAgent) -> bool:
         """Bring the guest up to date with the namespace; whether anything was sent.
@@ -240,6 +275,10 @@ class NetworkAttachment:
     async def detach(self) -> None:
         """Remove what :meth:`attach` made in the namespace; never raises, safe to call twice."""
         made, self._made = self._made, []
+        loopback, self._relay = self._relay, None
+        families = loopback.families if loopback is not None else ()
+        if loopback is not None:
+            await loopback.close()
         events, self._events = self._events, None
         if events is not None:
             events.close()
@@ -247,9 +286,9 @@ class NetworkAttachment:
         if fd < 0:
             return
         try:
-            if made:
+            if made or families:
                 try:
-                    problems = await self._in_netns(lambda: _undo(made), "remove its taps", fd)
+                    problems = await self._in_netns(lambda: _undo(made, families), "remove its taps", fd)
                 except Exception as exc:  # teardown reports, never raises
                     problems = [str(exc)]
                 for problem in problems:
@@ -261,9 +300,10 @@ class NetworkAttachment:
         return await asyncio.to_thread(netns.run_in_netns, self._netns_fd if fd is None else fd, work, what)
 
 
-def _undo(made: list[_Made]) -> list[str]:
-    """In the namespace: remove the qdiscs (their filters with them) and links of ``made``; the problems."""
-    problems: list[str] = []
+def _undo(made: list[_Made], families: tuple[Family, ...] = ()) -> list[str]:
+    """In the namespace: remove the qdiscs (their filters with them) and links of ``made``, and the
+    loopback relay's rules of ``families``; the problems."""
+    problems = relay.remove_rules(families)
     with netns.iproute() as ipr:
         for item in reversed(made):
             problems += tc.remove(ipr, tc.teardown_plan(tuple(item.qdiscs)))
@@ -283,7 +323,8 @@ def sweep(netns_path: str) -> list[str]:
     """After a VM whose proxy could not detach: remove what is left of its network in ``netns_path``.
 
     That is every ingress qdisc redirecting to a device that is gone
-    (:func:`capsa.network.tc.dead_mirrors`) and every link named like ours.
+    (:func:`capsa.network.tc.dead_mirrors`), every link named like ours, and
+    the loopback relay's rules.
     A namespace that is gone already took them along.  Blocking; returns the
     problems as messages and never raises.
     """
@@ -302,8 +343,9 @@ def sweep(netns_path: str) -> list[str]:
 
 
 def _sweep_here() -> list[str]:
+    problems = relay.remove_rules(FAMILIES)
     with netns.iproute() as ipr:
-        problems = tc.remove(ipr, tc.dead_mirrors(ipr))
+        problems += tc.remove(ipr, tc.dead_mirrors(ipr))
     for name in sorted(netns.link_names()):
         if _OUR_DEVICE.fullmatch(name):
             problem = netns.delete_link(name)

@@ -1055,3 +1055,115 @@ class DebugConsoleRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DebugConsoleRequest: _TypeAlias = DebugConsoleRequest  # noqa: Y015
+
+@_typing.final
+class OpenTcpStreamRequest(_message.Message):
+    """OpenTcpStream: the port on the guest's loopback (1..65535)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PORT_FIELD_NUMBER: _builtins.int
+    port: _builtins.int
+    def __init__(
+        self,
+        *,
+        port: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["port", b"port"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenTcpStreamRequest: _TypeAlias = OpenTcpStreamRequest  # noqa: Y015
+
+@_typing.final
+class OpenTcpStreamResponse(_message.Message):
+    """Names the connection in the calls that follow; never reused in one guest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.int
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stream_id", b"stream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenTcpStreamResponse: _TypeAlias = OpenTcpStreamResponse  # noqa: Y015
+
+@_typing.final
+class WriteTcpStreamRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.int
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "stream_id", b"stream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteTcpStreamRequest: _TypeAlias = WriteTcpStreamRequest  # noqa: Y015
+
+@_typing.final
+class ReadTcpStreamRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    LEN_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.int
+    len: _builtins.int
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.int = ...,
+        len: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["len", b"len", "stream_id", b"stream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadTcpStreamRequest: _TypeAlias = ReadTcpStreamRequest  # noqa: Y015
+
+@_typing.final
+class CloseTcpStreamRequest(_message.Message):
+    """write_only: shut down the sending side only (the peer reads EOF, and may
+    still answer); else close the connection and forget the stream.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    WRITE_ONLY_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.int
+    write_only: _builtins.bool
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.int = ...,
+        write_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stream_id", b"stream_id", "write_only", b"write_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CloseTcpStreamRequest: _TypeAlias = CloseTcpStreamRequest  # noqa: Y015

@@ -215,3 +215,24 @@ class AgentClient:
     async def update_routes(self, routes: pb.Routes) -> pb.Routes:
         """Replace the guest's routes with ``routes``; the guest's result."""
         return await self._call("UpdateRoutes", pb.UpdateRoutesRequest(routes=routes), pb.Routes)
+
+    async def open_tcp_stream(self, port: int) -> int:
+        """Connect to ``port`` on the guest's loopback (the pod's network namespace there); the stream's ID.
+        Nothing listening there is an :class:`AgentError` at once."""
+        response = await self._call("OpenTcpStream", pb.OpenTcpStreamRequest(port=port), pb.OpenTcpStreamResponse)
+        return response.stream_id
+
+    async def write_tcp_stream(self, stream_id: int, data: bytes) -> None:
+        request = pb.WriteTcpStreamRequest(stream_id=stream_id, data=data)
+        await self._call("WriteTcpStream", request, pb.WriteStreamResponse, timeout=None)
+
+    async def read_tcp_stream(self, stream_id: int, size: int = 65536) -> bytes:
+        """At least one byte, or ``b""`` at the end of the guest's data (waits without a deadline)."""
+        request = pb.ReadTcpStreamRequest(stream_id=stream_id, len=size)
+        response = await self._call("ReadTcpStream", request, pb.ReadStreamResponse, timeout=None)
+        return response.data
+
+    async def close_tcp_stream(self, stream_id: int, write_only: bool = False) -> None:
+        """Shut the guest's end down for writing (``write_only``), or close the stream."""
+        request = pb.CloseTcpStreamRequest(stream_id=stream_id, write_only=write_only)
+        await self._call("CloseTcpStream", request, pb.Empty)

@@ -100,6 +100,11 @@ class RuntimeServiceStub:
                 request_serializer=cri_dot_api__pb2.ExecSyncRequest.SerializeToString,
                 response_deserializer=cri_dot_api__pb2.ExecSyncResponse.FromString,
                 _registered_method=True)
+        self.PortForward = channel.unary_unary(
+                '/runtime.v1.RuntimeService/PortForward',
+                request_serializer=cri_dot_api__pb2.PortForwardRequest.SerializeToString,
+                response_deserializer=cri_dot_api__pb2.PortForwardResponse.FromString,
+                _registered_method=True)
 
 
 class RuntimeServiceServicer:
@@ -183,6 +188,12 @@ class RuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PortForward(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RuntimeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -250,6 +261,11 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
                     servicer.ExecSync,
                     request_deserializer=cri_dot_api__pb2.ExecSyncRequest.FromString,
                     response_serializer=cri_dot_api__pb2.ExecSyncResponse.SerializeToString,
+            ),
+            'PortForward': grpc.unary_unary_rpc_method_handler(
+                    servicer.PortForward,
+                    request_deserializer=cri_dot_api__pb2.PortForwardRequest.FromString,
+                    response_serializer=cri_dot_api__pb2.PortForwardResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -603,6 +619,33 @@ class RuntimeService:
             '/runtime.v1.RuntimeService/ExecSync',
             cri_dot_api__pb2.ExecSyncRequest.SerializeToString,
             cri_dot_api__pb2.ExecSyncResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PortForward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/PortForward',
+            cri_dot_api__pb2.PortForwardRequest.SerializeToString,
+            cri_dot_api__pb2.PortForwardResponse.FromString,
             options,
             channel_credentials,
             insecure,
