@@ -114,6 +114,10 @@ class HypervisorConfig:
     # of milliseconds; not under TCG, where renewing takes about 1.1 s per
     # sandbox (docs/performance.md); always; never.
     template_renew_agent: str = "auto"
+    # The guest reports the pages it frees (virtio-balloon free page
+    # reporting) and the host takes them back: a template's freed initrd
+    # leaves every clone's copy, and what a container frees leaves the host.
+    free_page_reporting: bool = True
 
 
 @dataclass(frozen=True)
@@ -371,6 +375,7 @@ def _parse_hypervisor(table: Mapping[str, Any], where: str) -> HypervisorConfig:
         template_max_clones=t.integer("template_max_clones", d.template_max_clones, 0, 1 << 31),
         template_max_age=t.non_negative_seconds("template_max_age", d.template_max_age),
         template_renew_agent=t.choice("template_renew_agent", d.template_renew_agent, RENEW_AGENT_MODES),
+        free_page_reporting=t.boolean("free_page_reporting", d.free_page_reporting),
     )
     if hv.max_vcpus and hv.max_vcpus < hv.default_vcpus:
         raise ConfigError(f"{where}.max_vcpus: {hv.max_vcpus} is less than default_vcpus ({hv.default_vcpus})")

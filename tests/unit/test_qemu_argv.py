@@ -301,3 +301,13 @@ def test_templated_vms_carry_a_generation_id_drawn_at_each_start() -> None:
     # The same words every time: a template's key and its clones' argv agree.
     assert templated == argv(config(templated=True, memory_file=Path("/dev/shm/m")))
     assert not any(d.startswith("vmgenid") for d in values(argv(config()), "-device"))
+
+
+def test_free_page_reporting_is_a_balloon_that_only_takes_reports() -> None:
+    assert "virtio-balloon-pci,id=balloon0,free-page-reporting=on" in values(
+        argv(config(free_page_reporting=True)), "-device"
+    )
+    assert not any("balloon" in d for d in values(argv(config()), "-device"))
+    # Part of the template's hardware, so of its key.
+    templated = config(templated=True, memory_file=Path("/t/memory"), free_page_reporting=True)
+    assert "virtio-balloon-pci,id=balloon0,free-page-reporting=on" in values(argv(templated), "-device")

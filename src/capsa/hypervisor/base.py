@@ -160,6 +160,11 @@ class VMConfig:
     memory_file: Path | None = None
     #: Where the console and VMM logs go (None: ``run_dir``).
     log_dir: Path | None = None
+    #: A virtio-balloon device that only reports free pages
+    #: (``free-page-reporting=on``): the guest hands back blocks it freed,
+    #: and QEMU punches them out of the RAM file (or memfd), so the host
+    #: gets them back.  Never inflated: the guest keeps all of its RAM.
+    free_page_reporting: bool = False
 
     def __post_init__(self) -> None:
         if self.accelerator not in ACCELERATORS:

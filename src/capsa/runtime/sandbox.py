@@ -175,6 +175,7 @@ def vm_config(
         firmware=hv.firmware,
         extra_args=hv.extra_args,
         debug=debug,
+        free_page_reporting=hv.free_page_reporting,
     )
 
 
