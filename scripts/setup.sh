@@ -154,7 +154,11 @@ build_vmm() {
 }
 
 build_kernel() { "$venv/bin/python" "$repo/guest/kernel/build.py"; }
-build_image() { "$venv/bin/python" "$repo/guest/image/build.py"; }
+# The erofs root image (the default) and the initrd (for image = "").
+build_image() {
+    "$venv/bin/python" "$repo/guest/image/build.py" --format erofs
+    "$venv/bin/python" "$repo/guest/image/build.py"
+}
 
 install_config() {
     if [ ! -e /etc/capsa/configuration.toml ]; then
@@ -166,6 +170,14 @@ install_config() {
     if grep -qxF "$old_kernel" /etc/capsa/configuration.toml; then
         note "the guest kernel is now the bzImage (KASLR), was the vmlinux"
         sed -i "s|^$old_kernel\$|kernel = \"/var/lib/capsa/guest/bzImage\"|" /etc/capsa/configuration.toml
+    fi
+    # Until issue 14 the shipped configuration booted the initrd (`image = ""`
+    # under this comment); the erofs image on virtio-pmem is the default now.
+    local old_image_comment='# A root filesystem image instead of the initrd ("" for none); wins if set.'
+    if grep -qxF "$old_image_comment" /etc/capsa/configuration.toml; then
+        note "the guest root is now the erofs image on virtio-pmem, was the initrd"
+        sed -i -e "/^# A root filesystem image instead of the initrd/d" \
+            -e 's|^image = ""$|image = "/var/lib/capsa/guest/rootfs.img"|' /etc/capsa/configuration.toml
     fi
     # The example agent policies (docs/agent-policy.md), kept current: they are ours, not the admin's.
     install -d -m 0755 /etc/capsa/policies

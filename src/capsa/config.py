@@ -89,7 +89,11 @@ class HypervisorConfig:
     # kernel runs (KASLR); the PVH entry skips it (docs/architecture.md).
     kernel: Path = field(default_factory=lambda: guest_dir() / "bzImage")
     initrd: Path | None = field(default_factory=lambda: guest_dir() / "initrd.img")
-    image: Path | None = None
+    # The guest's root: an erofs image mapped read-only through virtio-pmem
+    # and mounted with DAX, so N guests share one copy of it in the host's
+    # page cache; wins over the initrd, which every guest would unpack into
+    # its own RAM (docs/performance.md, "Density").
+    image: Path | None = field(default_factory=lambda: guest_dir() / "rootfs.img")
     kernel_params: tuple[str, ...] = ()
     firmware: Path | None = None
     default_vcpus: int = 1

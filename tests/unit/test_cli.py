@@ -78,7 +78,7 @@ def test_env_json_names_what_capsa_uses(capsys: pytest.CaptureFixture[str], conf
     code, out, _ = run(capsys, "env", "--json")
     assert code == 0
     env = json.loads(out)
-    for key in ("kernel", "initrd", "hypervisor_path", "machine_type", "accelerator"):
+    for key in ("kernel", "image", "hypervisor_path", "machine_type", "accelerator"):
         assert key in env
     assert env["accelerator"] == "tcg"
     assert env["config_file"] == str(config)

@@ -47,7 +47,7 @@ def test_environment_variable_names_the_file(monkeypatch: pytest.MonkeyPatch, tm
         ('[hypervisor]\naccelerator = "xen"\n', r"hypervisor\.accelerator: expected one of 'auto', 'kvm', 'tcg'"),
         ('[hypervisor]\nkernel = "relative/vmlinux"\n', r"hypervisor\.kernel: expected an absolute path"),
         ("[hypervisor]\nvcpus = 2\n", r"hypervisor\.vcpus: unknown key"),
-        ('[hypervisor]\ninitrd = ""\n', r"hypervisor: set one of initrd or image"),
+        ('[hypervisor]\ninitrd = ""\nimage = ""\n', r"hypervisor: set one of initrd or image"),
         ("[agent]\nconnect_timeout = -1\n", r"agent\.connect_timeout: expected a positive number"),
         ('[shared_fs]\nkind = "nfs"\n', r"shared_fs\.kind"),
         ("[shared_fs]\nvirtiofs_volume_timeout = -1\n", r"shared_fs\.virtiofs_volume_timeout: expected a number"),

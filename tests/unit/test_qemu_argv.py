@@ -9,7 +9,7 @@ import pytest
 
 from capsa.errors import HypervisorError
 from capsa.hypervisor.base import HOTPLUG_SLOTS, NinePShare, SerialChannel, VirtioFsShare, VMConfig, VsockChannel
-from capsa.hypervisor.qemu import dimm_mib, escape_option, nvdimm_size, ospm_outcome, qemu_argv
+from capsa.hypervisor.qemu import dimm_mib, escape_option, ospm_outcome, pmem_size, qemu_argv
 
 RUN = Path("/run/capsa/c1")
 MiB = 1 << 20
@@ -162,29 +162,32 @@ def test_9p_needs_no_shared_memory() -> None:
     assert not any(o.startswith("memory-backend") for o in values(args, "-object"))
 
 
-def test_rootfs_image_is_a_readonly_nvdimm() -> None:
+def test_rootfs_image_is_a_shared_readonly_virtio_pmem() -> None:
     image = Path("/var/lib/capsa/guest/rootfs.img")
-    args = argv(config(initrd=None, rootfs_image=image), rootfs_image_bytes=64 * MiB)
-    assert values(args, "-machine") == ["q35,sata=off,smbus=off,vmport=off,nvdimm=on"]
-    assert values(args, "-m") == ["1024M,slots=1,maxmem=1088M"]
-    assert f"memory-backend-file,id=rootimg,mem-path={image},size={64 * MiB},share=off,readonly=on" in values(
+    args = argv(config(initrd=None, rootfs_image=image), rootfs_image_bytes=128 * MiB)
+    assert values(args, "-machine") == ["q35,sata=off,smbus=off,vmport=off"]
+    assert values(args, "-m") == ["1024M,slots=1,maxmem=1152M"]
+    # Shared: one copy in the host's page cache for every VM, and left out of
+    # a template's state; read-only: no guest changes it.
+    assert f"memory-backend-file,id=rootimg,mem-path={image},size={128 * MiB},share=on,readonly=on" in values(
         args, "-object"
     )
-    assert "nvdimm,id=nv0,memdev=rootimg,unarmed=on" in values(args, "-device")
+    assert "virtio-pmem-pci,id=rootpmem,memdev=rootimg" in values(args, "-device")
     assert "-initrd" not in args
 
 
 def test_rootfs_image_needs_q35_and_an_aligned_size() -> None:
     image = Path("/img")
     with pytest.raises(HypervisorError, match="microvm"):
-        argv(config(initrd=None, rootfs_image=image, machine_type="microvm"), rootfs_image_bytes=2 * MiB)
-    with pytest.raises(HypervisorError, match="2 MiB"):
-        argv(config(initrd=None, rootfs_image=image), rootfs_image_bytes=3 * MiB)
+        argv(config(initrd=None, rootfs_image=image, machine_type="microvm"), rootfs_image_bytes=128 * MiB)
+    # Whole memory blocks, so DIMMs plugged after the image stay block-aligned.
+    with pytest.raises(HypervisorError, match="128 MiB"):
+        argv(config(initrd=None, rootfs_image=image), rootfs_image_bytes=64 * MiB)
     with pytest.raises(HypervisorError, match="size"):
         argv(config(initrd=None, rootfs_image=image))
-    assert nvdimm_size(1) == 2 * MiB
-    assert nvdimm_size(2 * MiB) == 2 * MiB
-    assert nvdimm_size(2 * MiB + 1) == 4 * MiB
+    assert pmem_size(1) == 128 * MiB
+    assert pmem_size(128 * MiB) == 128 * MiB
+    assert pmem_size(128 * MiB + 1) == 256 * MiB
 
 
 def test_commas_in_values_are_doubled() -> None:
@@ -242,9 +245,9 @@ def test_memory_hotplug_room_is_dimm_slots_and_maxmem() -> None:
     assert values(argv(config(memory_mib=1024)), "-m") == ["1024M"]
 
 
-def test_memory_hotplug_and_a_rootfs_nvdimm_share_the_device_memory() -> None:
-    args = argv(config(rootfs_image=Path("/img"), initrd=None, max_memory_mib=2048), rootfs_image_bytes=64 * MiB)
-    assert values(args, "-m") == ["1024M,slots=7,maxmem=2112M"]
+def test_memory_hotplug_and_a_rootfs_pmem_share_the_device_memory() -> None:
+    args = argv(config(rootfs_image=Path("/img"), initrd=None, max_memory_mib=2048), rootfs_image_bytes=128 * MiB)
+    assert values(args, "-m") == ["1024M,slots=7,maxmem=2176M"]
 
 
 def test_hotplug_room_is_in_the_template_argv() -> None:

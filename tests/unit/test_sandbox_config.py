@@ -19,7 +19,7 @@ def test_channel_is_vsock_only_where_the_host_has_it() -> None:
 
 
 def test_kernel_cmdline_tells_the_agent_its_channel() -> None:
-    config = parse_config({"agent": {"vsock_port": 2048}, "hypervisor": {"kernel_params": ["foo=bar"]}})
+    config = parse_config({"agent": {"vsock_port": 2048}, "hypervisor": {"image": "", "kernel_params": ["foo=bar"]}})
     serial = kernel_cmdline(config, "serial", debug=False)
     assert "capsa.channel=serial" in serial
     assert "quiet" in serial and "capsa.debug=1" not in serial
@@ -38,8 +38,9 @@ def test_kernel_cmdline_leaves_kaslr_on() -> None:
 
 
 def test_kernel_cmdline_for_a_rootfs_image() -> None:
-    config = parse_config({"hypervisor": {"initrd": "", "image": "/var/lib/capsa/guest/rootfs.img"}})
-    params = kernel_cmdline(config, "serial", debug=False)
-    assert "init=/init" in params and "rdinit=/init" not in params
+    for config in (parse_config({}), parse_config({"hypervisor": {"initrd": ""}})):  # the default
+        params = kernel_cmdline(config, "serial", debug=False)
+        assert "init=/init" in params and "rdinit=/init" not in params
+        assert {"root=/dev/pmem0", "rootfstype=erofs", "rootflags=dax", "ro"} <= set(params)
 
 

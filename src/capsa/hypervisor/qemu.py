@@ -92,9 +92,12 @@ VIRTIO_BLK_SERIAL_BYTES = 20
 #: Machine setup is fast; this only catches a VMM that hangs.
 DEFAULT_START_TIMEOUT = 30.0
 
-# NVDIMM regions are mapped in 2 MiB-aligned chunks (the "label-less" NFIT
-# region a guest's pmem driver expects); QEMU refuses unaligned sizes.
-_NVDIMM_ALIGN = 2 << 20
+# The rootfs image's virtio-pmem region is memory-device space, like the
+# DIMMs hot-plugged later and below them: QEMU places each device right
+# after the last, and a guest onlines a DIMM only at a memory-block-aligned
+# address ("Block size ... unaligned hotplug range", add_memory fails).  So
+# the image is a whole number of memory blocks (the builder pads it, sparse).
+_PMEM_ALIGN = MEMORY_BLOCK_MIB << 20
 
 
 #: QEMU's own seccomp filter (``-sandbox``), installed once the machine is
@@ -145,11 +148,9 @@ def nic_arguments(
     return netdev, device
 
 
-def _machine(config: VMConfig, memory_backend: bool, nvdimm: bool) -> list[str]:
+def _machine(config: VMConfig, memory_backend: bool) -> list[str]:
     if config.machine_type == "q35":
         props = ["q35", "sata=off", "smbus=off", "vmport=off"]
-        if nvdimm:
-            props.append("nvdimm=on")
     else:
         # microvm: the serial port only when it is the debug console; no
         # option ROMs to run (the kernel is loaded directly).
@@ -182,11 +183,11 @@ def shared_memory(config: VMConfig) -> bool:
     return config.templated or any(isinstance(share, VirtioFsShare) for share in config.shares)
 
 
-def _memory(config: VMConfig, nvdimm_bytes: int | None) -> list[str]:
+def _memory(config: VMConfig, pmem_bytes: int | None) -> list[str]:
     """``-m``: the boot RAM, and the slots and room above it for memory devices.
 
-    Hot-plugged DIMMs (:meth:`QemuHypervisor.resize`) and the rootfs NVDIMM
-    are both memory devices: each takes a slot and its size of ``maxmem``.
+    Hot-plugged DIMMs (:meth:`QemuHypervisor.resize`) and the rootfs image's
+    virtio-pmem are both memory devices: each takes a slot and its size of ``maxmem``.
     """
     size = f"{config.memory_mib}M"
     slots = 0
@@ -195,9 +196,9 @@ def _memory(config: VMConfig, nvdimm_bytes: int | None) -> list[str]:
         assert config.max_memory_mib is not None
         slots += MEMORY_SLOTS
         maxmem = config.max_memory_mib
-    if nvdimm_bytes is not None:
+    if pmem_bytes is not None:
         slots += 1
-        maxmem += nvdimm_bytes >> 20
+        maxmem += pmem_bytes >> 20
     if not slots:
         return ["-m", size]
     return ["-m", f"{size},slots={slots},maxmem={maxmem}M"]
@@ -332,16 +333,22 @@ def _rootfs_image(config: VMConfig, image_bytes: int | None) -> list[str]:
     if config.rootfs_image is None:
         return []
     if image_bytes is None:
-        raise HypervisorError("the size of the rootfs image is needed to map it as an NVDIMM")
-    # Mapped read-only and private: the image file is shared by every VM on
-    # the host and no guest may change it.  The guest sees /dev/pmem0 and can
-    # mount it with DAX (no page cache copy).
+        raise HypervisorError("the size of the rootfs image is needed to map it as virtio-pmem")
+    # A virtio-pmem device (the guest's /dev/pmem0; no ACPI NFIT needed, as
+    # an NVDIMM would) over the image file, mapped shared and read-only:
+    # - the guest mounts it with DAX, so its files are read straight from
+    #   the mapping and never copied into guest RAM (no guest page cache);
+    # - every VM on the host maps the same file, so they share one copy of
+    #   its pages, the host's page cache;
+    # - a shared block is left out of a template's state (x-ignore-shared),
+    #   and a read-only one out of what virtiofsd maps (vhost-user maps RAM,
+    #   not ROM); no guest can change the file.
     return [
         "-object",
         f"memory-backend-file,id=rootimg,mem-path={escape_option(config.rootfs_image)},"
-        f"size={image_bytes},share=off,readonly=on",
+        f"size={image_bytes},share=on,readonly=on",
         "-device",
-        "nvdimm,id=nv0,memdev=rootimg,unarmed=on",
+        f"virtio-pmem-{_device_suffix(config.machine_type)},id=rootpmem,memdev=rootimg",
     ]
 
 
@@ -394,9 +401,9 @@ def ospm_outcome(infos: list[dict[str, Any]], devices: set[str]) -> tuple[set[st
     return done, sorted(failed)
 
 
-def nvdimm_size(image_bytes: int) -> int:
+def pmem_size(image_bytes: int) -> int:
     """The image size rounded up to the NVDIMM alignment."""
-    return -(-image_bytes // _NVDIMM_ALIGN) * _NVDIMM_ALIGN
+    return -(-image_bytes // _PMEM_ALIGN) * _PMEM_ALIGN
 
 
 @dataclass(frozen=True)
@@ -477,17 +484,17 @@ def qemu_argv(
 
     ``qmp_fd`` is the child's end of the QMP socketpair (inherited by QEMU);
     ``rootfs_image_bytes`` the size of ``config.rootfs_image``, which must
-    be a multiple of 2 MiB (see :func:`nvdimm_size`).  Pure: no I/O.
+    be a whole number of 128 MiB memory blocks (see :func:`pmem_size`).  Pure: no I/O.
     """
     if config.rootfs_image is not None and config.machine_type != "q35":
-        raise HypervisorError("a rootfs image is mapped as an NVDIMM, which microvm lacks: use q35 or an initrd")
-    if rootfs_image_bytes is not None and rootfs_image_bytes % _NVDIMM_ALIGN:
-        raise HypervisorError(f"rootfs image size {rootfs_image_bytes} is not a multiple of 2 MiB")
+        raise HypervisorError("a rootfs image is mapped as virtio-pmem, which microvm lacks: use q35 or an initrd")
+    if rootfs_image_bytes is not None and rootfs_image_bytes % _PMEM_ALIGN:
+        raise HypervisorError(f"rootfs image size {rootfs_image_bytes} is not a multiple of {MEMORY_BLOCK_MIB} MiB")
     suffix = _device_suffix(config.machine_type)
     # A templated VM always has it: the clone's virtio-fs share is plugged
     # after restore, and the saved RAM must live in the same kind of block.
     memory_backend = shared_memory(config)
-    nvdimm_bytes = rootfs_image_bytes if config.rootfs_image is not None else None
+    pmem_bytes = rootfs_image_bytes if config.rootfs_image is not None else None
     console_args, console_params = _console_and_agent(config, console_fd)
 
     argv = [
@@ -501,11 +508,11 @@ def qemu_argv(
         "-no-reboot",
         "-sandbox",
         SECCOMP_POLICY,
-        *_machine(config, memory_backend, nvdimm_bytes is not None),
+        *_machine(config, memory_backend),
         *_accelerator(config),
         "-smp",
         f"{config.vcpus},maxcpus={config.max_vcpus}",
-        *_memory(config, nvdimm_bytes),
+        *_memory(config, pmem_bytes),
     ]
     if config.memory_file is not None:
         mem_path = escape_option(config.memory_file)
@@ -524,7 +531,7 @@ def qemu_argv(
     argv += _generation_id(config)
     argv += _free_page_reporting(config)
     argv += _hotplug_slots(config)
-    argv += _rootfs_image(config, nvdimm_bytes)
+    argv += _rootfs_image(config, pmem_bytes)
     argv += ["-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control"]
     if config.incoming:
         # Wait, paused, for QMP migrate-incoming (QMP reference,
@@ -603,7 +610,7 @@ class QemuHypervisor(Hypervisor):
         if confinement is not None:
             plan = confinement.plan(config)
             confine = functools.partial(jail.confine_hook, plan)
-        image_bytes = self._rootfs_image_bytes()
+        image_bytes = self.rootfs_image_bytes()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         console_ours, console_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -653,7 +660,8 @@ class QemuHypervisor(Hypervisor):
             await self.stop(timeout=0)
             raise
 
-    def _rootfs_image_bytes(self) -> int | None:
+    def rootfs_image_bytes(self) -> int | None:
+        """The rootfs image's size in bytes (None without one); a HypervisorError if it cannot map as virtio-pmem."""
         image = self.config.rootfs_image
         if image is None:
             return None
@@ -661,10 +669,10 @@ class QemuHypervisor(Hypervisor):
             size = image.stat().st_size
         except OSError as exc:
             raise HypervisorError(f"rootfs image {image}: {exc.strerror}") from exc
-        if size == 0 or size % _NVDIMM_ALIGN:
+        if size == 0 or size % _PMEM_ALIGN:
             raise HypervisorError(
-                f"rootfs image {image} is {size} bytes; an NVDIMM needs a non-zero multiple of 2 MiB "
-                f"(pad it to {nvdimm_size(max(size, 1))})"
+                f"rootfs image {image} is {size} bytes; virtio-pmem needs a non-zero multiple of "
+                f"{MEMORY_BLOCK_MIB} MiB (pad it to {pmem_size(max(size, 1))}: truncate -s)"
             )
         return size
 
@@ -796,7 +804,7 @@ class QemuHypervisor(Hypervisor):
 
     async def size(self) -> VMSize:
         """The VM's vCPUs (QMP ``query-cpus-fast``) and RAM: boot RAM plus
-        plugged DIMMs (``query-memory-devices``; the rootfs NVDIMM is not RAM)."""
+        plugged DIMMs (``query-memory-devices``; the rootfs virtio-pmem is not RAM)."""
         cpus = await self._execute("query-cpus-fast")
         devices = await self._execute("query-memory-devices")
         dimm_bytes = sum(d["data"]["size"] for d in devices if d.get("type") == "dimm")

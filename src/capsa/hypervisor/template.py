@@ -336,7 +336,8 @@ def template_key(vm: VMConfig, files: tuple[FileIdentity, ...]) -> str:
     the initrd.
     """
     canonical = template_vm(vm, _KEY_RUN_DIR, _KEY_RUN_DIR / "share", _KEY_RUN_DIR / MEMORY_FILE)
-    argv = qemu_argv(canonical, qmp_fd=3)
+    image_bytes = next((f.size for f in files if vm.rootfs_image is not None and f.path == str(vm.rootfs_image)), None)
+    argv = qemu_argv(canonical, qmp_fd=3, rootfs_image_bytes=image_bytes)
     document = {
         "layout": LAYOUT_VERSION,
         "argv": argv,
@@ -349,8 +350,10 @@ def template_key(vm: VMConfig, files: tuple[FileIdentity, ...]) -> str:
 def vm_files(vm: VMConfig) -> tuple[FileIdentity, ...]:
     """Identities of the files a template of ``vm`` depends on (reads the file system)."""
     paths = [vm.hypervisor_path, vm.kernel]
-    if vm.initrd is not None:
-        paths.append(vm.initrd)
+    # The image is mapped, not copied, into a clone, but the guest's kernel
+    # saved what it read of it (the root's superblock and inodes): a clone
+    # must find the same bytes there.
+    paths += [path for path in (vm.initrd, vm.rootfs_image) if path is not None]
     if vm.firmware is not None:
         paths.append(vm.firmware)
     return tuple(file_identity(path) for path in paths)
@@ -362,8 +365,6 @@ def unsupported(vm: VMConfig) -> str | None:
         return "machine type is not q35 (no PCIe hot-plug for the rootfs share)"
     if not isinstance(vm.agent_channel, SerialChannel):
         return "the agent channel is vsock (the guest CID is saved device state)"
-    if vm.rootfs_image is not None:
-        return "the guest boots from a rootfs image (the NVDIMM would be copied into the state)"
     return None
 
 
@@ -758,7 +759,8 @@ class TemplateStore:
                 await hypervisor.stop()
             punched = await asyncio.to_thread(punch_zero_pages, work / MEMORY_FILE)
             log.info("template %s: %d MiB of zeroed guest RAM left out of the RAM file", key, punched >> 20)
-            return self.publish(key, work, {"argv": qemu_argv(template, qmp_fd=3)}, booted, for_sandbox)
+            argv = qemu_argv(template, qmp_fd=3, rootfs_image_bytes=hypervisor.rootfs_image_bytes())
+            return self.publish(key, work, {"argv": argv}, booted, for_sandbox)
         except OSError as exc:
             raise TemplateError(f"cannot save template {key} in {self.root}: {exc.strerror or exc}") from exc
         finally:

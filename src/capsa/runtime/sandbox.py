@@ -133,7 +133,7 @@ def kernel_cmdline(config: Config, channel: str, debug: bool) -> tuple[str, ...]
     if debug:
         params.append("capsa.debug=1")
     if config.hypervisor.image is not None:
-        params += ["root=/dev/pmem0", "rootflags=dax", "ro", "init=/init"]
+        params += ["root=/dev/pmem0", "rootfstype=erofs", "rootflags=dax", "ro", "init=/init"]
     else:
         params.append("rdinit=/init")
     params += config.hypervisor.kernel_params
