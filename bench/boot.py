@@ -4,8 +4,9 @@
 Each round runs, back to back on the same machine:
 
 - the floor: bare QEMU (no devices beyond what the boot needs) with the same
-  kernel, initrd and accelerator, told to run an init that does not exist, so
-  the kernel boots, unpacks the initrd, fails to find init and panics; with
+  kernel, guest image and accelerator, told to run an init that does not
+  exist, so the kernel boots, mounts the root image (virtio-pmem; or unpacks
+  the initrd when ``image = ""``), fails to find init and panics; with
   ``panic=-1`` and ``-no-reboot`` QEMU then exits.  That is "booting the
   kernel and image to its init" and nothing else.
 - capsa cold: ``capsa run`` of a busybox bundle running ``true``, a fresh
@@ -56,7 +57,16 @@ def floor_argv(accel: str) -> list[str]:
     config = load_config()
     hv = config.hypervisor
     cpu = "host" if accel == "kvm" else "max"
-    cmdline = ["panic=-1", "quiet", "random.trust_cpu=on", *FAST_BOOT_PARAMS, "rdinit=/capsa-bench-no-init"]
+    cmdline = ["panic=-1", "quiet", "random.trust_cpu=on", *FAST_BOOT_PARAMS]
+    if hv.image is not None:
+        # The root image on virtio-pmem, as capsa maps it: the kernel mounts it, finds no init, panics.
+        cmdline += ["root=/dev/pmem0", "rootfstype=erofs", "rootflags=dax", "ro", "init=/capsa-bench-no-init"]
+    else:
+        cmdline.append("rdinit=/capsa-bench-no-init")
+    memory = str(hv.default_memory_mib)
+    if hv.image is not None:
+        image_mib = hv.image.stat().st_size >> 20
+        memory += f",slots=1,maxmem={hv.default_memory_mib + image_mib}M"
     argv = [
         str(hv.path),
         "-machine",
@@ -64,7 +74,7 @@ def floor_argv(accel: str) -> list[str]:
         "-cpu",
         cpu,
         "-m",
-        str(hv.default_memory_mib),
+        memory,
         "-smp",
         str(hv.default_vcpus),
         "-nodefaults",
@@ -76,7 +86,15 @@ def floor_argv(accel: str) -> list[str]:
         "-append",
         " ".join(cmdline),
     ]
-    if hv.image is None and hv.initrd is not None:
+    if hv.image is not None:
+        size = hv.image.stat().st_size
+        argv += [
+            "-object",
+            f"memory-backend-file,id=rootimg,mem-path={hv.image},size={size},share=on,readonly=on",
+            "-device",
+            "virtio-pmem-pci,memdev=rootimg",
+        ]
+    elif hv.initrd is not None:
         argv += ["-initrd", str(hv.initrd)]
     return argv
 

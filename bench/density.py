@@ -1,31 +1,50 @@
 #!/usr/bin/env python3
-"""Density: what N idle containers cost the host, capsa against runc, counted two ways.
+"""Density: what N idle containers cost the host, capsa against runc, counted two ways,
+through the runc CLI and through CRI pods.
 
 For each N (``--counts``, default 1,10,50,100), for capsa and then runc,
-back to back on the same host and the same busybox bundle (``sleep``):
+back to back on the same host and the same busybox bundle (``sleep``), through
+each path of ``--paths`` (default both):
+
+``cli``: the runtime's own command line (``capsa``, ``runc``), as an engine
+such as Podman drives it.
+
+``cri``: N pods of one busybox container each (``sleep 3600``), through the
+CRI of a private containerd 1.6 (the harness of tests/e2e/test_cri.py,
+``tests/e2e/cri/harness.py``, as bench/pod_memory.py runs it), with the
+handler ``capsa`` (one ``containerd-shim-capsa-v2`` and one VM per pod) or
+``runc``.  containerd starts once for the whole run, before the first N.
+A sandbox here is a pod: start = ``RunPodSandbox`` + ``CreateContainer`` +
+``StartContainer``; its processes are what containerd started for it
+(shim, QEMU, virtiofsd, and under runc the pause and container processes),
+grouped as bench/pod_memory.py groups them but for QEMU's ``capsa-vmm``,
+named as the CLI path names it; exec is CRI ``ExecSync``.
 
 1. The host's ``MemAvailable`` and ``Shmem`` (proc(5)) before anything starts.
-2. N containers created and started through the runc CLI, one after the
+2. N containers (CLI) or pods (CRI) created and started one after the
    other; the time of the first and of the Nth create+start.
 3. After ``--settle`` seconds idle: the drop of ``MemAvailable`` and the
    growth of ``Shmem`` divided by N (the figure that cannot undercount:
    template RAM copied into /dev/shm belongs to nobody's PSS until QEMU
    touches it), and the PSS of every host process by role (QEMU, its
-   capsa-vmm parent, virtiofsd, proxy, shim), summed and divided by N.
+   capsa-vmm parent, virtiofsd, proxy, shim; through CRI: shim,
+   capsa-vmm, QEMU, virtiofsd, containers), summed and divided by N.
 4. The host CPU the N idle sandboxes burn: their processes' utime+stime
    over ``--cpu-window`` seconds, as % of one core per sandbox.
 5. ``exec sleep 0`` in every container: each must answer.
-6. All deleted; after ``--settle`` seconds, how far ``MemAvailable`` came
+6. All deleted (through CRI: every pod stopped and removed, and nothing of
+   them left running); after ``--settle`` seconds, how far ``MemAvailable`` came
    back (as % of where it started).
 
 Prints one Markdown table, writes the figures as JSON (``--json``) and, when
 matplotlib is importable, a plot (``--plot``, PNG: memory per sandbox and
 start time against N).  Absolute figures drift on a shared host: read the
 ratios and the per-sandbox figures side by side.  Run as root after
-scripts/setup.sh: /opt/capsa/venv/bin/python bench/density.py [--counts 1,10]
+scripts/setup.sh: /opt/capsa/venv/bin/python bench/density.py [--counts 1,10] [--paths cli,cri]
+(the CRI path needs the dev extra's grpcio, containerd 1.6 and the CNI plugins).
 
-Not measured here yet: containers of one CRI pod (each further container
-after the first), which needs a CRI containerd (tests/e2e/cri).
+Not measured here: further containers of one pod (each container after the
+first), which is bench/pod_memory.py's.
 """
 
 from __future__ import annotations
@@ -42,12 +61,19 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The e2e harness of the CRI path (tests/e2e: cri, e2e_engines, e2e_support), as bench/pod_memory.py uses it.
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests" / "e2e"))
 
 from lifecycle import become_subreaper, children, ensure_runc, make_bundle, memory_kib, reap_orphans
 
+if TYPE_CHECKING:
+    from cri.harness import ShimContainerd
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PATHS = ("cli", "cri")
 
 
 def meminfo() -> dict[str, int]:
@@ -178,6 +204,97 @@ class Runner:
         return result
 
 
+class PodRunner:
+    """N idle pods through CRI, one busybox container each, under one runtime handler."""
+
+    def __init__(self, handler: str, containerd: ShimContainerd) -> None:
+        self.handler = handler
+        self.name = f"{handler} (CRI)"
+        self.containerd = containerd
+
+    def answers(self, container_id: str) -> bool:
+        """CRI ``ExecSync`` of ``sleep 0`` in the container exits 0 (the harness raises
+        AssertionError on a failed call)."""
+        try:
+            return int(self.containerd.exec_sync(container_id, ["sleep", "0"]).exit_code) == 0
+        except AssertionError:
+            return False
+
+    def run(self, n: int, settle: float, cpu_window: float) -> Result:
+        # Imported here: the CLI path needs neither grpcio (the dev extra's) nor the e2e harness.
+        from cri import api_pb2 as cri
+        from cri.harness import VMM_KEEPER
+        from pod_memory import group_of, pod_processes, smaps_kib
+
+        k = self.containerd
+        result = Result(self.name, n)
+        before = meminfo()
+        pods: list[str] = []
+        containers: list[str] = []
+        try:
+            for i in range(n):
+                config = k.pod_config(f"density-{self.handler}-{n}-{i}")
+                started = time.monotonic()
+                pods.append(k.run_pod(config, self.handler))
+                cid = k.create_container(pods[-1], config, "sleep", ["sleep", "3600"])
+                k.call("StartContainer", cri.StartContainerRequest(container_id=cid))
+                elapsed = time.monotonic() - started
+                if i == 0:
+                    result.first_start_s = elapsed
+                result.last_start_s = elapsed
+                containers.append(cid)
+            time.sleep(settle)
+            after = meminfo()
+            result.mem_available_drop_mib = (before["MemAvailable"] - after["MemAvailable"]) / 1024 / n
+            result.shmem_growth_mib = (after["Shmem"] - before["Shmem"]) / 1024 / n
+            roles: dict[str, list[int]] = {}
+            for proc in pod_processes(k):
+                # QEMU's jail keeper is its own binary, which group_of would count with the containers.
+                role = "capsa-vmm" if proc.name == VMM_KEEPER else group_of(proc)
+                roles.setdefault(role, []).append(proc.pid)
+            for role, pids in roles.items():
+                result.pss_mib[role] = sum(smaps_kib(p)[1] for p in pids) / 1024 / n
+            everyone = [p for pids in roles.values() for p in pids]
+            ticks = cpu_ticks(everyone)
+            time.sleep(cpu_window)
+            ticks = cpu_ticks(everyone) - ticks
+            result.cpu_percent = 100 * ticks / CLOCK_TICKS / cpu_window / n
+            result.exec_ok = sum(self.answers(cid) for cid in containers)
+        except AssertionError as e:  # a CRI call failed: the harness's message names it
+            raise SystemExit(f"{self.name} N={n}: {e}") from None
+        finally:
+            for pod_id in pods:
+                # Every pod gets its stop and remove; what still fails, ShimContainerd.stop() retries.
+                with contextlib.suppress(AssertionError):
+                    k.remove_pod(pod_id)
+            left = k.wait_nothing_left()
+            reap_orphans()  # the shims exited: we are their subreaper
+        if left:
+            raise SystemExit(f"{self.name} N={n}: left behind after the pods:\n" + "\n".join(map(str, left)))
+        time.sleep(settle)
+        result.returned_percent = 100 * meminfo()["MemAvailable"] / before["MemAvailable"]
+        return result
+
+
+def start_containerd(work: Path) -> ShimContainerd:
+    """The private CRI containerd of tests/e2e/cri (both handlers), with its busybox image."""
+    from cri.harness import ShimContainerd, capsa_shim, cri_unready
+    from e2e_engines import CONTAINERD_SOCKET, serving
+    from e2e_support import make_rootfs, make_rootfs_tar
+
+    shim = capsa_shim()
+    if shim is None:
+        raise SystemExit("containerd-shim-capsa-v2 is not installed (CAPSA_E2E_SHIM names another)")
+    if reason := cri_unready():
+        raise SystemExit(reason)
+    # The harness runs containerd at its default socket and state; under a test run it would skip instead.
+    if serving(CONTAINERD_SOCKET):
+        raise SystemExit(f"another containerd already serves {CONTAINERD_SOCKET}: stop it to measure the CRI path")
+    make_rootfs(work / "cri-rootfs")
+    make_rootfs_tar(work / "cri-rootfs", work / "cri-busybox.tar")
+    return ShimContainerd(work, work / "cri-busybox.tar", shim)
+
+
 def table(results: list[Result]) -> str:
     lines = [
         "| runtime | N | MemAvailable drop / sandbox | Shmem growth / sandbox | PSS / sandbox (by role) "
@@ -227,20 +344,33 @@ def main() -> int:
     parser.add_argument("--cpu-window", type=float, default=30.0, help="seconds of idle CPU measured")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot here (needs matplotlib)")
+    parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated: cli (runc CLI), cri (CRI pods)")
     args = parser.parse_args()
+    paths = args.paths.split(",")
+    if unknown := set(paths) - set(PATHS):
+        parser.error(f"unknown path(s) {', '.join(sorted(unknown))}: choose from {', '.join(PATHS)}")
     if os.geteuid() != 0:
         raise SystemExit("run as root (QEMU, virtiofsd, runc)")
     counts = [int(n) for n in args.counts.split(",")]
     runc_path = ensure_runc()
     become_subreaper()
     work = Path(tempfile.mkdtemp(prefix="capsa-density-", dir="/tmp"))
-    bundle = make_bundle(work)
-    runners = [
-        Runner("capsa", [sys.executable, "-m", "capsa"], work, bundle),
-        Runner("runc", [runc_path], work, bundle),
-    ]
+    runners: list[Runner | PodRunner] = []
     results: list[Result] = []
+    containerd: ShimContainerd | None = None
     try:
+        if "cli" in paths:
+            bundle = make_bundle(work)
+            runners += [
+                Runner("capsa", [sys.executable, "-m", "capsa"], work, bundle),
+                Runner("runc", [runc_path], work, bundle),
+            ]
+        if "cri" in paths:
+            try:
+                containerd = start_containerd(work)
+            except AssertionError as e:  # the harness's way of saying containerd did not come up
+                raise SystemExit(f"containerd: {e}") from None
+            runners += [PodRunner("capsa", containerd), PodRunner("runc", containerd)]
         for n in counts:
             for runner in runners:
                 result = runner.run(n, args.settle, args.cpu_window)
@@ -252,6 +382,8 @@ def main() -> int:
         if args.plot and not plot(results, args.plot):
             print("no plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
     finally:
+        if containerd is not None:
+            containerd.stop()
         reap_orphans()
         shutil.rmtree(work, ignore_errors=True)
     return 0
