@@ -319,19 +319,22 @@ def plot(results: list[Result], path: Path) -> bool:
         import matplotlib.pyplot as plt  # type: ignore[import-not-found]
     except ImportError:
         return False
-    fig, (memory, start) = plt.subplots(1, 2, figsize=(11, 4))
-    for runtime in sorted({r.runtime for r in results}):
-        rows = [r for r in results if r.runtime == runtime]
+    fig, (memory, start) = plt.subplots(1, 2, figsize=(11, 5))
+    for index, runtime in enumerate(sorted({r.runtime for r in results})):
+        rows = sorted((r for r in results if r.runtime == runtime), key=lambda r: r.n)
         ns = [r.n for r in rows]
-        memory.plot(ns, [r.mem_available_drop_mib for r in rows], marker="o", label=f"{runtime} MemAvailable drop")
-        memory.plot(ns, [r.pss_total for r in rows], marker="x", linestyle="--", label=f"{runtime} PSS")
-        start.plot(ns, [r.last_start_s for r in rows], marker="o", label=f"{runtime} Nth create+start")
+        color = f"C{index}"  # one colour per runtime in both panels
+        drop = [r.mem_available_drop_mib for r in rows]
+        memory.plot(ns, drop, "o-", color=color, label=f"{runtime}: MemAvailable drop")
+        memory.plot(ns, [r.pss_total for r in rows], "x--", color=color, label=f"{runtime}: PSS")
+        start.plot(ns, [r.last_start_s for r in rows], "o-", color=color, label=runtime)
     memory.set(xlabel="idle containers (N)", ylabel="MiB per container", title="Host memory per container")
     start.set(xlabel="idle containers (N)", ylabel="seconds", title="Start time of the Nth container")
     for axis in (memory, start):
         axis.set_xscale("log")
-        axis.legend(fontsize=7)
         axis.grid(True, alpha=0.3)
+    memory.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
+    start.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
@@ -345,7 +348,21 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot here (needs matplotlib)")
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated: cli (runc CLI), cri (CRI pods)")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="measure nothing: print the table (and --plot) of figures earlier runs wrote with --json",
+    )
     args = parser.parse_args()
+    if args.from_json:
+        results = [Result(**row) for path in args.from_json for row in json.loads(path.read_text())]
+        results.sort(key=lambda r: (r.runtime, r.n))
+        print(table(results))
+        if args.plot and not plot(results, args.plot):
+            print("no plot: matplotlib is not installed (pip install '.[bench]')", file=sys.stderr)
+        return 0
     paths = args.paths.split(",")
     if unknown := set(paths) - set(PATHS):
         parser.error(f"unknown path(s) {', '.join(sorted(unknown))}: choose from {', '.join(PATHS)}")
@@ -380,7 +397,7 @@ def main() -> int:
         if args.json:
             args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
         if args.plot and not plot(results, args.plot):
-            print("no plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+            print("no plot: matplotlib is not installed (pip install '.[bench]')", file=sys.stderr)
     finally:
         if containerd is not None:
             containerd.stop()
