@@ -120,6 +120,23 @@ class Result:
         return sum(self.pss_mib.values())
 
 
+def idle_figures(result: Result, roles: dict[str, list[int]], n: int, cpu_window: float) -> None:
+    """Fill in ``result``'s PSS by role and idle CPU, per sandbox, from the host processes of N idle sandboxes."""
+    def pss_kib(pid: int) -> int:
+        try:
+            return memory_kib(pid)[1]
+        except OSError:  # gone since it was listed
+            return 0
+
+    for role, pids in roles.items():
+        result.pss_mib[role] = sum(pss_kib(p) for p in pids) / 1024 / n
+    everyone = [p for pids in roles.values() for p in pids]
+    ticks = cpu_ticks(everyone)
+    time.sleep(cpu_window)
+    ticks = cpu_ticks(everyone) - ticks
+    result.cpu_percent = 100 * ticks / CLOCK_TICKS / cpu_window / n
+
+
 class Runner:
     def __init__(self, name: str, prefix: list[str], work: Path, bundle: Path) -> None:
         self.name = name
@@ -187,13 +204,7 @@ class Runner:
             for cid, shim in shims.items():
                 for role, pids in self.processes(cid, shim).items():
                     roles.setdefault(role, []).extend(pids)
-            for role, pids in roles.items():
-                result.pss_mib[role] = sum(memory_kib(p)[1] for p in pids) / 1024 / n
-            everyone = [p for pids in roles.values() for p in pids]
-            ticks = cpu_ticks(everyone)
-            time.sleep(cpu_window)
-            ticks = cpu_ticks(everyone) - ticks
-            result.cpu_percent = 100 * ticks / CLOCK_TICKS / cpu_window / n
+            idle_figures(result, roles, n, cpu_window)
             result.exec_ok = sum(self.call("exec", cid, "sleep", "0").returncode == 0 for cid in shims)
         finally:
             for cid in shims:
@@ -224,7 +235,7 @@ class PodRunner:
         # Imported here: the CLI path needs neither grpcio (the dev extra's) nor the e2e harness.
         from cri import api_pb2 as cri
         from cri.harness import VMM_KEEPER
-        from pod_memory import group_of, pod_processes, smaps_kib
+        from pod_memory import group_of, pod_processes
 
         k = self.containerd
         result = Result(self.name, n)
@@ -252,13 +263,7 @@ class PodRunner:
                 # QEMU's jail keeper is its own binary, which group_of would count with the containers.
                 role = "capsa-vmm" if proc.name == VMM_KEEPER else group_of(proc)
                 roles.setdefault(role, []).append(proc.pid)
-            for role, pids in roles.items():
-                result.pss_mib[role] = sum(smaps_kib(p)[1] for p in pids) / 1024 / n
-            everyone = [p for pids in roles.values() for p in pids]
-            ticks = cpu_ticks(everyone)
-            time.sleep(cpu_window)
-            ticks = cpu_ticks(everyone) - ticks
-            result.cpu_percent = 100 * ticks / CLOCK_TICKS / cpu_window / n
+            idle_figures(result, roles, n, cpu_window)
             result.exec_ok = sum(self.answers(cid) for cid in containers)
         except AssertionError as e:  # a CRI call failed: the harness's message names it
             raise SystemExit(f"{self.name} N={n}: {e}") from None

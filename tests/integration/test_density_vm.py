@@ -2,7 +2,8 @@
 
 - The guest's root is the erofs image on virtio-pmem, mounted with DAX:
   QEMU maps the image file shared and read-only (one copy in the host's
-  page cache for every VM), and the guest holds none of it in its RAM.
+  page cache for every VM), and the guest holds none of it in its RAM;
+  even root in the guest cannot write it.
 - Free page reporting: memory a container frees goes back to the host.
   A container's ``dd`` fills 160 MiB of guest RAM and exits; the VM's RAM
   file (a template clone's copy in /dev/shm) grows by that much and, with
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Iterator
@@ -106,3 +108,26 @@ def test_without_reporting_the_host_keeps_what_the_guest_touched(
         capsa("delete", "--force", "kept")
     assert right_after - before >= (FILL_MIB - 32) * MiB, (before, right_after)
     assert later >= before + (FILL_MIB - 32) * MiB, (before, right_after, later)
+
+
+def test_the_guest_cannot_write_the_shared_image(capsa: Capsa, tmp_path: Path) -> None:
+    # Root in the guest (the debug console) is the strongest writer a guest has.
+    config = tmp_path / "configuration.toml"
+    config.write_text("[runtime]\ndebug_console = true\n")
+    image = Path(os.path.realpath("/var/lib/capsa/guest/rootfs.img"))
+    before = hashlib.sha256(image.read_bytes()).hexdigest()
+    capsa.spec(["sleep", "600"])
+    assert capsa("--config", str(config), "run", "-d", "--bundle", str(capsa.bundle), "writer").code == 0
+    try:
+        # The agent marked the device read-only (BLKROSET): refused at once, not a hang.
+        wrote = capsa(
+            "--config", str(config), "debug-console", "writer",
+            "dd", "if=/dev/zero", "of=/dev/pmem0", "bs=4096", "count=1", "conv=fsync",
+            timeout=60,
+        )  # fmt: skip
+        assert wrote.code != 0, wrote.stdout + wrote.stderr
+        assert "Operation not permitted" in wrote.stderr or "Read-only" in wrote.stderr, wrote.stderr
+        assert capsa("exec", "writer", "true").code == 0
+    finally:
+        capsa("delete", "--force", "writer")
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == before

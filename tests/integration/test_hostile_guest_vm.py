@@ -193,7 +193,8 @@ def test_a_hostile_guest_costs_its_host_a_bounded_amount_and_touches_no_other_vm
 
         config = tmp_path / "hostile.toml"
         config.write_text(
-            f'[hypervisor]\ninitrd = "{hostile_initrd(tmp_path)}"\nboot = "cold"\n[agent]\nrequest_timeout = 20.0\n'
+            f'[hypervisor]\ninitrd = "{hostile_initrd(tmp_path)}"\nimage = ""\nboot = "cold"\n'
+            "[agent]\nrequest_timeout = 20.0\n"
         )
         errors = tmp_path / "hostile.err"
         with open(errors, "wb") as err:

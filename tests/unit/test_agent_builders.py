@@ -277,6 +277,14 @@ def test_root_is_initramfs() -> None:
     assert not init.root_is_initramfs("")
 
 
+def test_root_image_read_only_needs_the_device_and_a_block_device(tmp_path: Path) -> None:
+    assert init.make_root_image_read_only(str(tmp_path / "pmem0")) is None  # an initrd boot: no device
+    not_a_disk = tmp_path / "file"
+    not_a_disk.write_bytes(b"")
+    problem = init.make_root_image_read_only(str(not_a_disk))
+    assert problem is not None and problem.startswith(f"{not_a_disk}: BLKROSET")
+
+
 def test_init_mounts_come_in_dependency_order() -> None:
     targets = [request.target for request in init.INIT_MOUNTS]
     for index, target in enumerate(targets):

@@ -146,10 +146,41 @@ def harden(sysctls: tuple[tuple[str, str], ...] = HARDENING_SYSCTLS, proc_sys: s
     return failed
 
 
+#: The guest's root image (virtio-pmem), when it boots from one.
+ROOT_IMAGE_DEVICE = "/dev/pmem0"
+#: ioctl(2) that marks a block device read-only (linux/fs.h: _IO(0x12, 93)).
+BLKROSET = 0x125D
+
+
+def make_root_image_read_only(device: str = ROOT_IMAGE_DEVICE) -> str | None:
+    """Mark the root image's block device read-only; why not, or None.
+
+    The host maps the image read-only and no write reaches the file; this
+    makes a write from the guest fail at once (EPERM/EROFS) instead of
+    reaching QEMU's read-only mapping, where under TCG the writer hangs.
+    No device (an initrd boot): nothing to do.
+    """
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"{device}: {exc.strerror}"
+    try:
+        fcntl.ioctl(fd, BLKROSET, struct.pack("i", 1))
+    except OSError as exc:
+        return f"{device}: BLKROSET: {exc.strerror}"
+    finally:
+        os.close(fd)
+    return None
+
+
 def bring_up(hostname: str = DEFAULT_HOSTNAME) -> None:
     """The rest of PID 1's setup once the API filesystems are mounted."""
     for problem in harden():
         log.warning("cannot harden the guest kernel: %s", problem)
+    if refused := make_root_image_read_only():
+        log.warning("cannot make the root image read-only: %s", refused)
     make_dev_symlinks()
     try:
         enable_cgroup_controllers()
