@@ -7,9 +7,13 @@ StatsContainer and ListProcesses.  Parsing is pure; reading is one open each.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import os
 from dataclasses import dataclass
+
+from capsa.agent import libc
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 
@@ -89,3 +93,66 @@ def cgroup_of(pid: int) -> str:
             return unified_path(file.read())
     except (FileNotFoundError, ProcessLookupError):
         return ""
+
+
+class FileChanges:
+    """Wake when an interface file changes: cgroup v2 notifies a change of
+    ``memory.events`` as a modification (Documentation/admin-guide/cgroup-v2.rst,
+    "memory.events"), which inotify(7) reports.
+
+    :meth:`watch` each file once (again is harmless); :meth:`changed` waits
+    until any watched file changed since the last call, or ``timeout``.  A
+    watch goes with its cgroup.  Without inotify, :meth:`changed` just waits
+    ``fallback`` seconds: the caller polls.
+    """
+
+    def __init__(self, fallback: float) -> None:
+        self.fallback = fallback
+        self._fd: int | None = None
+        self._broken = False
+
+    def watch(self, path: str) -> None:
+        if self._broken:
+            return
+        try:
+            if self._fd is None:
+                self._fd = libc.inotify_init()
+            libc.inotify_add_watch(self._fd, path, libc.IN_MODIFY)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):  # the cgroup is gone already
+                return
+            self._broken = True
+
+    async def changed(self, timeout: float) -> None:
+        if self._fd is None or self._broken:
+            await asyncio.sleep(self.fallback)
+            return
+        fd = self._fd
+        if not self._drain(fd):
+            loop = asyncio.get_running_loop()
+            ready: asyncio.Future[None] = loop.create_future()
+
+            def readable() -> None:
+                if not ready.done():
+                    ready.set_result(None)
+
+            loop.add_reader(fd, readable)
+            try:
+                await asyncio.wait([ready], timeout=timeout)
+            finally:
+                loop.remove_reader(fd)
+            self._drain(fd)
+
+    @staticmethod
+    def _drain(fd: int) -> bool:
+        """Read away the queued events; whether there were any."""
+        got = False
+        with contextlib.suppress(BlockingIOError):
+            while os.read(fd, 4096):
+                got = True
+        return got
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

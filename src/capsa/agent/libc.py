@@ -92,6 +92,26 @@ def power_off() -> None:
     _check(_lib().reboot(ctypes.c_int(RB_POWER_OFF)), "reboot(RB_POWER_OFF)")
 
 
+# inotify(7), <sys/inotify.h>.
+IN_MODIFY = 0x2
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+
+
+def inotify_init() -> int:
+    """inotify_init1(IN_NONBLOCK | IN_CLOEXEC): a new inotify file descriptor."""
+    fd = _lib().inotify_init1(ctypes.c_int(IN_NONBLOCK | IN_CLOEXEC))
+    _check(0 if fd >= 0 else -1, "inotify_init1")
+    return int(fd)
+
+
+def inotify_add_watch(fd: int, path: str, mask: int) -> int:
+    """inotify_add_watch(2): the watch descriptor (the same one again for a path already watched)."""
+    wd = _lib().inotify_add_watch(ctypes.c_int(fd), path.encode(), ctypes.c_uint32(mask))
+    _check(0 if wd >= 0 else -1, "inotify_add_watch", path)
+    return int(wd)
+
+
 def set_child_subreaper() -> None:
     """Make orphaned descendants re-parent to this process (see prctl(2)).
 

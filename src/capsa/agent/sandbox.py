@@ -33,8 +33,13 @@ from capsa.runtime.ids import validate_id
 
 log = logging.getLogger("capsa.agent")
 
-#: How often a waiting GetOOMEvent looks at the containers' memory.events.
+#: How often a waiting GetOOMEvent looks at the containers' memory.events
+#: when it cannot be told of their changes (no inotify), and how often
+#: ``capsa events`` looks at one container's.
 OOM_POLL_SECONDS = 0.5
+#: How long a waiting GetOOMEvent trusts the change notifications before it
+#: looks anyway (a missed notification costs at most this much delay).
+OOM_RECHECK_SECONDS = 30.0
 
 # How long crun may take to pass the pty master after it exited successfully.
 CONSOLE_TIMEOUT_SECONDS = 5.0
@@ -73,6 +78,7 @@ class Sandbox:
         self._storages: dict[str, tuple[pb.Storage, int]] = {}
         self._counter = itertools.count(1)
         self._oom_reported: dict[str, int] = {}
+        self._oom_changes = cgroup.FileChanges(fallback=OOM_POLL_SECONDS)
         self._crun_version: str | None = None
         self._no_pivot: bool | None = None
         self._containers_dir = os.path.join(options.state_dir, "containers")
@@ -435,23 +441,28 @@ class Sandbox:
         container = self.registry.get(container_id)
         return cgroup.read_stats(self._cgroup_dir(container))
 
-    async def next_oom_event(self, poll_interval: float = OOM_POLL_SECONDS) -> str:
+    async def next_oom_event(self) -> str:
         """Wait until the OOM killer strikes in some container; return its ID.
 
         cgroup v2 counts kills in ``memory.events`` (``oom_kill``); each call
         reports one container whose count grew since it was last reported
-        (Kata's GetOOMEvent: one caller, the host, loops on it).  Polled
-        while a caller waits, so an idle sandbox pays nothing.
+        (Kata's GetOOMEvent: one caller, the host, loops on it: the shim v2
+        always waits).  The files are read again when the kernel says one
+        changed (inotify; a watch is set before each read, so no change
+        between the two goes unseen), not on a timer: an idle sandbox wakes
+        nobody.  Without inotify, every :data:`OOM_POLL_SECONDS`.
         """
         while True:
             for container in self.registry.all():
                 if not container.cgroup:
                     continue
-                kills = cgroup.oom_kills(cgroup.directory(container.cgroup))
+                directory = cgroup.directory(container.cgroup)
+                self._oom_changes.watch(os.path.join(directory, "memory.events"))
+                kills = cgroup.oom_kills(directory)
                 if kills > self._oom_reported.get(container.id, 0):
                     self._oom_reported[container.id] = kills
                     return container.id
-            await asyncio.sleep(poll_interval)
+            await self._oom_changes.changed(OOM_RECHECK_SECONDS)
 
     async def wait_oom_kill(
         self, container_id: str, seen: int, poll_interval: float = OOM_POLL_SECONDS
