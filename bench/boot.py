@@ -37,7 +37,8 @@ from pathlib import Path
 
 from capsa.config import cache_dir, load_config, resolve_config_path
 from capsa.hypervisor.accel import resolve_accelerator
-from capsa.runtime.sandbox import FAST_BOOT_PARAMS
+from capsa.hypervisor.qemu import pmem_root_args
+from capsa.runtime.sandbox import FAST_BOOT_PARAMS, ROOT_IMAGE_PARAMS
 
 
 def make_bundle(root: Path) -> Path:
@@ -58,15 +59,15 @@ def floor_argv(accel: str) -> list[str]:
     hv = config.hypervisor
     cpu = "host" if accel == "kvm" else "max"
     cmdline = ["panic=-1", "quiet", "random.trust_cpu=on", *FAST_BOOT_PARAMS]
+    image_bytes = hv.image.stat().st_size if hv.image is not None else 0
     if hv.image is not None:
         # The root image on virtio-pmem, as capsa maps it: the kernel mounts it, finds no init, panics.
-        cmdline += ["root=/dev/pmem0", "rootfstype=erofs", "rootflags=dax", "ro", "init=/capsa-bench-no-init"]
+        cmdline += [*ROOT_IMAGE_PARAMS, "init=/capsa-bench-no-init"]
     else:
         cmdline.append("rdinit=/capsa-bench-no-init")
     memory = str(hv.default_memory_mib)
     if hv.image is not None:
-        image_mib = hv.image.stat().st_size >> 20
-        memory += f",slots=1,maxmem={hv.default_memory_mib + image_mib}M"
+        memory += f",slots=1,maxmem={hv.default_memory_mib + (image_bytes >> 20)}M"
     argv = [
         str(hv.path),
         "-machine",
@@ -87,13 +88,7 @@ def floor_argv(accel: str) -> list[str]:
         " ".join(cmdline),
     ]
     if hv.image is not None:
-        size = hv.image.stat().st_size
-        argv += [
-            "-object",
-            f"memory-backend-file,id=rootimg,mem-path={hv.image},size={size},share=on,readonly=on",
-            "-device",
-            "virtio-pmem-pci,memdev=rootimg",
-        ]
+        argv += pmem_root_args(hv.image, image_bytes, hv.machine_type)
     elif hv.initrd is not None:
         argv += ["-initrd", str(hv.initrd)]
     return argv

@@ -120,8 +120,14 @@ class Result:
         return sum(self.pss_mib.values())
 
 
-def idle_figures(result: Result, roles: dict[str, list[int]], n: int, cpu_window: float) -> None:
-    """Fill in ``result``'s PSS by role and idle CPU, per sandbox, from the host processes of N idle sandboxes."""
+def idle_figures(
+    result: Result, before: dict[str, int], roles: dict[str, list[int]], n: int, cpu_window: float
+) -> None:
+    """Fill in ``result``'s figures of N idle sandboxes, per sandbox: the host's ``MemAvailable`` drop and
+    ``Shmem`` growth since ``before`` (meminfo), the PSS of their host processes by role, their idle CPU."""
+    after = meminfo()
+    result.mem_available_drop_mib = (before["MemAvailable"] - after["MemAvailable"]) / 1024 / n
+    result.shmem_growth_mib = (after["Shmem"] - before["Shmem"]) / 1024 / n
     def pss_kib(pid: int) -> int:
         try:
             return memory_kib(pid)[1]
@@ -197,14 +203,11 @@ class Runner:
                 result.last_start_s = elapsed
                 shims[cid] = int(pid_file.read_text())
             time.sleep(settle)
-            after = meminfo()
-            result.mem_available_drop_mib = (before["MemAvailable"] - after["MemAvailable"]) / 1024 / n
-            result.shmem_growth_mib = (after["Shmem"] - before["Shmem"]) / 1024 / n
             roles: dict[str, list[int]] = {}
             for cid, shim in shims.items():
                 for role, pids in self.processes(cid, shim).items():
                     roles.setdefault(role, []).extend(pids)
-            idle_figures(result, roles, n, cpu_window)
+            idle_figures(result, before, roles, n, cpu_window)
             result.exec_ok = sum(self.call("exec", cid, "sleep", "0").returncode == 0 for cid in shims)
         finally:
             for cid in shims:
@@ -255,15 +258,12 @@ class PodRunner:
                 result.last_start_s = elapsed
                 containers.append(cid)
             time.sleep(settle)
-            after = meminfo()
-            result.mem_available_drop_mib = (before["MemAvailable"] - after["MemAvailable"]) / 1024 / n
-            result.shmem_growth_mib = (after["Shmem"] - before["Shmem"]) / 1024 / n
             roles: dict[str, list[int]] = {}
             for proc in pod_processes(k):
                 # QEMU's jail keeper is its own binary, which group_of would count with the containers.
                 role = "capsa-vmm" if proc.name == VMM_KEEPER else group_of(proc)
                 roles.setdefault(role, []).append(proc.pid)
-            idle_figures(result, roles, n, cpu_window)
+            idle_figures(result, before, roles, n, cpu_window)
             result.exec_ok = sum(self.answers(cid) for cid in containers)
         except AssertionError as e:  # a CRI call failed: the harness's message names it
             raise SystemExit(f"{self.name} N={n}: {e}") from None

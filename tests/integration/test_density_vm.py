@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -29,16 +30,23 @@ MiB = 1 << 20
 FILL_MIB = 160
 
 
-@pytest.fixture
-def detached(capsa: Capsa) -> Iterator[str]:
+@contextlib.contextmanager
+def idle_container(capsa: Capsa, cid: str) -> Iterator[str]:
+    """A detached ``sleep`` container with ``dd`` in its rootfs, deleted afterwards."""
     os.symlink("busybox", capsa.bundle / "rootfs" / "bin" / "dd")
     capsa.spec(["sleep", "3600"])
-    result = capsa.run("idle", "-d")
+    result = capsa.run(cid, "-d")
     assert result.code == 0, result.stderr
     try:
-        yield "idle"
+        yield cid
     finally:
-        capsa("delete", "--force", "idle")
+        capsa("delete", "--force", cid)
+
+
+@pytest.fixture
+def detached(capsa: Capsa) -> Iterator[str]:
+    with idle_container(capsa, "idle") as cid:
+        yield cid
 
 
 def ram_file_bytes(qemu: int) -> int:
@@ -98,14 +106,8 @@ def test_without_reporting_the_host_keeps_what_the_guest_touched(
     config = tmp_path / "configuration.toml"
     config.write_text("[hypervisor]\nfree_page_reporting = false\n")
     monkeypatch.setenv("CAPSA_CONFIG", str(config))
-    os.symlink("busybox", capsa.bundle / "rootfs" / "bin" / "dd")
-    capsa.spec(["sleep", "3600"])
-    result = capsa.run("kept", "-d")
-    assert result.code == 0, result.stderr
-    try:
-        before, right_after, later = fill_and_free(capsa, "kept")
-    finally:
-        capsa("delete", "--force", "kept")
+    with idle_container(capsa, "kept") as cid:
+        before, right_after, later = fill_and_free(capsa, cid)
     assert right_after - before >= (FILL_MIB - 32) * MiB, (before, right_after)
     assert later >= before + (FILL_MIB - 32) * MiB, (before, right_after, later)
 

@@ -118,15 +118,14 @@ class TcpStreams:
 
     def close(self, stream_id: int, write_only: bool = False) -> None:
         """Shut the sending side down (the guest's server reads EOF), or close and forget the stream."""
+        stream = self._get(stream_id)
         if write_only:
-            stream = self._get(stream_id)
             if stream.writer.can_write_eof() and not stream.writer.is_closing():
                 try:
                     stream.writer.write_eof()
                 except OSError as exc:
                     log.debug("port %d: shutdown: %s", stream.port, exc)
             return
-        stream = self._get(stream_id)
         del self._streams[stream_id]
         # A read waiting on it ends with EOF once the transport is gone.
         stream.writer.close()

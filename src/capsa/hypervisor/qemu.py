@@ -334,21 +334,28 @@ def _rootfs_image(config: VMConfig, image_bytes: int | None) -> list[str]:
         return []
     if image_bytes is None:
         raise HypervisorError("the size of the rootfs image is needed to map it as virtio-pmem")
-    # A virtio-pmem device (the guest's /dev/pmem0; no ACPI NFIT needed, as
-    # an NVDIMM would) over the image file, mapped shared and read-only:
-    # - the guest mounts it with DAX, so its files are read straight from
-    #   the mapping and never copied into guest RAM (no guest page cache);
-    # - every VM on the host maps the same file, so they share one copy of
-    #   its pages, the host's page cache;
-    # - a shared block is left out of a template's state (x-ignore-shared),
-    #   and a read-only one out of what virtiofsd maps (vhost-user maps RAM,
-    #   not ROM); no guest can change the file.
+    return pmem_root_args(config.rootfs_image, image_bytes, config.machine_type)
+
+
+def pmem_root_args(image: Path, image_bytes: int, machine_type: str) -> list[str]:
+    """QEMU arguments that map ``image`` as the guest's ``/dev/pmem0``.
+
+    A virtio-pmem device (no ACPI NFIT needed, as an NVDIMM would) over the
+    image file, mapped shared and read-only:
+
+    - the guest mounts it with DAX, so its files are read straight from the
+      mapping and never copied into guest RAM (no guest page cache);
+    - every VM on the host maps the same file, so they share one copy of its
+      pages, the host's page cache;
+    - a shared block is left out of a template's state (x-ignore-shared), and
+      a read-only one out of what virtiofsd maps (vhost-user maps RAM, not
+      ROM); no guest can change the file.
+    """
     return [
         "-object",
-        f"memory-backend-file,id=rootimg,mem-path={escape_option(config.rootfs_image)},"
-        f"size={image_bytes},share=on,readonly=on",
+        f"memory-backend-file,id=rootimg,mem-path={escape_option(image)},size={image_bytes},share=on,readonly=on",
         "-device",
-        f"virtio-pmem-{_device_suffix(config.machine_type)},id=rootpmem,memdev=rootimg",
+        f"virtio-pmem-{_device_suffix(machine_type)},id=rootpmem,memdev=rootimg",
     ]
 
 

@@ -78,6 +78,9 @@ FAST_BOOT_PARAMS = (
     "cryptomgr.notests",
     "pci=lastbus=0",
 )
+#: The guest's root when it boots from the image (``[hypervisor] image``):
+#: erofs on the virtio-pmem device, read-only, mounted with DAX.
+ROOT_IMAGE_PARAMS = ("root=/dev/pmem0", "rootfstype=erofs", "rootflags=dax", "ro")
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,7 @@ def kernel_cmdline(config: Config, channel: str, debug: bool) -> tuple[str, ...]
     if debug:
         params.append("capsa.debug=1")
     if config.hypervisor.image is not None:
-        params += ["root=/dev/pmem0", "rootfstype=erofs", "rootflags=dax", "ro", "init=/init"]
+        params += [*ROOT_IMAGE_PARAMS, "init=/init"]
     else:
         params.append("rdinit=/init")
     params += config.hypervisor.kernel_params
