@@ -33,7 +33,7 @@ def test_last_line_skips_trailing_blank_lines_and_shortens(tmp_path: Path) -> No
 
 HELPER = """
 import argparse, os, sys
-from capsa.runtime.daemon import ReadyPipe, wait_go
+from capsa.runtime.ready import ReadyPipe, wait_go
 parser = argparse.ArgumentParser()
 parser.add_argument("--marker")
 parser.add_argument("--ready-fd", type=int, default=-1)

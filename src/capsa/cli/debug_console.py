@@ -26,7 +26,8 @@ from capsa.errors import AgentError, CapsaError
 from capsa.proxy.launch import ProxyClient
 from capsa.runtime import debug_console
 from capsa.runtime.ids import validate_id
-from capsa.shim.relay import ProcessIO, raw_terminal, relay
+from capsa.shim.console import raw_terminal
+from capsa.shim.relay import ProcessIO, relay
 
 
 def add_parser(verbs: Any, name: str) -> None:

@@ -35,7 +35,8 @@ from typing import Any
 from capsa.monitor.procfs import PROC, ProcessTable, read_cwd
 from capsa.monitor.roles import Role
 from capsa.runtime.container import current_status
-from capsa.runtime.state import DEFAULT_ROOT, OWNER_LINK, SOCKET_ROOT, STATE_FILE, ContainerState, Status, socket_key
+from capsa.runtime.sockets import socket_key
+from capsa.runtime.state import DEFAULT_ROOT, OWNER_LINK, SOCKET_ROOT, STATE_FILE, ContainerState, Status
 
 #: Where engines point the runtime by default: capsa's own (what Podman 4.3,
 #: which passes no ``--root``, gets), Docker's through containerd's runc shim.

@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from capsa.errors import CapsaError, InvalidArgument
 from capsa.monitor.collector import Monitor, Settings
-from capsa.runtime.daemon import set_process_name
+from capsa.runtime.ready import set_process_name
 
 log = logging.getLogger("capsa.monitor")
 

@@ -2,8 +2,9 @@
 
 ``capsa-proxy --root R --id ID [--hostname H] [--netns PATH] [--config F] [--debug] --ready-fd N``
 
-It reports on file descriptor N once: ``ok`` when ``proxy.sock`` (in the
-container's socket directory, runtime/state.py) serves, or
+It reports on file descriptor N once: ``ok`` when ``proxy.sock`` and
+``shim.sock`` (in the container's socket directory, runtime/state.py;
+proxy/service.py and proxy/shims.py serve them) do, or
 the one-line reason it could not start (the caller prints it and cleans up).
 With ``--netns``, the VM is on that network namespace's network before ``ok``.
 Its own log is ``<root>/<id>/proxy.log``.
@@ -27,8 +28,10 @@ from capsa.errors import CapsaError
 from capsa.proxy.launch import SOCKET_NAME
 from capsa.proxy.proxy import Proxy
 from capsa.proxy.service import build_server
-from capsa.runtime.daemon import ReadyPipe, set_process_name
+from capsa.proxy.shims import ShimRelays
+from capsa.runtime.ready import ReadyPipe, set_process_name
 from capsa.runtime.state import StateStore
+from capsa.shim.link import SOCKET_NAME as SHIM_SOCKET_NAME
 from capsa.storage.shared import enter_mount_namespace
 
 log = logging.getLogger("capsa.proxy")
@@ -66,19 +69,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _serve(proxy: Proxy, ready: ReadyPipe, netns: str = "") -> int:
+    shims = ShimRelays(proxy, proxy.socket_dir / SHIM_SOCKET_NAME)
     try:
         await proxy.start()
         await _record_guest_boot(proxy)
         if netns:
             await proxy.attach_network(netns)
+        await shims.start()
         listener = await build_server(proxy).serve_unix(str(proxy.socket_dir / SOCKET_NAME))
     except (CapsaError, OSError) as exc:
         log.error("cannot start: %s", exc)
         await proxy.stop()
+        await shims.close()
         ready.fail(str(exc))
         return 1
     except BaseException:
         await proxy.stop()
+        await shims.close()
         ready.fail("the proxy failed to start (see proxy.log)")
         raise
     if not ready.ok():
@@ -86,12 +93,15 @@ async def _serve(proxy: Proxy, ready: ReadyPipe, netns: str = "") -> int:
         log.error("the create that started this proxy is gone: stopping")
         listener.close()
         await proxy.stop()
+        await shims.close()
         return 1
     try:
         await proxy.run_until_done()
     finally:
         listener.close()
         await proxy.stop()
+        # After the stop, which recorded why the VM stopped: the shims learn it with their status.
+        await shims.close()
         _write_timings(proxy.sandbox.timings)
     return 0
 

@@ -4,13 +4,13 @@ Both are started the same way: ``python -m capsa.<part>`` in a session of
 their own, told the write end of a pipe (``--ready-fd N``), on which they
 send exactly one line: ``ok`` once they serve, or the one-line reason they
 cannot.  The caller waits for that line (or their death, or a timeout), so
-that its own exit status and error message tell the whole story.
+that its own exit status and error message tell the whole story.  The
+helper's side of that line is runtime/ready.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import select
 import subprocess
@@ -22,9 +22,6 @@ from pathlib import Path
 
 from capsa.errors import CapsaError
 from capsa.runtime import pids
-
-# prctl(2): PR_SET_NAME = 15 (linux/prctl.h).
-_PR_SET_NAME = 15
 
 
 @dataclass(frozen=True)
@@ -165,19 +162,6 @@ def spawn(
     return Pending(name, output, proc, read_end, go_write)
 
 
-def wait_go(fd: int) -> bool:
-    """The helper's side of ``--go-fd``: block until released (True) or abandoned (False, EOF)."""
-    if fd < 0:
-        return True
-    try:
-        return os.read(fd, 1) == b"g"
-    except OSError:
-        return False
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
 def last_line(path: Path, limit: int = 300) -> str:
     """The last non-empty line of a helper's output file, shortened."""
     try:
@@ -205,37 +189,3 @@ def read_line(fd: int, timeout: float) -> str:
             break
         data += chunk
     return data.decode(errors="replace").strip()
-
-
-def set_process_name(name: str) -> None:
-    """Show as ``name`` in ps/top (the kernel's comm, 15 bytes), not as one more python3."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
-
-
-class ReadyPipe:
-    """The child's side: send the one line to whoever started us."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-    def _send(self, line: str) -> bool:
-        if self._fd < 0:
-            return True
-        try:
-            os.write(self._fd, line.replace("\n", " ").encode() + b"\n")
-            delivered = True
-        except OSError:
-            delivered = False
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
-        self._fd = -1
-        return delivered
-
-    def ok(self) -> bool:
-        """Say we are ready; False if nobody heard it (our starter died while we started:
-        a create killed halfway, whose helpers must not live on without a state)."""
-        return self._send("ok")
-
-    def fail(self, message: str) -> None:
-        self._send(message or "failed to start")

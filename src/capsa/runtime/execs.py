@@ -26,7 +26,7 @@ from capsa.runtime.hostcgroup import HostCgroup
 from capsa.runtime.ids import validate_id
 from capsa.runtime.lifecycle import SHIM_START_TIMEOUT, Runtime, check_pid_file, write_pid_file
 from capsa.runtime.state import Status
-from capsa.shim.relay import FORWARDED_SIGNALS
+from capsa.shim.link import FORWARDED_SIGNALS
 
 
 @dataclass

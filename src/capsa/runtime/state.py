@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -35,26 +34,18 @@ from typing import Any
 from capsa.dirs import ensure_dir
 from capsa.errors import CapsaError, ContainerExists, ContainerNotFound
 from capsa.runtime.ids import validate_id
+from capsa.runtime.sockets import SOCKET_ROOT_PATH, socket_key
 
 DEFAULT_ROOT = Path("/run/capsa")
 STATE_FILE = "state.json"
 
-#: Where every container's socket directory lives: short, and outside any
-#: state root, so that no container ID can name it.
-SOCKET_ROOT = Path("/run/capsa-vm")
-#: Hex digits of the key naming a socket directory: 96 bits, so two state
-#: directories never meet by chance.
-SOCKET_KEY_LENGTH = 24
+#: Where every container's socket directory lives (runtime/sockets.py).
+SOCKET_ROOT = Path(SOCKET_ROOT_PATH)
 #: In each socket directory: a symbolic link to its state directory.
 OWNER_LINK = "state"
+
 #: How long a state directory without state.json counts as a create at work.
 CLAIM_GRACE_SECONDS = 5.0
-
-
-def socket_key(state_dir: Path) -> str:
-    """The name of the socket directory that belongs to ``state_dir``."""
-    absolute = os.path.abspath(state_dir)
-    return hashlib.sha256(os.fsencode(absolute)).hexdigest()[:SOCKET_KEY_LENGTH]
 
 
 class Status:

@@ -22,11 +22,13 @@ then reads the size with :func:`window_size` and forwards it to the guest.
 from __future__ import annotations
 
 import array
+import contextlib
 import fcntl
 import os
 import socket
 import struct
 import termios
+from collections.abc import Iterator
 
 from capsa.errors import CapsaError
 
@@ -169,3 +171,20 @@ def set_window_size(fd: int, rows: int, cols: int) -> None:
         raise CapsaError(f"cannot set the terminal size: {exc.strerror or exc}") from exc
     except struct.error as exc:
         raise ValueError(f"terminal size {rows}x{cols} out of range") from exc
+
+
+@contextlib.contextmanager
+def raw_terminal(fd: int | None) -> Iterator[None]:
+    """Put the caller's terminal in raw mode: the guest's pty does the line discipline."""
+    if fd is None or not os.isatty(fd):
+        yield
+        return
+    import tty
+
+    saved = termios.tcgetattr(fd)
+    tty.setraw(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(termios.error):
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)

@@ -11,10 +11,17 @@ and its exit status is what they report.  Hence the shim:
 
 - keeps the stdio it inherited from ``capsa create``/``exec`` (the engine's
   pipes), or with ``--console-socket`` makes a host pty, sends its master to
-  the engine exactly as runc does and relays through the slave side;
+  the engine exactly as runc does and takes the slave side;
 - lives exactly as long as the guest process, exits with its status (the
   exit code, or 128+N for signal N; 255 when the VM itself went away), and
   forwards the signals it receives to it.
+
+The relaying itself is the VM's proxy's (shim/link.py, proxy/shims.py): the
+shim hands it its stdio over ``shim.sock`` and then only passes on its
+signals and window changes and waits for the status.  There is a shim per
+container and per ``exec``, each living as long as its process, so it
+imports only what that needs (no asyncio, no protobuf, no configuration):
+about 5 MiB of memory of its own where relaying by itself took 16.
 
 With ``--new-netns`` (a spec that wants a network namespace of its own
 without naming one) the shim lives in a new, empty network namespace:
@@ -22,38 +29,30 @@ engines that configure ``/proc/<container pid>/ns/net`` after ``create``
 (Docker) configure that one, not the host's, and ``capsa start`` puts the
 VM on whatever they put there (:mod:`capsa.network.attach`).
 
-It reaches the agent through ``proxy.sock``; its log is ``shim.log`` (or
-``exec-E.log``) in the container's state directory.
+What goes wrong before the process is handed over goes back to the starter
+on the ready pipe; the proxy's log (``proxy.log`` in the container's state
+directory) has the relay's story.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
-import logging
 import os
+import signal
+import socket
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from types import FrameType
 
-from capsa.agent import libc
-from capsa.cli.report import setup_logging
-from capsa.config import load_config
-from capsa.errors import AgentError, AgentGone, CapsaError
-from capsa.proxy.launch import ProxyClient, read_stopped
-from capsa.runtime.daemon import ReadyPipe, set_process_name, wait_go
-from capsa.runtime.state import StateStore
-from capsa.shim import console
-from capsa.shim.relay import VM_LOST_STATUS, ProcessIO, raw_terminal, relay, write_all
-
-log = logging.getLogger("capsa.shim")
+from capsa.errors import CapsaError
+from capsa.runtime.ids import validate_id
+from capsa.runtime.ready import ReadyPipe, set_process_name, wait_go
+from capsa.runtime.sockets import SOCKET_ROOT_PATH, socket_key
+from capsa.shim import console, link
 
 CLONE_NEWNET = 0x40000000
-#: How long a shim whose VM went away waits for the proxy to finish stopping it.
-PROXY_EXIT_TIMEOUT = 10.0
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -65,6 +64,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--terminal", action="store_true")
     parser.add_argument("--console-socket", default=None)
     parser.add_argument("--new-netns", action="store_true")
+    # Given to every helper (Runtime.helper_args); the proxy holds the configuration and the log.
     parser.add_argument("--config", default=None)
     parser.add_argument("--debug", action="store_true")
     parser.add_argument("--ready-fd", type=int, default=-1)
@@ -75,17 +75,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     set_process_name("capsa-shim")
-    store = StateStore(Path(args.root))
-    run_dir = store.dir(args.id)
     ready = ReadyPipe(args.ready_fd)
     try:
-        name = f"exec-{args.exec_id}.log" if args.exec_id else "shim.log"
-        setup_logging(str(run_dir / name), "text", args.debug)
-        config = load_config(args.config)
-        process: dict[str, Any] | None = None
+        state_dir = os.path.join(os.path.abspath(args.root), validate_id(args.id))
+        process: object = None
         if args.process:
-            process = json.loads(Path(args.process).read_text())
+            with open(args.process, encoding="utf-8") as f:
+                process = json.load(f)
         if args.new_netns:
+            # Only here: ctypes and libc are memory the other shims need not hold.
+            from capsa.agent import libc
+
             # Before any thread: unshare moves only the calling thread.
             libc.unshare(CLONE_NEWNET)
     except (CapsaError, OSError, ValueError) as exc:
@@ -95,72 +95,103 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.setsid()  # no signals from the caller's terminal; a session to own a pty
     if not wait_go(args.go_fd):
         return 0  # the create that started us failed: nothing to stand for
-    return asyncio.run(serve(store.socket_dir(args.id), args, config.agent.request_timeout, process, ready, run_dir))
-
-
-async def serve(
-    socket_dir: Path,
-    args: argparse.Namespace,
-    request_timeout: float,
-    process: dict[str, Any] | None,
-    ready: ReadyPipe,
-    run_dir: Path,
-) -> int:
     try:
-        proxy = await ProxyClient.connect(socket_dir, request_timeout)
-    except CapsaError as exc:
+        stdio, terminal, winch = _stdio(args)
+        proxy = ProxyLine.hand_over(
+            os.path.join(SOCKET_ROOT_PATH, socket_key(state_dir), link.SOCKET_NAME),
+            {"id": args.id, "exec_id": args.exec_id, "process": process, "terminal": terminal, "winch": winch},
+            stdio,
+        )
+    except (CapsaError, OSError) as exc:
         ready.fail(str(exc))
         return 1
-    try:
-        try:
-            if process is not None:
-                await proxy.agent.exec_process(args.id, args.exec_id, process)
-            io = _process_io(args)
-        except CapsaError as exc:
-            ready.fail(str(exc))
-            return 1
-        ready.ok()
-        stopped: str | None = None
-        with raw_terminal(io.winsize_fd if io.terminal and not args.console_socket else None):
-            try:
-                return await relay(proxy.agent, args.id, args.exec_id, io)
-            except AgentError as exc:
-                log.error("lost the process: %s", exc)
-                if isinstance(exc, AgentGone):
-                    stopped = await _why_the_vm_stopped(proxy, run_dir)
-        if stopped is not None:
-            # On the process's stderr, which is what the engine shows with its
-            # exit status (its container log; `capsa run`'s own stderr).
-            log.error("the container's VM stopped: %s", stopped)
-            write_all(io.stderr, f"capsa: the container's VM stopped: {stopped}\n".encode())
-        return VM_LOST_STATUS
-    finally:
-        with contextlib.suppress(CapsaError, OSError):
-            await proxy.aclose()
+    ready.ok()
+    # `capsa run -t` in the foreground: the caller's terminal is ours, raw (the guest's pty is the real one).
+    with console.raw_terminal(0 if terminal and not args.console_socket else None):
+        return proxy.stand_in(winch)
 
 
-async def _why_the_vm_stopped(proxy: ProxyClient, run_dir: Path) -> str | None:
-    """What the proxy recorded once its VM stopped by itself (a guest panic...); None when it was asked to stop.
-
-    The proxy writes it as it stops, after the console's last bytes are in
-    (proxy/proxy.py), and exits: its end of our connection closing is the
-    sign.  A proxy that does not go within the bound leaves nothing to say.
-    """
-    if not await proxy.wait_gone(PROXY_EXIT_TIMEOUT):
-        return None
-    return read_stopped(run_dir)
-
-
-def _process_io(args: argparse.Namespace) -> ProcessIO:
+def _stdio(args: argparse.Namespace) -> tuple[list[int], bool, bool]:
+    """The process's stdin, stdout and stderr on the host; whether it is a terminal; whether its size is."""
     if args.console_socket:
         master, slave = console.open_pty()
         try:
             console.send_console(args.console_socket, master)
         finally:
             os.close(master)
+        # The kernel sends SIGWINCH to the session of a pty's controlling
+        # process when the engine resizes the master.
         console.take_controlling_terminal(slave)
-        return ProcessIO(stdin=slave, stdout=slave, stderr=slave, terminal=True, winsize_fd=slave)
+        return [slave, slave, slave], True, True
     if args.terminal:
-        # `capsa run -t` in the foreground: the caller's terminal is ours.
-        return ProcessIO(terminal=True, winsize_fd=0 if os.isatty(0) else None)
-    return ProcessIO()
+        return [0, 1, 2], True, os.isatty(0)
+    return [0, 1, 2], False, False
+
+
+class ProxyLine:
+    """Our connection to the VM's proxy (shim/link.py), blocking: we have nothing else to do."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._lines = link.Lines()
+        self._pending: list[link.Message] = []
+
+    @classmethod
+    def hand_over(cls, path: str, request: link.Message, stdio: list[int]) -> ProxyLine:
+        """Give the proxy the process and its stdio; return once it relays (CapsaError: why not)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            try:
+                sock.connect(path)
+            except OSError as exc:
+                raise CapsaError(f"cannot reach the VM's proxy at {path}: {exc.strerror}") from exc
+            message = link.encode(request)
+            sent = socket.send_fds(sock, [message], stdio)
+            sock.sendall(message[sent:])
+            line = cls(sock)
+            reply = line.receive()
+            if reply is None:
+                raise CapsaError("the VM's proxy went away")
+            if "error" in reply:
+                raise CapsaError(str(reply["error"]))
+        except BaseException:
+            sock.close()
+            raise
+        return line
+
+    def receive(self) -> link.Message | None:
+        """The proxy's next message; None once it is gone."""
+        while not self._pending:
+            try:
+                data = self._sock.recv(65536)
+                if not data:
+                    return None
+                self._pending += self._lines.feed(data)
+            except (OSError, ValueError):
+                return None
+        return self._pending.pop(0)
+
+    def send(self, message: link.Message) -> None:
+        with contextlib.suppress(OSError):  # the proxy is gone: receive() says so
+            self._sock.sendall(link.encode(message))
+
+    def stand_in(self, winch: bool) -> int:
+        """Pass on our signals (and window changes) until the proxy sends the process's status."""
+
+        def forward(signum: int, frame: FrameType | None) -> None:
+            self.send({"signal": signum})
+
+        def resized(signum: int, frame: FrameType | None) -> None:
+            self.send({"winch": True})
+
+        for sig in link.FORWARDED_SIGNALS:
+            signal.signal(sig, forward)
+        if winch:
+            signal.signal(signal.SIGWINCH, resized)
+        while True:
+            message = self.receive()
+            if message is None:
+                return link.VM_LOST_STATUS
+            status = message.get("status")
+            if isinstance(status, int):
+                return status

@@ -43,8 +43,8 @@ from capsa.errors import CapsaError
 from capsa.protocols.containerd.events import task_pb2 as events
 from capsa.protocols.containerd.task.v2 import shim_pb2 as pb
 from capsa.runtime import daemon
-from capsa.runtime.daemon import ReadyPipe, set_process_name
 from capsa.runtime.hostcgroup import HostCgroup
+from capsa.runtime.ready import ReadyPipe, set_process_name
 from capsa.runtime.sandbox import sweep_clone_memory
 from capsa.shim.v2.events import Publisher
 from capsa.shim.v2.pod import HOST_CGROUP_FILE, Pod, Process

@@ -42,7 +42,8 @@ from capsa.runtime import hostcgroup
 from capsa.runtime.bundle import check_namespaces
 from capsa.runtime.hostcgroup import HostCgroup
 from capsa.runtime.resources import vm_size
-from capsa.shim.relay import VM_LOST_STATUS, ProcessIO, relay, write_all
+from capsa.shim.link import VM_LOST_STATUS
+from capsa.shim.relay import ProcessIO, relay, write_all
 
 log = logging.getLogger("capsa.shimv2")
 
