@@ -135,6 +135,13 @@ async def in_thread(action: Any) -> Any:
     return await asyncio.to_thread(action)
 
 
+async def hand_over(relays: ShimRelays, pipes: Pipes, exec_id: str = "", process: object = None) -> ProxyLine:
+    """What a shim does first (in a thread: the shim's side blocks)."""
+    request = {"id": "c1", "exec_id": exec_id, "process": process, "terminal": False, "winch": False}
+    line: ProxyLine = await in_thread(lambda: ProxyLine.hand_over(str(relays.path), request, pipes.fds))
+    return line
+
+
 async def serve(tmp_path: Path, agent: Agent) -> ShimRelays:
     relays = ShimRelays(FakeProxy(agent, tmp_path), tmp_path / link.SOCKET_NAME)  # type: ignore[arg-type]
     await relays.start()
@@ -145,8 +152,7 @@ def test_the_proxy_relays_and_the_shim_gets_the_status(tmp_path: Path, pipes: Pi
     async def scenario() -> None:
         agent = Agent(output=[b"hello ", b"world\n"])
         relays = await serve(tmp_path, agent)
-        request = {"id": "c1", "exec_id": "e1", "process": {"args": ["true"]}, "terminal": False, "winch": False}
-        line = await in_thread(lambda: ProxyLine.hand_over(str(relays.path), request, pipes.fds))
+        line = await hand_over(relays, pipes, "e1", {"args": ["true"]})
         assert agent.execs == [{"args": ["true"]}]
         # The engine's stdin reaches the process; its end, CloseStdin.
         os.write(pipes.stdin, b"typed")
@@ -175,9 +181,8 @@ def test_an_exec_the_guest_refuses_is_the_shims_error(tmp_path: Path, pipes: Pip
     async def scenario() -> None:
         agent = Agent(output=[], exec_error="executable file `nope` not found")
         relays = await serve(tmp_path, agent)
-        request = {"id": "c1", "exec_id": "e1", "process": {"args": ["nope"]}, "terminal": False, "winch": False}
         with pytest.raises(CapsaError, match="executable file `nope` not found"):
-            await in_thread(lambda: ProxyLine.hand_over(str(relays.path), request, pipes.fds))
+            await hand_over(relays, pipes, "e1", {"args": ["nope"]})
         pipes.close_shims_copies()
         # Nothing of the proxy's holds the pipes either.
         assert read_to_end(pipes.stdout) == b""
@@ -190,8 +195,7 @@ def test_a_shim_that_goes_away_ends_its_relay(tmp_path: Path, pipes: Pipes) -> N
     async def scenario() -> None:
         agent = Agent(output=[])
         relays = await serve(tmp_path, agent)
-        request = {"id": "c1", "exec_id": "", "process": None, "terminal": False, "winch": False}
-        line = await in_thread(lambda: ProxyLine.hand_over(str(relays.path), request, pipes.fds))
+        line = await hand_over(relays, pipes)
         line._sock.close()  # killed
         pipes.close_shims_copies()
         # The relay ends and closes its copies: the engine's pipes end.
@@ -205,8 +209,7 @@ def test_a_vm_that_stopped_by_itself_is_said_on_stderr(tmp_path: Path, pipes: Pi
     async def scenario() -> None:
         agent = Agent(output=[])
         relays = await serve(tmp_path, agent)
-        request = {"id": "c1", "exec_id": "", "process": None, "terminal": False, "winch": False}
-        line = await in_thread(lambda: ProxyLine.hand_over(str(relays.path), request, pipes.fds))
+        line = await hand_over(relays, pipes)
         status = asyncio.ensure_future(in_thread(line.receive))
         agent.gone = True
         agent.exit.set()
