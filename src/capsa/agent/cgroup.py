@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 
 from capsa.agent import libc
+from capsa.agent.stdio import wait_fd
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 
@@ -129,18 +130,8 @@ class FileChanges:
             return
         fd = self._fd
         if not self._drain(fd):
-            loop = asyncio.get_running_loop()
-            ready: asyncio.Future[None] = loop.create_future()
-
-            def readable() -> None:
-                if not ready.done():
-                    ready.set_result(None)
-
-            loop.add_reader(fd, readable)
-            try:
-                await asyncio.wait([ready], timeout=timeout)
-            finally:
-                loop.remove_reader(fd)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wait_fd(asyncio.get_running_loop(), fd, writable=False), timeout)
             self._drain(fd)
 
     @staticmethod

@@ -24,6 +24,7 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from capsa.agent.stdio import wait_fd
 from capsa.errors import AgentError, AgentGone, CapsaError
 from capsa.proxy.launch import read_stopped
 from capsa.shim import link
@@ -223,7 +224,7 @@ async def _receive_with_fds(loop: asyncio.AbstractEventLoop, connection: socket.
             data, ancillary, flags, _ = connection.recvmsg(65536, space, socket.MSG_CMSG_CLOEXEC)
             break
         except BlockingIOError:
-            await _readable(loop, connection.fileno())
+            await wait_fd(loop, connection.fileno(), writable=False)
     fds: list[int] = []
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -235,17 +236,3 @@ async def _receive_with_fds(loop: asyncio.AbstractEventLoop, connection: socket.
             os.close(fd)
         raise ValueError("a shim sent more descriptors than its stdio")
     return data, fds
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(fd, wake)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
